@@ -1,0 +1,168 @@
+"""Loading and saving DiT weights.
+
+Formats: the official release (`DiT-XL-2-256x256.pt`, a raw state dict; training checkpoints,
+a dict with `model`/`ema`/`opt`/`args`, of which `ema` is taken), and ditkit's own, a folder
+(or a `.safetensors` file) with `model.safetensors` and `config.json`. `.pt` files are read
+with `weights_only=True`: no arbitrary object is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .models import PRESET_SIZES, DiT, DiTConfig
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+def read_pt(path: str | Path) -> dict:
+    """torch.load with weights_only=True; official training checkpoints carry an argparse.Namespace."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"cannot read checkpoint {path}: it is not a PyTorch file of tensors ({type(e).__name__}); "
+            "check that the download finished and the path is right."
+        ) from None
+
+
+def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
+    if path.is_dir():
+        return path / WEIGHTS_NAME, path / CONFIG_NAME
+    if path.suffix == ".safetensors":
+        return path, path.with_name(CONFIG_NAME)
+    return None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
+    """(state_dict, config) from any supported format; config is None for official `.pt` files."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
+    files = _ditkit_files(path)
+    if files is not None:
+        weights, config_file = files
+        if not weights.exists():
+            raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}; point --ckpt at a folder written by ditkit.")
+        try:
+            state = load_file(str(weights))
+        except Exception as e:
+            raise ValueError(f"cannot read {weights}: not a valid safetensors file ({e}); re-export the model.") from None
+        config = None
+        if config_file.exists():
+            config = config_from_dict(json.loads(config_file.read_text()))
+        return state, config
+    obj = read_pt(path)
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} is not a DiT checkpoint: it holds no state dict of tensors.")
+    return obj, None
+
+
+def config_from_dict(d: dict) -> DiTConfig:
+    known = {f.name for f in fields(DiTConfig)}
+    return DiTConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
+    """The DiTConfig a state dict was made for, read off its shapes (None if it is not a DiT)."""
+    try:
+        hidden, cin, p, _ = state["x_embedder.proj.weight"].shape
+        num_patches = state["pos_embed"].shape[1]
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+        out = state["final_layer.linear.weight"].shape[0] // (p * p)
+        depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        fc1 = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError):
+        return None
+    heads = {h: n for _, h, n in PRESET_SIZES.values()}.get(hidden, max(1, hidden // 64))
+    if "blocks.0.adaLN_modulation.1.weight" in state:
+        block = "adaln_zero" if state["blocks.0.adaLN_modulation.1.weight"].shape[0] == 6 * hidden else "adaln"
+    else:
+        block = "cross_attn" if "blocks.0.cross_attn.q.weight" in state else "in_context"
+    # One extra embedding row is the null label, present whenever label dropout was on.
+    num_classes, dropout = (rows - 1, 0.1) if rows > 1 else (rows, 0.0)
+    return DiTConfig(
+        input_size=int(round(num_patches**0.5)) * p, patch_size=p, in_channels=cin, hidden_size=hidden, depth=depth,
+        num_heads=heads, mlp_ratio=fc1 / hidden, class_dropout_prob=dropout, num_classes=num_classes,
+        learn_sigma=out == 2 * cin, block=block,
+    )  # fmt: skip
+
+
+def describe(config: DiTConfig) -> str:
+    """"DiT-XL/2 at 256 px (latent 32), 1000 classes" or the raw sizes for a custom config."""
+    name = next(
+        (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
+         if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
+        f"a custom DiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size})",
+    )  # fmt: skip
+    size = f"{config.input_size * 8} px (latent {config.input_size})" if config.in_channels == 4 else f"{config.input_size} px"
+    return f"{name} at {size}, {config.in_channels} channels, {config.num_classes} classes"
+
+
+def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """load_state_dict(strict=True), failing with one sentence that says what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        like = infer_config(state)
+        hint = f"; it looks like {describe(like)}" if like else "; it does not look like a DiT checkpoint"
+        raise ValueError(f"{source} does not fit {describe(model.config)}: {'; '.join(parts)}{hint}. Pick the matching --model, --image-size and --num-classes.")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, config: DiTConfig | None = None) -> DiT:
+    """A DiT with the checkpoint's weights: `config` if given, else the checkpoint's own config
+    (ditkit format) or the config read off its shapes (official files)."""
+    state, saved = read_checkpoint(path)
+    config = config or saved or infer_config(state)
+    if config is None:
+        raise ValueError(f"{path} is not a DiT checkpoint: no DiT parameters were found in it.")
+    model = DiT(config)
+    load_state_strict(model, state, source=f"checkpoint {path}")
+    return model.eval()
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path) then rename over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model_or_state, config: DiTConfig, folder: str | Path, extra: dict | None = None) -> Path:
+    """ditkit's format: folder/model.safetensors + folder/config.json (DiTConfig fields + extra)."""
+    folder = Path(folder)
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p))
+    meta = {**asdict(config), **(extra or {})}
+    atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+    return folder

@@ -1,0 +1,123 @@
+"""The `ditkit` command. Each subcommand's flags map one-to-one onto the fields of a frozen
+config dataclass (the field's `help` metadata is its --help text); `--config FILE.toml` or
+`.json` supplies the same fields from a file, and flags given on the command line win."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+# name -> (module, config class, run function, one-line help); imported lazily so that
+# `ditkit --help` stays fast.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "sample": ("ditkit.generate", "SampleConfig", "run_sample", "sample a checkpoint to a PNG grid"),
+}
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("cli") is False:
+            continue
+        tp, _ = _unwrap(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f.metadata.get("help", "")
+        if default is not None and default != () and tp is not bool:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kwargs.update(nargs="*", type=typing.get_args(tp)[0])
+        else:
+            kwargs["type"] = tp
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), **kwargs)
+
+
+def load_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist; pass the path of a .toml or .json file.")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}.") from None
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls: type, values: dict) -> Any:
+    """The config from a dict of field values; unknown names fail with the list of known ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(names))}.")
+    hints = typing.get_type_hints(cls)
+    for k, v in values.items():  # lists from TOML/JSON become tuples for tuple fields
+        if isinstance(v, list) and typing.get_origin(_unwrap(hints[k])[0]) is tuple:
+            values[k] = tuple(v)
+    return cls(**values)
+
+
+def parse_config(cls: type, args: argparse.Namespace) -> Any:
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    return build_config(cls, values)
+
+
+def _resolve(command: str) -> tuple[type, Callable]:
+    import importlib
+
+    module_name, cls_name, fn_name, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    return getattr(module, cls_name), getattr(module, fn_name)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        cls, _ = _resolve(name)
+        p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
+        p.add_argument("--config", help="TOML or JSON file with the same settings (flags win)")
+        add_config_arguments(p, cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    cls, run = _resolve(args.command)
+    try:
+        config = parse_config(cls, args)
+        result = run(config)
+    except KeyboardInterrupt:
+        print("ditkit: interrupted; what was already written is kept.", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # Bad input ends in one sentence, not a traceback.
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"ditkit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
