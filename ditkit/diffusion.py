@@ -105,12 +105,10 @@ class GaussianDiffusion:
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1)
         self.posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
-        # The posterior variance is 0 at t = 0: clip the log by repeating the value at t = 1.
-        self.posterior_log_variance_clipped = (
-            np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-            if len(betas) > 1
-            else np.array([])
-        )
+        # The posterior variance is 0 at t = 0: clip the log by repeating the value at t = 1
+        # (beta_0 for a one-step process, where no noise is added anyway).
+        first = self.posterior_variance[1] if len(betas) > 1 else betas[0]
+        self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
         self.posterior_mean_coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
         self.log_betas = np.log(betas)
@@ -118,7 +116,7 @@ class GaussianDiffusion:
             self.fixed_variance = self.posterior_variance
             self.fixed_log_variance = self.posterior_log_variance_clipped
         else:  # "fixed large": beta_t, with the posterior's value at t = 0 for a better NLL
-            self.fixed_variance = np.append(self.posterior_variance[1], betas[1:])
+            self.fixed_variance = np.append(first, betas[1:])
             self.fixed_log_variance = np.log(self.fixed_variance)
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 

@@ -165,20 +165,20 @@ def load_generator(cfg) -> Generator:
 
     vae = load_vae(cfg.vae, device) if cfg.vae else None
     factor = vae_factor(vae) if vae is not None else 1
+    if cfg.image_size is not None and cfg.image_size % factor:
+        raise ValueError(f"image size {cfg.image_size} is not divisible by the VAE's downsampling factor {factor}; use a multiple of {factor}.")
     requested = None
-    if cfg.model is not None or cfg.image_size is not None or cfg.num_classes is not None:
+    if cfg.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         from .checkpoints import infer_config, read_checkpoint
 
         state, saved = read_checkpoint(ckpt)
         base = saved or infer_config(state) or DiTConfig()
-        if cfg.image_size is not None and cfg.image_size % factor:
-            raise ValueError(f"image size {cfg.image_size} is not divisible by the VAE's downsampling factor {factor}; use a multiple of {factor}.")
         overrides = dict(
             input_size=cfg.image_size // factor if cfg.image_size is not None else base.input_size,
             num_classes=cfg.num_classes if cfg.num_classes is not None else base.num_classes,
             in_channels=base.in_channels, learn_sigma=base.learn_sigma, block=base.block,
         )  # fmt: skip
-        requested = DiTConfig.from_preset(cfg.model, **overrides) if cfg.model else DiTConfig(**{**base.__dict__, **overrides})
+        requested = DiTConfig.from_preset(cfg.model, **overrides)
     model = load_model(ckpt, requested).to(device)
     c = model.config
     if c.in_channels not in (1, 3) and vae is None:
@@ -190,6 +190,8 @@ def load_generator(cfg) -> Generator:
             raise ValueError(f"image size {cfg.image_size} needs a latent of {cfg.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
     elif cfg.image_size is not None and cfg.image_size != c.input_size:
         raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {cfg.image_size}px; use --image-size {c.input_size}.")
+    if cfg.num_classes is not None and cfg.num_classes != c.num_classes:
+        raise ValueError(f"the checkpoint has {c.num_classes} classes, not {cfg.num_classes}; use --num-classes {c.num_classes}.")
     if cfg.cfg_channels is not None and cfg.cfg_channels <= 0:
         raise ValueError(f"--cfg-channels must be positive, got {cfg.cfg_channels}.")
     cfg_channels = cfg.cfg_channels if cfg.cfg_channels is not None else (3 if official else None)
