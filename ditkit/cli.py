@@ -18,6 +18,7 @@ from typing import Any, Callable
 # `ditkit --help` stays fast.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("ditkit.generate", "SampleConfig", "run_sample", "sample a checkpoint to a PNG grid"),
+    "extract": ("ditkit.data", "ExtractConfig", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("ditkit.flops", "FlopsConfig", "run_flops", "the paper's params / Gflops table for DiT configs"),
 }
 
