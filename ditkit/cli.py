@@ -18,6 +18,7 @@ from typing import Any, Callable
 # `ditkit --help` stays fast.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("ditkit.generate", "SampleConfig", "run_sample", "sample a checkpoint to a PNG grid"),
+    "train": ("ditkit.train", "TrainConfig", "run_train", "train a DiT (torchrun for many processes)"),
     "extract": ("ditkit.data", "ExtractConfig", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("ditkit.flops", "FlopsConfig", "run_flops", "the paper's params / Gflops table for DiT configs"),
 }
@@ -54,10 +55,17 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         parser.add_argument(flag, *f.metadata.get("aliases", ()), **kwargs)
 
 
+RECIPES = Path(__file__).parent / "recipes"
+
+
 def load_config_file(path: str | Path) -> dict:
+    """Settings from a TOML/JSON file, or from a recipe shipped with ditkit by name (e.g. fmnist-cpu)."""
     path = Path(path)
+    if not path.exists() and (RECIPES / f"{path}.toml").exists():
+        path = RECIPES / f"{path}.toml"
     if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist; pass the path of a .toml or .json file.")
+        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
+        raise FileNotFoundError(f"config file {path} does not exist; pass a .toml or .json file or a recipe name ({known}).")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -99,7 +107,7 @@ def make_parser() -> argparse.ArgumentParser:
     for name, (_, _, _, help_text) in COMMANDS.items():
         cls, _ = _resolve(name)
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
-        p.add_argument("--config", help="TOML or JSON file with the same settings (flags win)")
+        p.add_argument("--config", help="TOML or JSON file with the same settings, or a recipe name (flags win)")
         add_config_arguments(p, cls)
     return parser
 
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ditkit: interrupted; what was already written is kept.", file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as e:
         # Bad input ends in one sentence, not a traceback.
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"ditkit {args.command}: error: {message}", file=sys.stderr)

@@ -1,0 +1,509 @@
+"""`ditkit train`: the paper's recipe from one CPU to many GPU nodes (torchrun), resumable.
+
+The step is the official one (uniform t, eps MSE + VB, AdamW, EMA after every step) with the
+speed-ups kept outside the model: bf16 autocast over fp32 master weights, torch.compile,
+SDPA attention, gradient checkpointing, fused AdamW, no host syncs inside the step.
+
+Randomness that shapes a step (timesteps, noise, label dropout) is drawn for the whole global
+batch from a generator seeded by (seed, step), and each rank takes its slice: a run gives the
+same numbers on any number of processes and resumes bitwise, with no RNG state to restore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+from .checkpoints import atomic_write, read_pt, save_pretrained
+from .data import BAD_IMAGE_ACTIONS, build_dataset
+from .diffusion import GaussianDiffusion
+from .models import PRESETS, DiT, DiTConfig
+
+CKPT_RE = re.compile(r"^(\d{7})\.pt$")
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
+
+    data_path: str = field(default="fashion-mnist", metadata=_h("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits"))
+    results_dir: str = field(default="results", metadata=_h("experiments are written to RESULTS_DIR/NNN-MODEL/"))
+    model: str = field(default="DiT-XL/2", metadata=_h("preset", choices=PRESETS))
+    depth: int | None = field(default=None, metadata=_h("override the preset's depth"))
+    hidden_size: int | None = field(default=None, metadata=_h("override the preset's hidden size"))
+    num_heads: int | None = field(default=None, metadata=_h("override the preset's head count"))
+    patch_size: int | None = field(default=None, metadata=_h("override the preset's patch size"))
+    block: str = field(default="adaln_zero", metadata=_h("conditioning design", choices=("adaln_zero", "adaln", "cross_attn", "in_context")))
+    learn_sigma: bool = field(default=True, metadata=_h("learn the variance (hybrid MSE + VB loss)"))
+    class_dropout_prob: float = field(default=0.1, metadata=_h("label dropout for classifier-free guidance"))
+    image_size: int | None = field(default=None, metadata=_h("image size in pixels (default: the dataset's own)"))
+    channels: int | None = field(default=None, metadata=_h("1 or 3 image channels (default: the dataset's own)"))
+    num_classes: int | None = field(default=None, metadata=_h("number of classes (default: the dataset's)"))
+    vae: str | None = field(default=None, metadata=_h("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
+    epochs: int = field(default=1400, metadata=_h("number of epochs"))
+    max_steps: int | None = field(default=None, metadata=_h("stop after this many steps"))
+    global_batch_size: int = field(default=256, metadata=_h("batch size summed over all processes"))
+    global_seed: int = field(default=0, metadata=_h("seed of the whole run"))
+    lr: float = field(default=1e-4, metadata=_h("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
+    warmup_steps: int = field(default=0, metadata=_h("linear learning-rate warm-up steps (the paper: none)"))
+    ema_decay: float = field(default=0.9999, metadata=_h("EMA decay, applied every step"))
+    flip: bool = field(default=True, metadata=_h("random horizontal flips"))
+    num_workers: int = field(default=4, metadata=_h("data loader processes per rank"))
+    on_bad_image: str = field(default="skip", metadata=_h("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
+    log_every: int = field(default=100, metadata=_h("log the all-reduced loss every N steps"))
+    ckpt_every: int = field(default=50_000, metadata=_h("checkpoint every N steps (and always at the last step)"))
+    keep_last: int = field(default=3, metadata=_h("keep the newest K checkpoints"))
+    keep_every: int | None = field(default=None, metadata=_h("also keep every checkpoint whose step is a multiple of M"))
+    sample_every: int | None = field(default=None, metadata=_h("write an EMA sample grid every N steps"))
+    resume: str | None = field(default=None, metadata=_h("checkpoint path, or 'latest' in RESULTS_DIR"))
+    precision: str = field(default="fp32", metadata=_h("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
+    compile: bool = field(default=False, metadata=_h("torch.compile the model"))
+    grad_checkpointing: bool = field(default=False, metadata=_h("recompute block activations in backward"))
+    parallel: str = field(default="ddp", metadata=_h("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
+    device: str = field(default="auto", metadata=_h("cpu, cuda, or auto"))
+
+    def __post_init__(self):
+        for name in ("epochs", "global_batch_size", "log_every", "ckpt_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        for name in ("max_steps", "keep_every", "sample_every"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}.")
+
+    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
+        overrides = {f: getattr(self, f) for f in ("depth", "hidden_size", "num_heads", "patch_size")}
+        return DiTConfig.from_preset(
+            self.model, **overrides, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+            learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
+        )  # fmt: skip
+
+
+# -- distributed -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    started: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> Dist:
+    """torchrun's process group (NCCL on GPU, gloo on CPU), or a single process.
+    The GPU comes from LOCAL_RANK, never the global rank, so many nodes work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        return Dist(dist.get_rank(), dist.get_world_size(), device, True)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device, False)
+    return Dist(0, 1, device, False)
+
+
+def broadcast_object(obj, d: Dist):
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class ResumableSampler(Sampler[int]):
+    """DistributedSampler's order (shuffled by seed + epoch, padded, strided by rank) that can
+    start part-way through an epoch, for exact resume."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, local_batch: int):
+        self.n, self.rank, self.world, self.seed, self.local_batch = n, rank, world, seed, local_batch
+        self.per_rank = math.ceil(n / world)
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_epoch(self) -> int:
+        return self.per_rank // self.local_batch  # drop_last
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank gets as many
+        mine = order[self.rank :: self.world]
+        return iter(mine[self.start_batch * self.local_batch :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start_batch * self.local_batch
+
+
+# -- the step --------------------------------------------------------------------------------
+def step_randomness(seed: int, step: int, global_batch: int, shape: tuple, num_timesteps: int, drop_prob: float, device):
+    """(t, noise, drop) for the global batch of `step`, identical on every rank."""
+    g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
+    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    noise = torch.randn((global_batch, *shape), generator=g, device=device)
+    drop = torch.rand(global_batch, generator=g, device=device) < drop_prob
+    return t, noise, drop
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    torch._foreach_mul_(ema_params, decay)
+    torch._foreach_add_(ema_params, params, alpha=1 - decay)
+
+
+def shard(model: DiT) -> None:
+    """FSDP2: each block is its own unit, so only one block's full weights exist at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+class Trainer:
+    """Holds the run's state; `run()` trains to the end, checkpointing and logging on the way."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.d = setup_distributed(cfg.device)
+        if cfg.global_batch_size % self.d.world:
+            raise ValueError(f"global batch {cfg.global_batch_size} is not divisible by {self.d.world} processes; use a multiple of {self.d.world}.")
+        self.local_batch = cfg.global_batch_size // self.d.world
+        if self.d.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # as the official train.py
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.dataset = build_dataset(cfg.data_path, cfg.image_size, cfg.channels,
+                                     flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)  # fmt: skip
+        if len(self.dataset) < cfg.global_batch_size:
+            raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than the global batch {cfg.global_batch_size}; use a smaller --global-batch-size.")
+        num_classes = cfg.num_classes or self.dataset.num_classes
+        if num_classes < self.dataset.num_classes:
+            raise ValueError(f"the data has {self.dataset.num_classes} classes but --num-classes is {num_classes}; raise it or leave it unset.")
+        self.vae = None
+        in_channels, input_size = self.dataset.channels, self.dataset.image_size
+        if cfg.vae is not None:
+            if getattr(self.dataset, "vae", None):
+                raise ValueError(f"{cfg.data_path} already holds latents; drop --vae.")
+            from .generate import load_vae, vae_factor
+
+            self.vae = load_vae(cfg.vae, self.d.device).requires_grad_(False)
+            factor = vae_factor(self.vae)
+            if input_size % factor:
+                raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")
+            in_channels, input_size = self.vae.config.latent_channels, input_size // factor
+        self.model_config = cfg.model_config(num_classes, input_size, in_channels)
+        self.diffusion = GaussianDiffusion(learn_sigma=self.model_config.learn_sigma)
+
+        torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
+        self.model = DiT(self.model_config).to(self.d.device)
+        # Label dropout is drawn by the trainer per global batch; the embedder keeps its null row.
+        self.model.y_embedder.dropout_prob = 0.0
+        self.model.grad_checkpointing = cfg.grad_checkpointing
+        self.ema = DiT(self.model_config).to(self.d.device).requires_grad_(False).eval()
+        self.ema.load_state_dict(self.model.state_dict())
+        self.fsdp = cfg.parallel == "fsdp" and self.d.world > 1
+        if self.fsdp:  # shard before the optimizer sees the parameters
+            shard(self.model)
+            shard(self.ema)
+        fused = self.d.device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        torch.manual_seed(cfg.global_seed * self.d.world + self.d.rank)  # per-rank seed (VAE sampling)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.exp_dir = self._experiment_dir()
+        if cfg.resume:
+            self._load(self._resume_path())
+        self.net = self._wrap()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = [p for n, p in self.ema.named_parameters() if n != "pos_embed"]
+        assert len(self.params) == len(self.ema_params)
+
+    # -- setup -----------------------------------------------------------------------------
+    def _wrap(self):
+        """DDP across processes (FSDP2 shards in place instead), then torch.compile."""
+        net = self.model
+        if self.d.world > 1 and self.cfg.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(self.model, device_ids=[self.d.device.index] if self.d.device.type == "cuda" else None)
+        return torch.compile(net) if self.cfg.compile else net
+
+    def _experiment_dir(self) -> Path:
+        root = Path(self.cfg.results_dir)
+        if self.cfg.resume:
+            return self._resume_path().parent.parent
+        path = None
+        if self.d.main:
+            root.mkdir(parents=True, exist_ok=True)
+            index = len([p for p in root.iterdir() if p.is_dir()])
+            path = root / f"{index:03d}-{self.cfg.model.replace('/', '-')}"
+            (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        return Path(broadcast_object(str(path) if path else None, self.d))
+
+    def _resume_path(self) -> Path:
+        if self.cfg.resume != "latest":
+            path = Path(self.cfg.resume)
+            if not path.exists():
+                raise FileNotFoundError(f"checkpoint {path} to resume from does not exist; pass a path or 'latest'.")
+            return path
+        found = latest_checkpoint(Path(self.cfg.results_dir))
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint to resume under {self.cfg.results_dir}; train without --resume first.")
+        return found
+
+    def _load(self, path: Path) -> None:
+        ck = read_pt(path)
+        for key in ("model", "ema", "opt", "step"):
+            if key not in ck:
+                raise ValueError(f"{path} has no {key!r}: it is not a ditkit training checkpoint; pass one from RESULTS_DIR/.../checkpoints.")
+        if ck.get("model_config") and DiTConfig(**ck["model_config"]) != self.model_config:
+            raise ValueError(f"{path} was trained with a different model config ({ck['model_config']}); resume with the same flags.")
+        if self.fsdp:  # full (unsharded) state dicts in, each rank keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, ck["model"], options=opts)
+            set_model_state_dict(self.ema, ck["ema"], options=opts)
+            set_optimizer_state_dict(self.model, self.opt, ck["opt"], options=opts)
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.ema.load_state_dict(ck["ema"])
+            self.opt.load_state_dict(ck["opt"])
+        self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        if self.d.main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})", flush=True)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _full_state(self) -> tuple[dict, dict, dict]:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=opts), get_model_state_dict(self.ema, options=opts),
+                    get_optimizer_state_dict(self.model, self.opt, options=opts))  # fmt: skip
+        return self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
+
+    def save(self) -> Path | None:
+        model, ema, opt = self._full_state()  # collective under FSDP: every rank takes part
+        path = self.exp_dir / "checkpoints" / f"{self.step:07d}.pt"
+        if self.d.main:
+            state = {
+                "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model_config": asdict(self.model_config),
+            }  # fmt: skip
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
+            save_pretrained(ema, self.model_config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path})
+        if self.d.world > 1:
+            dist.barrier()
+        return path
+
+    # -- training --------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def model_fn(self, x, t, y):
+        return self.net(x, t, y).float()  # the loss is computed in float32 under autocast too
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on this rank's slice; returns the local mean loss (on device)."""
+        cfg, d = self.cfg, self.d
+        if self.vae is not None:
+            with torch.no_grad():
+                x = self.vae.encode(x).latent_dist.sample().mul_(self.vae.config.scaling_factor)
+        t, noise, drop = step_randomness(cfg.global_seed, self.step, cfg.global_batch_size, tuple(x.shape[1:]),
+                                         self.diffusion.num_timesteps, cfg.class_dropout_prob, d.device)  # fmt: skip
+        mine = slice(d.rank, None, d.world)  # rank r holds global batch positions r, r + world, ... (see sampler)
+        y = torch.where(drop[mine], self.model_config.null_class, y)
+        if cfg.warmup_steps:
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        with self.autocast():
+            loss = self.diffusion.training_losses(self.model_fn, x, t[mine], noise=noise[mine], y=y)["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        update_ema(self.ema_params, self.params, cfg.ema_decay)
+        return loss.detach()
+
+    def loader(self) -> tuple[DataLoader, ResumableSampler]:
+        sampler = ResumableSampler(len(self.dataset), self.d.rank, self.d.world, self.cfg.global_seed, self.local_batch)
+        loader = DataLoader(self.dataset, batch_size=self.local_batch, sampler=sampler, num_workers=self.cfg.num_workers,
+                            pin_memory=self.d.device.type == "cuda", drop_last=True, persistent_workers=False,
+                            prefetch_factor=4 if self.cfg.num_workers else None)  # fmt: skip
+        return loader, sampler
+
+    def run(self) -> Path:
+        cfg, d = self.cfg, self.d
+        loader, sampler = self.loader()
+        per_epoch = sampler.batches_per_epoch()
+        total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
+        self.net.train()
+        if d.main:
+            print(f"{self.model_config} | {self.dataset} | {sum(p.numel() for p in self.params):,} parameters | "
+                  f"{d.world} process(es), global batch {cfg.global_batch_size} | {self.exp_dir}", flush=True)  # fmt: skip
+        log = RunLog(self.exp_dir, d.main, total, self.step)
+        running = torch.zeros((), device=d.device)
+        n_running = 0
+        while self.step < total and self.epoch < cfg.epochs:
+            sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.dataset.set_epoch(self.epoch)
+            for x, y in loader:
+                x = x.to(d.device, non_blocking=True)
+                y = y.to(d.device, non_blocking=True)
+                running += self.train_step(x, y)
+                n_running += 1
+                self.step += 1
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch == per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                last = self.step >= total
+                if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
+                    avg = self._reduce(running / n_running)
+                    if not math.isfinite(avg):
+                        raise FloatingPointError(
+                            f"the loss became {avg} by step {self.step}; the last good checkpoint is kept in "
+                            f"{self.exp_dir / 'checkpoints'}: lower --lr, use --precision fp32, or resume from it."
+                        )
+                    log.write(self.step, self.epoch, avg, self.opt.param_groups[0]["lr"], cfg.global_batch_size)
+                    running.zero_()
+                    n_running = 0
+                if self.step % cfg.ckpt_every == 0 or last:
+                    self.save()
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+                    self.sample_grid()
+                if last:
+                    break
+        log.close()
+        if d.started:
+            dist.destroy_process_group()
+        return self.exp_dir
+
+    def _reduce(self, value: torch.Tensor) -> float:
+        if self.d.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.d.world
+        return value.item()
+
+    @torch.no_grad()
+    def sample_grid(self) -> None:
+        """A grid from the EMA weights (same noise every time, so grids compare across steps)."""
+        if not self.d.main or self.fsdp:
+            return
+        from .generate import decode, save_grid, to_uint8
+        from .sampling import sample
+
+        c = self.model_config
+        classes = min(c.num_classes, 10)
+        y = torch.arange(classes, device=self.d.device).repeat(2)
+        g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
+        z = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, generator=g, device=self.d.device)
+        x = sample(self.ema, self.diffusion, z, y, sampler="ddim", steps=50, cfg_scale=1.5 if c.class_dropout_prob > 0 else 1.0,
+                   generator=g, precision="bf16" if self.cfg.precision == "bf16" else "fp32")  # fmt: skip
+        if self.vae is not None:
+            x = decode(self.vae, x)
+        (self.exp_dir / "samples").mkdir(exist_ok=True)
+        save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=classes)
+
+
+class RunLog:
+    """Progress bar (loss, images/s, ETA) on rank 0, a CSV log, and TensorBoard when installed."""
+
+    def __init__(self, exp_dir: Path, main: bool, total: float, start_step: int):
+        self.main = main
+        if not main:
+            return
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=None if math.isinf(total) else int(total), initial=start_step, desc="train", dynamic_ncols=True)
+        path = exp_dir / "log.csv"
+        new = not path.exists()
+        self.file = open(path, "a", newline="")
+        self.csv = csv.writer(self.file)
+        if new:
+            self.csv.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s"])
+        self.tb = None
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(exp_dir / "tb"))
+        self.start = self.last = time.perf_counter()
+        self.last_step = start_step
+
+    def write(self, step: int, epoch: int, loss: float, lr: float, global_batch: int) -> None:
+        if not self.main:
+            return
+        now = time.perf_counter()
+        ips = (step - self.last_step) * global_batch / max(now - self.last, 1e-9)
+        self.csv.writerow([step, epoch, f"{loss:.6f}", f"{lr:.3g}", f"{ips:.1f}", f"{now - self.start:.1f}"])
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("loss", loss, step)
+            self.tb.add_scalar("images_per_s", ips, step)
+        self.bar.update(step - self.last_step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{ips:.0f}", epoch=epoch)
+        self.last, self.last_step = now, step
+
+    def close(self) -> None:
+        if self.main:
+            self.bar.close()
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def checkpoint_steps(folder: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in folder.glob("*.pt") if (m := CKPT_RE.match(p.name)))
+
+
+def prune_checkpoints(folder: Path, keep_last: int, keep_every: int | None) -> None:
+    steps = checkpoint_steps(folder)
+    for s in steps[:-keep_last]:
+        if not (keep_every and s % keep_every == 0):
+            (folder / f"{s:07d}.pt").unlink(missing_ok=True)
+
+
+def latest_checkpoint(results_dir: Path) -> Path | None:
+    """The newest checkpoint of the newest experiment under `results_dir`."""
+    if not results_dir.exists():
+        return None
+    for exp in sorted((p for p in results_dir.iterdir() if p.is_dir()), reverse=True):
+        steps = checkpoint_steps(exp / "checkpoints")
+        if steps:
+            return exp / "checkpoints" / f"{steps[-1]:07d}.pt"
+    return None
+
+
+def run_train(cfg: TrainConfig) -> Path:
+    return Trainer(cfg).run()
+
