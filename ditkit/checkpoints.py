@@ -46,7 +46,8 @@ def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
-    """(state_dict, config) from any supported format; config is None for official `.pt` files."""
+    """(state_dict, config) from any supported format; config is None for official `.pt` files
+    (it is then read off the shapes)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
@@ -64,13 +65,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfi
             config = config_from_dict(json.loads(config_file.read_text()))
         return state, config
     obj = read_pt(path)
+    saved = config_from_dict(obj["model_config"]) if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) else None
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} is not a DiT checkpoint: it holds no state dict of tensors.")
-    return obj, None
+    return obj, saved  # ditkit training checkpoints carry their model config
 
 
 def config_from_dict(d: dict) -> DiTConfig:

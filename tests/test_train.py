@@ -156,3 +156,10 @@ def test_cli_train_bad_input(tmp_path, capsys):
     assert main(["train", "--resume", "latest", "--results-dir", str(tmp_path / "empty"), "--data-path", "digits",
                  "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2", "--num-workers", "0"]) == 2  # fmt: skip
     assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_training_checkpoint_samples_with_its_own_config(tmp_path):
+    exp = Trainer(cfg(tmp_path, num_heads=4, global_batch_size=16, max_steps=1, ckpt_every=1)).run()
+    model = load_model(exp / "checkpoints" / "0000001.pt")
+    assert model.config.num_heads == 4  # not the guess from the shapes (hidden 32 -> 1 head)
+    assert torch.equal(model.final_layer.linear.weight, read_pt(exp / "checkpoints" / "0000001.pt")["ema"]["final_layer.linear.weight"])
