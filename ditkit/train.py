@@ -200,21 +200,26 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # as the official train.py
             torch.backends.cudnn.allow_tf32 = True
 
-        self.dataset = build_dataset(cfg.data_path, cfg.image_size, cfg.channels,
+        self.vae = None
+        channels = cfg.channels
+        if cfg.vae is not None:
+            from .generate import load_vae
+
+            self.vae = load_vae(cfg.vae, self.d.device).requires_grad_(False)
+            channels = channels or self.vae.config.in_channels  # gray datasets are repeated to RGB
+        self.dataset = build_dataset(cfg.data_path, cfg.image_size, channels,
                                      flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)  # fmt: skip
         if len(self.dataset) < cfg.global_batch_size:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than the global batch {cfg.global_batch_size}; use a smaller --global-batch-size.")
         num_classes = cfg.num_classes or self.dataset.num_classes
         if num_classes < self.dataset.num_classes:
             raise ValueError(f"the data has {self.dataset.num_classes} classes but --num-classes is {num_classes}; raise it or leave it unset.")
-        self.vae = None
         in_channels, input_size = self.dataset.channels, self.dataset.image_size
-        if cfg.vae is not None:
+        if self.vae is not None:
+            from .generate import vae_factor
+
             if getattr(self.dataset, "vae", None):
                 raise ValueError(f"{cfg.data_path} already holds latents; drop --vae.")
-            from .generate import load_vae, vae_factor
-
-            self.vae = load_vae(cfg.vae, self.d.device).requires_grad_(False)
             factor = vae_factor(self.vae)
             if input_size % factor:
                 raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")

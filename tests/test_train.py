@@ -163,3 +163,15 @@ def test_training_checkpoint_samples_with_its_own_config(tmp_path):
     model = load_model(exp / "checkpoints" / "0000001.pt")
     assert model.config.num_heads == 4  # not the guess from the shapes (hidden 32 -> 1 head)
     assert torch.equal(model.final_layer.linear.weight, read_pt(exp / "checkpoints" / "0000001.pt")["ema"]["final_layer.linear.weight"])
+
+
+def test_train_through_a_vae_on_gray_data(tmp_path):
+    """Pixels -> AutoencoderKL latents each step (the official loop), gray digits repeated to RGB."""
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  latent_channels=4, norm_num_groups=4, layers_per_block=1).save_pretrained(tmp_path / "vae")  # fmt: skip
+    exp = Trainer(cfg(tmp_path, vae=str(tmp_path / "vae"), global_batch_size=8, max_steps=2, ckpt_every=2, sample_every=2)).run()
+    model = load_model(exp / "model")
+    assert (model.config.in_channels, model.config.input_size) == (4, 4)  # 8 px / factor 2
+    assert (exp / "samples" / "0000002.png").exists()
