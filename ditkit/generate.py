@@ -148,7 +148,8 @@ class Generator:
             noise = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, device=self.device)
         z = sample(self.model, GaussianDiffusion(learn_sigma=c.learn_sigma), noise, y.to(self.device),
                    sampler=self.sampler, steps=self.steps, cfg_scale=self.cfg_scale, cfg_channels=self.cfg_channels,
-                   eta=self.eta, precision=self.precision, progress=progress)  # fmt: skip
+                   eta=self.eta, precision=self.precision, progress=progress,
+                   clip_denoised=self.vae is None)  # fmt: skip  # pixels live in [-1, 1] (ADM clips too)
         return decode(self.vae, z) if self.vae is not None else z
 
 

@@ -201,6 +201,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
 
         self.vae = None
+        self.grid_vae = None  # the latent store's VAE for sample grids: loaded on first use, False if unavailable
         channels = cfg.channels
         if cfg.vae is not None:
             from .generate import load_vae
@@ -422,23 +423,35 @@ class Trainer:
 
     @torch.no_grad()
     def sample_grid(self) -> None:
-        """A grid from the EMA weights (same noise every time, so grids compare across steps)."""
-        if not self.d.main or self.fsdp:
+        """A grid from the EMA weights (same noise every time, so grids compare across steps).
+        Under FSDP every rank takes part in the forwards; rank 0 writes the file."""
+        if not (self.d.main or self.fsdp) or self.grid_vae is False:
             return
-        from .generate import decode, save_grid, to_uint8
+        from .generate import decode, load_vae, save_grid, to_uint8
         from .sampling import sample
 
+        store_vae = getattr(self.dataset, "vae", None)
+        if self.grid_vae is None and store_vae:  # a latent store: decode with the VAE it was made with
+            try:
+                self.grid_vae = load_vae(store_vae, self.d.device)
+            except ValueError as e:
+                print(f"no sample grids: {e}", flush=True)
+                self.grid_vae = False
+                return
+        vae = self.vae or self.grid_vae
         c = self.model_config
         classes = min(c.num_classes, 10)
         y = torch.arange(classes, device=self.d.device).repeat(2)
         g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
         z = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, generator=g, device=self.d.device)
         x = sample(self.ema, self.diffusion, z, y, sampler="ddim", steps=50, cfg_scale=1.5 if c.class_dropout_prob > 0 else 1.0,
-                   generator=g, precision="bf16" if self.cfg.precision == "bf16" else "fp32")  # fmt: skip
-        if self.vae is not None:
-            x = decode(self.vae, x)
-        (self.exp_dir / "samples").mkdir(exist_ok=True)
-        save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=classes)
+                   generator=g, precision="bf16" if self.cfg.precision == "bf16" else "fp32",
+                   clip_denoised=vae is None)  # fmt: skip  # pixels live in [-1, 1]
+        if vae is not None:
+            x = decode(vae, x)
+        if self.d.main:
+            (self.exp_dir / "samples").mkdir(exist_ok=True)
+            save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=classes)
 
 
 class RunLog:

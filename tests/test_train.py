@@ -72,9 +72,11 @@ def _ddp_worker(rank, world, port, kwargs):
 def test_two_process_gloo_equals_one_process(tmp_path, parallel):
     kw = dict(TINY, global_batch_size=32, max_steps=3, ckpt_every=3)
     one = Trainer(TrainConfig(**kw, results_dir=str(tmp_path / "one"))).run()
-    kw["parallel"] = parallel
+    kw.update(parallel=parallel, sample_every=3)  # under FSDP every rank joins the grid's forwards
     mp.spawn(_ddp_worker, args=(2, _free_port(), dict(kw, results_dir=str(tmp_path / "two"))), nprocs=2, join=True)
-    (m1, e1), (m2, e2) = final_state(one), final_state(latest_checkpoint(tmp_path / "two").parent.parent)
+    two = latest_checkpoint(tmp_path / "two").parent.parent
+    assert (two / "samples" / "0000003.png").exists()
+    (m1, e1), (m2, e2) = final_state(one), final_state(two)
     for a, b in ((m1, m2), (e1, e2)):
         for k in a:
             assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
