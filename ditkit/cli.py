@@ -18,6 +18,8 @@ from typing import Any, Callable
 # `ditkit --help` stays fast.
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample": ("ditkit.generate", "SampleConfig", "run_sample", "sample a checkpoint to a PNG grid"),
+    "sample-npz": ("ditkit.evaluate", "SampleNpzConfig", "run_sample_npz", "sample N images into an ADM-evaluator .npz (torchrun for many processes)"),
+    "eval": ("ditkit.evaluate", "EvalConfig", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
     "train": ("ditkit.train", "TrainConfig", "run_train", "train a DiT (torchrun for many processes)"),
     "extract": ("ditkit.data", "ExtractConfig", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("ditkit.flops", "FlopsConfig", "run_flops", "the paper's params / Gflops table for DiT configs"),
