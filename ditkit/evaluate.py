@@ -20,7 +20,6 @@ samples under a small Fashion-MNIST classifier shipped in ditkit/assets.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import json
 import os
@@ -41,6 +40,7 @@ from scipy.special import log_softmax, logsumexp
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write
+from .data import FASHION_MNIST_CLASSES, NAMED
 from .generate import SampleConfig, load_generator, resolve_device, to_uint8
 
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF FID graph
@@ -53,11 +53,8 @@ EFFNET_SIZE = 64
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLASSIFIER_PATH = Path(__file__).parent / "assets" / "fmnist_classifier.safetensors"
 CLASSIFIER_IMAGE = (32, 32, 1)
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FMNIST_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-                "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}  # fmt: skip
-FMNIST_CLASSES = 10
-FMNIST_PAD = 2  # 28 -> 32 px with a black border, the size the bundled model makes
+FMNIST_CLASSES = len(FASHION_MNIST_CLASSES)
+TRAIN_SHIFT = 2  # classifier augmentation: shifts up to the 2-px black border of the 32-px frame
 DATASET_SPEC = re.compile(r"^(fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
 CACHE_VERSION = 1  # bump when feature preprocessing changes: old reference statistics are then ignored
 
@@ -184,27 +181,15 @@ def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
 # Datasets as reference sets: Fashion-MNIST from the Debian package, 28 px padded to 32 px.
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format, gzipped) of unsigned bytes."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes; reinstall the dataset-fashion-mnist package.")
-    ndim = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 32, 32, 1) uint8, black border, labels (N,) int64) of a Fashion-MNIST split."""
-    if split not in FMNIST_FILES:
+    """(images (N, 32, 32, 1) uint8 with a black border, labels (N,) int64) of a Fashion-MNIST
+    split, from ditkit.data's reader of the Debian package's files."""
+    if split not in ("train", "test"):
         raise ValueError(f"unknown Fashion-MNIST split {split!r}; use train or test.")
-    files = [FMNIST_DIR / name for name in FMNIST_FILES[split]]
-    if not all(f.exists() for f in files):
-        raise FileNotFoundError(f"Fashion-MNIST is not in {FMNIST_DIR}; install the Debian package dataset-fashion-mnist.")
-    images, labels = read_idx(files[0]), read_idx(files[1])
-    p = FMNIST_PAD
-    return np.pad(images, ((0, 0), (p, p), (p, p)))[..., None], labels.astype(np.int64)
+    src = NAMED["fashion-mnist"]
+    images, labels = src.load(split)  # (N, 28, 28)
+    p = (src.frame - images.shape[-1]) // 2
+    return np.pad(images, ((0, 0), (p, p), (p, p)))[..., None], labels
 
 
 def dataset_npz(name: str = "fashion-mnist", split: str = "test", n: int | None = None, seed: int = 0,
@@ -678,7 +663,7 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 5, batch_s
             xb, yb = x[idx], y[idx]
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
             xb = torch.where(flip, xb.flip(3), xb)
-            dy, dx = rng.integers(-FMNIST_PAD, FMNIST_PAD + 1, size=2)  # one shift per batch: within the black border
+            dy, dx = rng.integers(-TRAIN_SHIFT, TRAIN_SHIFT + 1, size=2)  # one shift per batch: within the black border
             xb = torch.roll(xb, shifts=(int(dy), int(dx)), dims=(2, 3))
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
