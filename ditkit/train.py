@@ -19,15 +19,17 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import atomic_write, read_pt, save_pretrained
 from .data import BAD_IMAGE_ACTIONS, build_dataset
 from .diffusion import GaussianDiffusion
-from .models import PRESETS, DiT, DiTConfig
+from .models import PRESETS, DiT, DiTConfig, LabelEmbedder
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 
@@ -190,7 +192,11 @@ def shard(model: DiT) -> None:
 class Trainer:
     """Holds the run's state; `run()` trains to the end, checkpointing and logging on the way."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, model_factory: Callable[[DiTConfig], nn.Module] = DiT):
+        """`model_factory` builds the network from the run's DiTConfig: DiT by default. Any module
+        with forward(x, t, y) -> (N, C or 2C, H, W) and a `.config` that honours the DiTConfig's
+        data fields (input_size, in_channels, num_classes, null_class, learn_sigma) trains as well,
+        such as the U-Net baseline of `ditkit study`."""
         self.cfg = cfg
         self.d = setup_distributed(cfg.device)
         if cfg.global_batch_size % self.d.world:
@@ -229,11 +235,13 @@ class Trainer:
         self.diffusion = GaussianDiffusion(learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
-        self.model = DiT(self.model_config).to(self.d.device)
+        self.model = model_factory(self.model_config).to(self.d.device)
         # Label dropout is drawn by the trainer per global batch; the embedder keeps its null row.
-        self.model.y_embedder.dropout_prob = 0.0
+        for m in self.model.modules():
+            if isinstance(m, LabelEmbedder):
+                m.dropout_prob = 0.0
         self.model.grad_checkpointing = cfg.grad_checkpointing
-        self.ema = DiT(self.model_config).to(self.d.device).requires_grad_(False).eval()
+        self.ema = model_factory(self.model_config).to(self.d.device).requires_grad_(False).eval()
         self.ema.load_state_dict(self.model.state_dict())
         self.fsdp = cfg.parallel == "fsdp" and self.d.world > 1
         if self.fsdp:  # shard before the optimizer sees the parameters
@@ -326,7 +334,7 @@ class Trainer:
             }  # fmt: skip
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
-            save_pretrained(ema, self.model_config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path})
+            save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path})
         if self.d.world > 1:
             dist.barrier()
         return path
@@ -375,7 +383,7 @@ class Trainer:
         total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
         self.net.train()
         if d.main:
-            print(f"{self.model_config} | {self.dataset} | {sum(p.numel() for p in self.params):,} parameters | "
+            print(f"{self.model.config} | {self.dataset} | {sum(p.numel() for p in self.params):,} parameters | "
                   f"{d.world} process(es), global batch {cfg.global_batch_size} | {self.exp_dir}", flush=True)  # fmt: skip
         log = RunLog(self.exp_dir, d.main, total, self.step)
         running = torch.zeros((), device=d.device)
