@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("ditkit.train", "TrainConfig", "run_train", "train a DiT (torchrun for many processes)"),
     "extract": ("ditkit.data", "ExtractConfig", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("ditkit.flops", "FlopsConfig", "run_flops", "the paper's params / Gflops table for DiT configs"),
+    "study": ("ditkit.study", "StudyConfig", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
 }
 
 

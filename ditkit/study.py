@@ -1,0 +1,618 @@
+"""`ditkit study`: the paper's design space and scaling study, on a budget you choose.
+
+Every config of a grid trains with ditkit's Trainer for the same number of steps, checkpointing
+every `eval_every` steps; each checkpoint's EMA weights are then sampled and scored offline:
+FD-EffNet (the Fréchet distance in EfficientNet-Lite0 features; not FID) against the data's
+held-out images, and, on Fashion-MNIST, the class accuracy of the samples under the shipped
+classifier. The grids are the paper's:
+
+- model size x patch size (Table 1; Figures 2, 6 and 8): quality over training steps per config,
+  and final quality against Gflops;
+- the four conditioning blocks at one config (Figure 5);
+- a U-Net baseline (diffusers' UNet2DModel, ADM's layout) with the same diffusion, data and
+  budget, sized to the Gflops of a chosen DiT config.
+
+Layout of OUT (a killed study run again with the same flags picks up where it stopped):
+
+    study.json                the settings, checked on every restart
+    reference.npz, cache/     the reference images and their feature statistics
+    runs/NAME/run.json        the run: model, sizes, params, Gflops, its TrainConfig
+    runs/NAME/NNN-MODEL/      the Trainer's experiment: checkpoints/, model/, log.csv
+    runs/NAME/samples/*.npz   the samples scored at each step (ADM format: ditkit eval reads them)
+    runs/NAME/evals.json      step -> metrics, written after each evaluation
+    runs/NAME/done.json       the run is trained and evaluated
+    results.csv, results.json one row per (run, step)
+    *.png                     the plots
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoints import atomic_write, read_pt
+from .data import build_dataset, is_latent_store
+from .diffusion import GaussianDiffusion
+from .flops import count_macs, measure
+from .generate import resolve_device, to_uint8
+from .models import BLOCKS, PRESET_SIZES, PRESETS, DiT, DiTConfig
+from .sampling import SAMPLERS, sample
+from .train import TrainConfig, Trainer, checkpoint_steps, latest_checkpoint
+
+UNET = "U-Net"
+RESULT_COLUMNS = ("run", "model", "block", "patch", "params", "gflops", "step", "fd_effnet", "accuracy")
+# Settings that may change between invocations of one study: which runs exist, and how they run.
+FREE_SETTINGS = ("out", "models", "blocks", "unet", "device", "num_workers", "log_every")
+
+
+def _h(text: str, **kw) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Train a grid of DiT configs (model size x patch size, the four block designs, a U-Net
+    baseline) for a fixed budget each, score each checkpoint offline (FD-EffNet and, on
+    Fashion-MNIST, class accuracy) and plot the paper's scaling figures. Resumable: run the same
+    command again after an interruption."""
+
+    out: str = field(default="study", metadata=_h("study folder: runs, results.csv/json and plots"))
+    data_path: str = field(default="fashion-mnist", metadata=_h("pixel-space data: fashion-mnist (32x32, so p = 2, 4, 8 divide), mnist, digits or an image folder"))
+    models: tuple[str, ...] = field(default=("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8"), metadata=_h("presets of the size x patch grid (adaLN-Zero blocks)"))
+    blocks: tuple[str, ...] = field(default=BLOCKS, metadata=_h(f"block designs compared at --block-model (Figure 5): {', '.join(BLOCKS)}"))
+    block_model: str = field(default="DiT-S/2", metadata=_h("preset the block designs are compared at (the paper: DiT-XL/2)", choices=PRESETS))
+    unet: bool = field(default=True, metadata=_h("also train a U-Net baseline (diffusers' UNet2DModel)"))
+    unet_match: str = field(default="DiT-S/2", metadata=_h("the U-Net's width is chosen so that its Gflops match this preset's (after the divisors)", choices=PRESETS))
+    width_divisor: int = field(default=1, metadata=_h("divide every preset's hidden size by this (head count kept, so heads get narrower): a CPU-sized grid with the presets' ratios"))
+    depth_divisor: int = field(default=1, metadata=_h("divide every preset's depth by this (rounded, at least 1 block)"))
+    steps: int = field(default=5000, metadata=_h("training steps of every run: the fixed budget"))
+    eval_every: int = field(default=1000, metadata=_h("checkpoint and evaluate every N steps (and at the last step)"))
+    num_eval_samples: int = field(default=2000, metadata=_h("samples per evaluation; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)"))
+    sampler: str = field(default="ddim", metadata=_h("sampler for the evaluation samples", choices=tuple(SAMPLERS)))
+    num_sampling_steps: int = field(default=50, metadata=_h("respaced sampling steps for the evaluation samples"))
+    cfg_scale: float = field(default=1.0, metadata=_h("classifier-free guidance scale of the evaluation samples (the paper's scaling figures: 1, none)"))
+    eval_batch_size: int = field(default=256, metadata=_h("samples per model batch when evaluating"))
+    global_batch_size: int = field(default=256, metadata=_h("training batch size"))
+    lr: float = field(default=1e-4, metadata=_h("AdamW learning rate (the paper's 1e-4)"))
+    warmup_steps: int = field(default=0, metadata=_h("linear learning-rate warm-up steps (the paper: none)"))
+    ema_decay: float = field(default=0.999, metadata=_h("EMA decay; the paper's 0.9999 averages ~10k steps and would score mostly the initial weights of short runs"))
+    seed: int = field(default=0, metadata=_h("seed of every run, and of the evaluation labels and noise"))
+    log_every: int = field(default=100, metadata=_h("log the loss (and move the progress bar) every N steps"))
+    num_workers: int = field(default=2, metadata=_h("data loader processes"))
+    device: str = field(default="auto", metadata=_h("cpu, cuda, cuda:N, or auto"))
+    precision: str = field(default="fp32", metadata=_h("training precision; evaluation samples in the same", choices=("fp32", "bf16")))
+
+    def __post_init__(self):
+        for name in ("width_divisor", "depth_divisor", "steps", "eval_every", "num_sampling_steps", "eval_batch_size", "global_batch_size", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        if self.num_eval_samples < 2:
+            raise ValueError(f"--num-eval-samples must be at least 2 (a covariance needs two samples), got {self.num_eval_samples}.")
+        for name in ("num_workers", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}.")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
+        unknown = [m for m in self.models if m not in PRESETS]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}.")
+        bad = [b for b in self.blocks if b not in BLOCKS]
+        if bad:
+            raise ValueError(f"unknown block design(s) {', '.join(bad)}; choose from {', '.join(BLOCKS)}.")
+        if not (self.models or self.blocks or self.unet):
+            raise ValueError("the study has no runs; give --models, --blocks or --unet.")
+        for preset in {*self.models, self.block_model, self.unet_match}:
+            scaled_sizes(preset, self.width_divisor, self.depth_divisor)  # raises on sizes that do not divide
+
+
+def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:
+    """depth, hidden_size and num_heads of a preset after the study's divisors."""
+    depth, hidden, heads = PRESET_SIZES[preset.removeprefix("DiT-").partition("/")[0]]
+    if hidden % (width_divisor * heads):
+        raise ValueError(f"--width-divisor {width_divisor} does not divide {preset}'s hidden size {hidden} into {heads} equal heads; "
+                         f"use a divisor of {hidden // heads}.")  # fmt: skip
+    return {"depth": max(1, round(depth / depth_divisor)), "hidden_size": hidden // width_divisor, "num_heads": heads}
+
+
+# ---------------------------------------------------------------------------------------------
+# The U-Net baseline
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """A class-conditional UNet2DModel laid out as ADM's: `levels` resolutions with channel
+    multipliers (1, 2, 2, ...), two ResNet blocks per level, self-attention at every level but the
+    first and in the middle block, the class embedding added to the time embedding. Data fields
+    mirror DiTConfig's, so the Trainer and the samplers treat it as they treat a DiT."""
+
+    input_size: int
+    in_channels: int
+    num_classes: int
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1
+    base_channels: int = 64
+    layers_per_block: int = 2
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    @property
+    def levels(self) -> int:
+        """Resolutions down to 8 px or 4 px (3 at most): 32 -> 32, 16, 8; 8 -> 8, 4."""
+        return max(1, min(3, int(math.log2(self.input_size)) - 1))
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * min(2, 1 + i) for i in range(self.levels))
+
+    @classmethod
+    def from_dit(cls, c: DiTConfig, base_channels: int) -> "UNetConfig":
+        return cls(input_size=c.input_size, in_channels=c.in_channels, num_classes=c.num_classes, learn_sigma=c.learn_sigma,
+                   class_dropout_prob=c.class_dropout_prob, base_channels=base_channels)  # fmt: skip
+
+
+class UNetBaseline(nn.Module):
+    """UNet2DModel behind DiT's interface: forward(x, t, y) -> (N, C or 2C, H, W), y == num_classes
+    the null label (an extra embedding row whenever labels are dropped in training)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.config = c = config
+        if c.base_channels % 8:
+            raise ValueError(f"the U-Net's base width must be a multiple of 8 (its group norms), got {c.base_channels}.")
+        if c.input_size % 2 ** (c.levels - 1):
+            raise ValueError(f"a {c.levels}-level U-Net needs an input size divisible by {2 ** (c.levels - 1)}, got {c.input_size}.")
+        self.num_classes = c.num_classes
+        self.grad_checkpointing = False
+        attn = tuple(i > 0 for i in range(c.levels))
+        self.unet = UNet2DModel(
+            sample_size=c.input_size, in_channels=c.in_channels, out_channels=c.out_channels,
+            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+            # Head width and group count only split the channels: the largest powers of two (up to
+            # ADM's 64 channels per head and 32 groups) that divide every level's width.
+            attention_head_dim=math.gcd(c.base_channels, 64), norm_num_groups=math.gcd(c.base_channels, 32),
+            class_embed_type=None, num_class_embeds=c.num_classes + int(c.class_dropout_prob > 0),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, class_labels=y).sample  # (N, C_out, H, W)
+
+
+def unet_cost(config: UNetConfig) -> tuple[int, int]:
+    """(parameters, multiply-adds per image) of a U-Net, counted as flops.measure counts a DiT."""
+    with torch.device("meta"):
+        model = UNetBaseline(config)
+    return sum(p.numel() for p in model.parameters()), count_macs(model)
+
+
+def size_unet(target_macs: int, like: DiTConfig, max_channels: int = 1024) -> UNetConfig:
+    """The U-Net for `like`'s data whose multiply-adds come closest (in ratio) to `target_macs`:
+    base widths are multiples of 8, and the count grows with the width, so a bisection finds it."""
+    widths = list(range(8, max_channels + 1, 8))
+    macs = {}
+
+    def cost(i: int) -> int:
+        if i not in macs:
+            macs[i] = unet_cost(UNetConfig.from_dit(like, widths[i]))[1]
+        return macs[i]
+
+    lo, hi = 0, len(widths) - 1
+    while lo < hi:  # the first width whose count reaches the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if cost(mid) < target_macs else (lo, mid)
+    best = min({max(lo - 1, 0), lo}, key=lambda i: abs(math.log(cost(i) / target_macs)))
+    return UNetConfig.from_dit(like, widths[best])
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """One config of the study: its Trainer settings, and the U-Net's layout for the baseline."""
+
+    name: str
+    model: str  # a preset, or UNET
+    block: str | None
+    train: TrainConfig
+    unet: UNetConfig | None = None
+
+    @property
+    def patch(self) -> int | None:
+        return None if self.unet else int(self.model.rpartition("/")[2])
+
+    def factory(self):
+        if self.unet is None:
+            return DiT
+        base = self.unet.base_channels
+        return lambda c: UNetBaseline(UNetConfig.from_dit(c, base))
+
+    def build(self, dit_config: DiTConfig) -> nn.Module:
+        return self.factory()(dit_config)
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    input_size: int
+    in_channels: int
+    num_classes: int
+    fashion_mnist: bool
+
+
+def data_info(cfg: StudyConfig) -> DataInfo:
+    path = Path(cfg.data_path)
+    if is_latent_store(path):
+        raise ValueError(f"{cfg.data_path} is a latent store; the study scores pixel-space samples, so pass the images (e.g. fashion-mnist).")
+    ds = build_dataset(cfg.data_path, flip=False, split="train" if path.exists() else "test")
+    return DataInfo(ds.image_size, ds.channels, ds.num_classes, cfg.data_path == "fashion-mnist" and not path.exists())
+
+
+def _train_config(cfg: StudyConfig, run_dir: Path, preset: str, block: str) -> TrainConfig:
+    return TrainConfig(
+        data_path=cfg.data_path, results_dir=str(run_dir), model=preset, block=block,
+        **scaled_sizes(preset, cfg.width_divisor, cfg.depth_divisor),
+        epochs=cfg.steps,  # every epoch has at least one step, so max_steps is what stops the run
+        max_steps=cfg.steps, global_batch_size=cfg.global_batch_size, global_seed=cfg.seed, lr=cfg.lr,
+        warmup_steps=cfg.warmup_steps, ema_decay=cfg.ema_decay, num_workers=cfg.num_workers, log_every=min(cfg.log_every, cfg.steps),
+        ckpt_every=cfg.eval_every, keep_last=1, keep_every=cfg.eval_every,  # every evaluation step is kept
+        precision=cfg.precision, device=cfg.device,
+    )  # fmt: skip
+
+
+def dit_config(train: TrainConfig, info: DataInfo) -> DiTConfig:
+    """The DiTConfig the Trainer will build for `train` on this data."""
+    return train.model_config(info.num_classes, info.input_size, info.in_channels)
+
+
+def plan_runs(cfg: StudyConfig, info: DataInfo) -> list[Run]:
+    """The size x patch grid, then the other block designs at `block_model`, then the U-Net."""
+    runs_dir = Path(cfg.out) / "runs"
+    keys = [(m, "adaln_zero") for m in cfg.models] + [(cfg.block_model, b) for b in cfg.blocks]
+    runs = []
+    for model, block in dict.fromkeys(keys):  # the adaLN-Zero block at block_model is one run
+        name = f"{model.replace('/', '-')}-{block}"
+        runs.append(Run(name, model, block, _train_config(cfg, runs_dir / name, model, block)))
+    if cfg.unet:
+        train = _train_config(cfg, runs_dir / "unet", cfg.unet_match, "adaln_zero")  # DiTConfig: data fields only
+        saved = read_json(runs_dir / "unet" / "run.json")
+        if saved and saved.get("unet"):  # a started run keeps the layout of its checkpoints
+            unet = UNetConfig(**saved["unet"])
+        else:
+            unet = size_unet(measure(dit_config(train, info)).macs, dit_config(train, info))
+        runs.append(Run("unet", UNET, None, train, unet))
+    return runs
+
+
+def describe_run(run: Run, info: DataInfo) -> dict:
+    """run.json: what the run is, its size and compute, and its Trainer settings."""
+    c = dit_config(run.train, info)
+    if run.unet is not None:
+        params, macs = unet_cost(run.unet)
+        sizes = {"unet": asdict(run.unet), "block_out_channels": list(run.unet.block_out_channels)}
+    else:
+        cost = measure(c, run.model)
+        params, macs = cost.params, cost.macs
+        sizes = {"hidden_size": c.hidden_size, "depth": c.depth, "num_heads": c.num_heads}
+    return {"run": run.name, "model": run.model, "block": run.block, "patch": run.patch, "params": params,
+            "gflops": macs / 1e9, **sizes, "train": asdict(run.train)}  # fmt: skip
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def check_settings(cfg: StudyConfig) -> None:
+    """A study folder keeps the settings it was started with: otherwise its runs would not compare."""
+    path = Path(cfg.out) / "study.json"
+    saved = read_json(path)
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as the lists the file holds
+    if saved is not None:
+        changed = [k for k in now if k not in FREE_SETTINGS and k in saved and saved[k] != now[k]]
+        if changed:
+            diff = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
+            raise ValueError(f"{cfg.out} was started with other settings ({diff}); use the same settings to continue it, or a new --out.")
+    write_json(path, now)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def reference_npz(cfg: StudyConfig, out: Path) -> Path:
+    """The data's held-out images as an ADM .npz (named datasets: their test split; an image folder
+    has none, so its own images), written once."""
+    from .evaluate import save_npz
+
+    path = out / "reference.npz"
+    if path.exists():
+        return path
+    held_out = not Path(cfg.data_path).exists()
+    ds = build_dataset(cfg.data_path, flip=False, split="test" if held_out else "train")
+    images, labels = [], []
+    for x, y in torch.utils.data.DataLoader(ds, batch_size=512, num_workers=0):
+        images.append(to_uint8(x))
+        labels.append(y.numpy())
+    return save_npz(path, arr_0=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64))
+
+
+class Scorer:
+    """Samples a model and scores the samples: FD-EffNet against the reference images and, for
+    Fashion-MNIST, the class accuracy. The Fréchet distance is taken from the covariances even
+    with fewer samples than feature dimensions (unlike `ditkit eval`, which refuses): the study
+    compares runs at one sample count, where that bias is shared."""
+
+    def __init__(self, cfg: StudyConfig, info: DataInfo, out: Path):
+        from .evaluate import EffNetFeatures, load_classifier, read_images, reference_features
+
+        self.cfg, self.info = cfg, info
+        self.device = resolve_device(cfg.device)
+        self.net = EffNetFeatures(device=self.device)
+        self.cache = out / "cache"
+        ref = read_images(reference_npz(cfg, out), "reference")
+        if len(ref) < 2:
+            raise ValueError(f"{cfg.data_path} has {len(ref)} held-out image(s); FD-EffNet needs at least 2 reference images.")
+        self.ref_stats = reference_features(self.net, ref, self.cache, batch_size=cfg.eval_batch_size)[0]["pool"]
+        self.classifier = load_classifier()[0] if info.fashion_mnist else None
+        # The same labels and noise for every run and step, so differences are the models'.
+        self.labels = np.random.default_rng(cfg.seed).integers(0, info.num_classes, size=cfg.num_eval_samples)
+
+    @torch.no_grad()
+    def images(self, model: nn.Module) -> np.ndarray:
+        cfg, c = self.cfg, model.config
+        model = model.to(self.device).eval()
+        diffusion = GaussianDiffusion(learn_sigma=c.learn_sigma)
+        noise_g = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same noise on every device
+        g = torch.Generator(device=self.device).manual_seed(cfg.seed)  # DDPM's per-step noise
+        out = []
+        for i in tqdm(range(0, cfg.num_eval_samples, cfg.eval_batch_size), desc="eval samples", leave=False):
+            y = torch.from_numpy(self.labels[i : i + cfg.eval_batch_size]).to(self.device)
+            noise = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, generator=noise_g).to(self.device)
+            x = sample(model, diffusion, noise, y, sampler=cfg.sampler, steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
+                       generator=g, precision=cfg.precision, clip_denoised=True)  # fmt: skip  # pixels live in [-1, 1]
+            out.append(to_uint8(x))
+        return np.concatenate(out)
+
+    def score(self, model: nn.Module, samples_path: Path) -> dict[str, float | None]:
+        from .evaluate import FeatureStats, classifier_accuracy, extract, frechet_distance, read_images, save_npz
+
+        save_npz(samples_path, arr_0=self.images(model), labels=self.labels)
+        samples = read_images(samples_path)
+        feats = extract(self.net, samples, self.cfg.eval_batch_size, desc="eval features")["pool"]
+        metrics = {"fd_effnet": frechet_distance(FeatureStats.fit(feats), self.ref_stats), "accuracy": None}
+        if self.classifier is not None:
+            metrics["accuracy"] = classifier_accuracy(self.classifier, samples, samples.labels, device=self.device)
+        return metrics
+
+
+def eval_steps(cfg: StudyConfig) -> list[int]:
+    return sorted({*range(cfg.eval_every, cfg.steps + 1, cfg.eval_every), cfg.steps})
+
+
+def load_checkpoint_model(run: Run, path: Path) -> nn.Module:
+    """The EMA weights of a training checkpoint, in the run's network."""
+    ck = read_pt(path)
+    model = run.build(DiTConfig(**ck["model_config"]))
+    model.load_state_dict(ck["ema"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self._scorer: Scorer | None = None
+
+    @property
+    def scorer(self) -> Scorer:  # loaded on first use: a finished study re-plots without it
+        if self._scorer is None:
+            self._scorer = Scorer(self.cfg, self.info, self.out)
+        return self._scorer
+
+    def run(self) -> Path:
+        cfg = self.cfg
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("ditkit study runs in one process; start it without torchrun (each run uses the whole device).")
+        self.out.mkdir(parents=True, exist_ok=True)
+        check_settings(cfg)
+        self.info = data_info(cfg)
+        runs = plan_runs(cfg, self.info)
+        for run in runs:  # every config is built before any training, so a bad one fails at once
+            dit_config(run.train, self.info)
+        start = time.perf_counter()
+        for i, run in enumerate(runs, 1):
+            self.run_one(run, f"[{i}/{len(runs)}]")
+            self.write_results(runs)
+        print(f"study done in {time.perf_counter() - start:.0f}s: {self.out / 'results.csv'} and plots in {self.out}", flush=True)
+        return self.out
+
+    def run_one(self, run: Run, tag: str) -> None:
+        cfg, run_dir = self.cfg, Path(run.train.results_dir)
+        done = read_json(run_dir / "done.json")
+        if done is not None and done.get("steps") == cfg.steps:
+            print(f"{tag} {run.name}: done", flush=True)
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        meta = read_json(run_dir / "run.json") or describe_run(run, self.info)
+        write_json(run_dir / "run.json", meta)
+        evals = {int(k): v for k, v in (read_json(run_dir / "evals.json") or {}).items()}
+        latest = latest_checkpoint(run_dir)
+        at = checkpoint_steps(latest.parent)[-1] if latest else 0
+        print(f"{tag} {run.name}: {meta['params'] / 1e6:.3g}M params, {meta['gflops']:.3g} Gflops, step {at} of {cfg.steps}", flush=True)
+        if at < cfg.steps:
+            evals = {s: m for s, m in evals.items() if s <= at}  # later checkpoints are being rewritten
+            write_json(run_dir / "evals.json", evals)
+            trainer = Trainer(replace(run.train, resume="latest" if latest else None), model_factory=run.factory())
+            trainer.run()
+            latest = latest_checkpoint(run_dir)
+        ckpts = latest.parent
+        have = set(checkpoint_steps(ckpts))
+        for step in eval_steps(cfg):
+            if step in evals:
+                continue
+            if step not in have:
+                raise FileNotFoundError(f"{ckpts} has no checkpoint for step {step}; delete {run_dir} to train {run.name} again.")
+            metrics = self.scorer.score(load_checkpoint_model(run, ckpts / f"{step:07d}.pt"), run_dir / "samples" / f"{step:07d}.npz")
+            evals[step] = metrics
+            write_json(run_dir / "evals.json", evals)
+            acc = f", accuracy {metrics['accuracy']:.3f}" if metrics["accuracy"] is not None else ""
+            print(f"{tag} {run.name} step {step}: FD-EffNet {metrics['fd_effnet']:.2f}{acc}", flush=True)
+        write_json(run_dir / "done.json", {"steps": cfg.steps, "evaluated": sorted(evals)})
+
+    def rows(self, runs: list[Run]) -> list[dict]:
+        rows = []
+        for run in runs:
+            run_dir = Path(run.train.results_dir)
+            meta = read_json(run_dir / "run.json")
+            if meta is None:  # not started yet
+                continue
+            evals = read_json(run_dir / "evals.json") or {}
+            for step, m in sorted((int(k), v) for k, v in evals.items()):
+                rows.append({**{k: meta[k] for k in RESULT_COLUMNS[:6]}, "step": step, **m})
+        return rows
+
+    def write_results(self, runs: list[Run]) -> None:
+        rows = self.rows(runs)
+
+        def write_csv(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
+                w.writeheader()
+                w.writerows({k: "" if r[k] is None else r[k] for k in RESULT_COLUMNS} for r in rows)
+
+        atomic_write(self.out / "results.csv", write_csv)
+        notes = {"fd_effnet": f"Fréchet distance of EfficientNet-Lite0 features (not FID), {self.cfg.num_eval_samples} samples "
+                              f"({self.cfg.sampler}, {self.cfg.num_sampling_steps} steps, cfg {self.cfg.cfg_scale}) against the reference set",
+                 "accuracy": "Fashion-MNIST classifier accuracy on the samples' labels",
+                 "gflops": "G multiply-adds per forward of one image", "params": "parameters"}  # fmt: skip
+        write_json(self.out / "results.json", {"study": asdict(self.cfg), "columns": notes, "rows": rows})
+        plot_results(rows, self.cfg, self.out)
+
+
+def run_study(cfg: StudyConfig) -> Path:
+    return Study(cfg).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+SIZE_COLORS = {"S": "tab:blue", "B": "tab:orange", "L": "tab:green", "XL": "tab:red"}
+PATCH_STYLES = {2: ("-", "o"), 4: ("--", "s"), 8: (":", "^")}
+BLOCK_COLORS = {"adaln_zero": "tab:red", "adaln": "tab:blue", "cross_attn": "tab:green", "in_context": "tab:purple"}
+UNET_STYLE = dict(color="black", linestyle="-.", marker="D")
+
+
+def _style(row: dict) -> dict:
+    if row["model"] == UNET:
+        return UNET_STYLE
+    size = row["model"].removeprefix("DiT-").partition("/")[0]
+    line, marker = PATCH_STYLES[row["patch"]]
+    return dict(color=SIZE_COLORS[size], linestyle=line, marker=marker)
+
+
+def _label(row: dict) -> str:
+    return f"U-Net ({row['gflops']:.3g} Gflops)" if row["model"] == UNET else row["model"]
+
+
+def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {}
+    for r in rows:
+        runs.setdefault(r["run"], []).append(r)
+    return runs
+
+
+def _metric_axes(plt, rows: list[dict], title: str):
+    """One panel for FD-EffNet, and one for accuracy when the data has it."""
+    metrics = ["fd_effnet"] + (["accuracy"] if any(r["accuracy"] is not None for r in rows) else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+    fig.suptitle(title)
+    return fig, list(zip(metrics, axes[0]))
+
+
+METRIC_LABELS = {"fd_effnet": "FD-EffNet (lower is better)", "accuracy": "class accuracy (higher is better)"}
+
+
+def _plot_over_steps(plt, runs: dict[str, list[dict]], title: str, style, path: Path) -> None:
+    rows = [r for rs in runs.values() for r in rs]
+    fig, panels = _metric_axes(plt, rows, title)
+    for metric, ax in panels:
+        for name, rs in runs.items():
+            ax.plot([r["step"] for r in rs], [np.nan if r[metric] is None else r[metric] for r in rs], label=style(rs[0])[1], **style(rs[0])[0])
+        ax.set_xlabel("training steps")
+        ax.set_ylabel(METRIC_LABELS[metric])
+        ax.grid(alpha=0.3)
+    panels[0][1].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_results(rows: list[dict], cfg: StudyConfig, out: Path) -> list[Path]:
+    """fd_vs_steps.png (Figures 2 and 6), fd_vs_gflops.png (Figure 8), blocks.png (Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = _by_run(rows)
+    written = []
+    grid = {n: rs for n, rs in runs.items() if rs[0]["model"] == UNET or (rs[0]["block"] == "adaln_zero" and rs[0]["model"] in cfg.models)}
+    if grid:
+        path = out / "fd_vs_steps.png"
+        _plot_over_steps(plt, grid, f"Model size and patch size, {cfg.data_path}", lambda r: (_style(r), _label(r)), path)
+        written.append(path)
+        finals = [rs[-1] for rs in grid.values()]
+        fig, panels = _metric_axes(plt, finals, f"Quality against forward Gflops at the last evaluated step, {cfg.data_path}")
+        for metric, ax in panels:
+            for r in finals:
+                if r[metric] is None:
+                    continue
+                s = _style(r)
+                ax.scatter(r["gflops"], r[metric], color=s["color"], marker=s["marker"], s=50, zorder=3)
+                ax.annotate(f"{_label(r).split(' (')[0]} @{r['step']}", (r["gflops"], r[metric]), textcoords="offset points", xytext=(5, 4), fontsize="small")
+            ax.set_xscale("log")
+            ax.set_xlabel("Gflops (G multiply-adds per image)")
+            ax.set_ylabel(METRIC_LABELS[metric])
+            ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = out / "fd_vs_gflops.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    blocks = {n: rs for n, rs in runs.items() if rs[0]["model"] == cfg.block_model}  # adaLN-Zero too, when it came from the grid
+    if cfg.blocks and blocks:
+        path = out / "blocks.png"
+        style = lambda r: (dict(color=BLOCK_COLORS[r["block"]], marker="o"), f"{r['block']} ({r['gflops']:.3g} Gflops)")  # noqa: E731
+        _plot_over_steps(plt, blocks, f"Conditioning blocks at {cfg.block_model}, {cfg.data_path}", style, path)
+        written.append(path)
+    return written
