@@ -638,7 +638,7 @@ def _classifier_input(images: np.ndarray, device: torch.device | str) -> torch.T
     return _to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
 
 
-def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 5, batch_size: int = 128, lr: float = 2e-3,
+def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,
                      seed: int = 0, log: Callable[[str], None] = print) -> float:  # fmt: skip
     """Train FashionClassifier on the Fashion-MNIST training split (random flips and +-2 px
     shifts), save it to `out` (safetensors, test accuracy in its metadata) and return the test
@@ -798,7 +798,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         if samples.labels is None:
             skipped.append("accuracy: the samples have no labels")
         elif samples.shape[1:] != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
-            skipped.append(f"accuracy: the classifier takes 32x32 gray Fashion-MNIST images (10 classes), the samples are {'x'.join(map(str, samples.shape[1:]))}")
+            got = f"{'x'.join(map(str, samples.shape[1:]))} with class ids up to {samples.labels.max()}"
+            skipped.append(f"accuracy: the classifier takes 32x32x1 Fashion-MNIST images (class ids 0-9), the samples are {got}")
         else:
             classifier, _ = load_classifier()
     metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device)
