@@ -1,0 +1,26 @@
+"""Write a training checkpoint's EMA weights as the model bundled with ditkit.
+
+    ditkit train --config fmnist-cpu
+    python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0000900.pt
+
+The bundled config.json carries the sampling settings `ditkit sample` uses for it by default.
+"""
+
+import argparse
+from pathlib import Path
+
+from ditkit.checkpoints import read_checkpoint, save_pretrained
+from ditkit.generate import BUNDLED
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="a ditkit training checkpoint (its EMA weights are taken)")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--out", default=str(BUNDLED))
+    args = p.parse_args()
+    state, config = read_checkpoint(args.ckpt)
+    sampling = {"sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale}
+    folder = save_pretrained(state, config, args.out, extra={"source": Path(args.ckpt).as_posix(), "sampling": sampling})
+    print(f"wrote {folder} ({sum(v.numel() for v in state.values()):,} parameters)")
