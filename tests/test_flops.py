@@ -50,6 +50,7 @@ def test_cross_attention_costs_about_15_percent_more():  # the paper's words in 
     assert 1.14 < ratio < 1.17
 
 
+@pytest.mark.skipif(not MANIFEST.exists(), reason="shared/reference is not beside the repo")
 def test_params_equal_official_manifest():
     manifest = json.loads(MANIFEST.read_text())
     assert len(manifest) == 13
