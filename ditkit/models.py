@@ -22,8 +22,25 @@ PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL"
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 
 
+class DataShape:
+    """What the trainer and the samplers read off any network config (a DiT's, the U-Net's)."""
+
+    in_channels: int
+    num_classes: int
+    learn_sigma: bool
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (classifier-free guidance)."""
+        return self.num_classes
+
+
 @dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(DataShape):
     """Hyper-parameters of a DiT; names follow the official `DiT.__init__`."""
 
     input_size: int = 32
@@ -56,15 +73,6 @@ class DiTConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1), got {self.class_dropout_prob}.")
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def null_class(self) -> int:
-        """The label that means "no class" (classifier-free guidance)."""
-        return self.num_classes
 
     @staticmethod
     def from_preset(name: str, **overrides) -> "DiTConfig":

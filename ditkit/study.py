@@ -45,7 +45,7 @@ from .data import build_dataset, is_latent_store
 from .diffusion import GaussianDiffusion
 from .flops import count_macs, measure
 from .generate import resolve_device, to_uint8
-from .models import BLOCKS, PRESET_SIZES, PRESETS, DiT, DiTConfig
+from .models import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiT, DiTConfig
 from .sampling import SAMPLERS, sample
 from .train import TrainConfig, Trainer, checkpoint_steps, latest_checkpoint
 
@@ -131,7 +131,7 @@ def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) ->
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DataShape):
     """A class-conditional UNet2DModel laid out as ADM's: `levels` resolutions with channel
     multipliers (1, 2, 2, ...), two ResNet blocks per level, self-attention at every level but the
     first and in the middle block, the class embedding added to the time embedding. Data fields
@@ -144,14 +144,6 @@ class UNetConfig:
     class_dropout_prob: float = 0.1
     base_channels: int = 64
     layers_per_block: int = 2
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
 
     @property
     def levels(self) -> int:
