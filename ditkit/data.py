@@ -449,19 +449,6 @@ class ExtractConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(choices)}; pick one of those.")
 
 
-def _start_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether we started the process group): torchrun's group, or (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -499,35 +486,34 @@ def _create_store(out: Path, plan: dict) -> None:
 def run_extract(cfg: ExtractConfig) -> Path:
     from tqdm import tqdm
 
-    from .generate import VAE_SHORTHANDS, load_vae, resolve_device, vae_factor
+    from .distributed import setup_distributed
+    from .generate import VAE_SHORTHANDS, load_vae, vae_factor
 
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    out = Path(cfg.out)
-    if is_latent_store(Path(cfg.data_path)):
-        raise ValueError(f"{cfg.data_path} is already a latent store; pass an image folder or a named dataset.")
-    dataset = build_dataset(cfg.data_path, cfg.image_size, channels=3, split=cfg.split, flip=False, on_bad_image=cfg.on_bad_image)  # fmt: skip
-    vae = load_vae(cfg.vae, device)
-    if vae.config.in_channels != dataset.channels:
-        dataset = build_dataset(cfg.data_path, cfg.image_size, channels=vae.config.in_channels, split=cfg.split, flip=False, on_bad_image=cfg.on_bad_image)  # fmt: skip
-    factor, size = vae_factor(vae), dataset.image_size
-    if size % factor:
-        raise ValueError(f"image size {size} is not divisible by the VAE's downsampling factor {factor}; use --image-size {max(factor, size // factor * factor)} or another multiple of {factor}.")
-    vae_name = VAE_SHORTHANDS.get(cfg.vae, cfg.vae)
-    plan = {
-        "format": STORE_FORMAT, "version": 1, "num_images": len(dataset),
-        "latent_shape": [vae.config.latent_channels, size // factor, size // factor],
-        "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
-        "image_size": size, "image_channels": dataset.channels,
-        "vae": str(Path(vae_name).resolve()) if Path(vae_name).exists() else vae_name,
-        "scaling_factor": float(vae.config.scaling_factor), "dtype": cfg.dtype,
-        "data": str(Path(cfg.data_path).resolve()) if Path(cfg.data_path).exists() else cfg.data_path,
-        "split": cfg.split, "contents": "mean.npy, logvar.npy: (N, 2, C, h, w), [:, 0] the image, [:, 1] its mirror; labels.npy: (N,)",
-    }  # fmt: skip
+    d = setup_distributed(cfg.device)
+    device, rank, world, started = d.device, d.rank, d.world, d.started
+    try:  # the group is destroyed however this ends
+        out = Path(cfg.out)
+        if is_latent_store(Path(cfg.data_path)):
+            raise ValueError(f"{cfg.data_path} is already a latent store; pass an image folder or a named dataset.")
+        dataset = build_dataset(cfg.data_path, cfg.image_size, channels=3, split=cfg.split, flip=False, on_bad_image=cfg.on_bad_image)  # fmt: skip
+        vae = load_vae(cfg.vae, device)
+        if vae.config.in_channels != dataset.channels:
+            dataset = build_dataset(cfg.data_path, cfg.image_size, channels=vae.config.in_channels, split=cfg.split, flip=False, on_bad_image=cfg.on_bad_image)  # fmt: skip
+        factor, size = vae_factor(vae), dataset.image_size
+        if size % factor:
+            raise ValueError(f"image size {size} is not divisible by the VAE's downsampling factor {factor}; use --image-size {max(factor, size // factor * factor)} or another multiple of {factor}.")
+        vae_name = VAE_SHORTHANDS.get(cfg.vae, cfg.vae)
+        plan = {
+            "format": STORE_FORMAT, "version": 1, "num_images": len(dataset),
+            "latent_shape": [vae.config.latent_channels, size // factor, size // factor],
+            "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
+            "image_size": size, "image_channels": dataset.channels,
+            "vae": str(Path(vae_name).resolve()) if Path(vae_name).exists() else vae_name,
+            "scaling_factor": float(vae.config.scaling_factor), "dtype": cfg.dtype,
+            "data": str(Path(cfg.data_path).resolve()) if Path(cfg.data_path).exists() else cfg.data_path,
+            "split": cfg.split, "contents": "mean.npy, logvar.npy: (N, 2, C, h, w), [:, 0] the image, [:, 1] its mirror; labels.npy: (N,)",
+        }  # fmt: skip
 
-    rank, world, started = _start_distributed(device)
-    try:
         resume = _check_out(out, plan)  # every rank checks before anyone writes
         _barrier(world)
         if rank == 0 and not resume:

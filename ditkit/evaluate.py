@@ -871,29 +871,16 @@ class SampleNpzConfig:
             raise ValueError(f"--out {self.out} must end in .npz; the ADM evaluator reads .npz files.")
 
 
-def _dist_env() -> tuple[int, int, int]:
-    """(world size, rank, local rank) from torchrun's environment; (1, 0, 0) without it."""
-    return int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _rank_device(name: str, local_rank: int) -> str:
-    """One GPU per process under torchrun: auto and cuda become cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if name == "cuda" else name
-
-
 def run_sample_npz(cfg: SampleNpzConfig) -> Path:
     import torch.distributed as dist
 
-    world, rank, local_rank = _dist_env()
-    if cfg.num_samples < world:
-        raise ValueError(f"--num-samples {cfg.num_samples} is fewer than the {world} processes; ask for at least one sample per process.")
-    created = world > 1 and not dist.is_initialized()
-    device = _rank_device(cfg.device, local_rank)
-    if created:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    from .distributed import setup_distributed
+
+    d = setup_distributed(cfg.device)
+    world, rank, device = d.world, d.rank, str(d.device)
     try:
+        if cfg.num_samples < world:
+            raise ValueError(f"--num-samples {cfg.num_samples} is fewer than the {world} processes; ask for at least one sample per process.")
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py
         torch.backends.cudnn.allow_tf32 = True
         gen = load_generator(replace(cfg, device=device))
@@ -921,7 +908,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
                   f"({gen.sampler}, {gen.steps} steps, cfg {gen.cfg_scale}) in {elapsed:.1f}s, {n / elapsed:.1f} img/s")  # fmt: skip
         return out
     finally:
-        if created:
+        if d.started:
             dist.destroy_process_group()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import atomic_write, read_pt, save_pretrained
 from .data import BAD_IMAGE_ACTIONS, build_dataset
+from .distributed import Dist, setup_distributed
 from .diffusion import GaussianDiffusion
 from .models import PRESETS, DiT, DiTConfig, LabelEmbedder
 
@@ -100,36 +100,6 @@ class TrainConfig:
 
 
 # -- distributed -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    started: bool
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_name: str) -> Dist:
-    """torchrun's process group (NCCL on GPU, gloo on CPU), or a single process.
-    The GPU comes from LOCAL_RANK, never the global rank, so many nodes work."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available; use --device cpu.")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        return Dist(dist.get_rank(), dist.get_world_size(), device, True)
-    if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), device, False)
-    return Dist(0, 1, device, False)
-
-
 def broadcast_object(obj, d: Dist):
     if d.world == 1:
         return obj

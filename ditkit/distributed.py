@@ -1,0 +1,45 @@
+"""torchrun process groups, shared by training, latent extraction and sample-npz."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    started: bool  # this process created the group and should destroy it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> Dist:
+    """torchrun's process group (NCCL on GPU, gloo on CPU), or a single process.
+    The GPU comes from LOCAL_RANK, never the global rank, so many nodes work; an explicit
+    cuda:N is kept as given."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name} was asked for but no CUDA GPU is available; use --device cpu.")
+    if not cuda:
+        device = torch.device("cpu")
+    elif device_name.startswith("cuda:"):
+        device = torch.device(device_name)
+    else:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        return Dist(dist.get_rank(), dist.get_world_size(), device, True)
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), device, False)
+    return Dist(0, 1, device, False)
