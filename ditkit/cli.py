@@ -27,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+def option(text: str, **kw) -> dict:
+    """Metadata of a config field: its --help text, plus argparse extras (choices, aliases)."""
+    return {"help": text, **kw}
+
+
 def _unwrap(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) for `X | None`."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):

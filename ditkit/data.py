@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .cli import option as _h
+
 # torchvision's IMG_EXTENSIONS: the files ImageFolder (and so the official train.py) reads.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 OFFICIAL_IMAGE_SIZE = 256  # the official train.py's --image-size default
@@ -411,9 +413,6 @@ def build_dataset(data_path: str | Path, image_size: int | None = None, channels
 # --------------------------------------------------------------------------------------------
 # ditkit extract
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 STORE_DTYPES = ("float32", "float16")

@@ -40,6 +40,7 @@ from scipy.special import log_softmax, logsumexp
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write
+from .cli import option as _h
 from .data import FASHION_MNIST_CLASSES, NAMED
 from .generate import SampleConfig, load_generator, resolve_device, to_uint8
 
@@ -58,9 +59,6 @@ TRAIN_SHIFT = 2  # classifier augmentation: shifts up to the 2-px black border o
 DATASET_SPEC = re.compile(r"^(fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
 CACHE_VERSION = 1  # bump when feature preprocessing changes: old reference statistics are then ignored
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 def cache_dir(explicit: str | Path | None = None) -> Path:

@@ -18,6 +18,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .cli import option as _h
 from .models import BLOCKS, PRESETS, DiT, DiTConfig
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
@@ -121,9 +122,6 @@ def measure_preset(name: str, **overrides) -> Cost:
     """`measure` of a paper preset ("DiT-XL/2") with any config field overridden."""
     return measure(DiTConfig.from_preset(name, **overrides), name)
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from .checkpoints import CONFIG_NAME, load_model
+from .cli import option as _h
 from .diffusion import GaussianDiffusion
 from .models import DiT, DiTConfig
 from .sampling import PRECISIONS, SAMPLERS, check_labels, sample
@@ -24,9 +25,6 @@ IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 # Sampling settings of the official sample.py, used unless a flag or the model's config says otherwise.
 OFFICIAL_SAMPLING = {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0}
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 @dataclass(frozen=True)

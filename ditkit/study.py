@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write, read_pt
+from .cli import option as _h
 from .data import build_dataset, is_latent_store
 from .diffusion import GaussianDiffusion
 from .flops import count_macs, measure
@@ -54,9 +55,6 @@ RESULT_COLUMNS = ("run", "model", "block", "patch", "params", "gflops", "step", 
 # Settings that may change between invocations of one study: which runs exist, and how they run.
 FREE_SETTINGS = ("out", "models", "blocks", "unet", "device", "num_workers", "log_every")
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import atomic_write, read_pt, save_pretrained
+from .cli import option as _h
 from .data import BAD_IMAGE_ACTIONS, build_dataset
 from .distributed import Dist, setup_distributed
 from .diffusion import GaussianDiffusion
@@ -33,9 +34,6 @@ from .models import PRESETS, DiT, DiTConfig, LabelEmbedder
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 
-
-def _h(text: str, **kw) -> dict:
-    return {"help": text, **kw}
 
 
 @dataclass(frozen=True)
