@@ -324,6 +324,8 @@ def check_settings(cfg: StudyConfig) -> None:
     now = json.loads(json.dumps(asdict(cfg)))  # tuples as the lists the file holds
     if saved is not None:
         changed = [k for k in now if k not in FREE_SETTINGS and k in saved and saved[k] != now[k]]
+        if changed == ["steps"] and now["steps"] > saved["steps"]:
+            changed = []  # a bigger budget extends every run from its last checkpoint (lr is flat after warm-up)
         if changed:
             diff = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
             raise ValueError(f"{cfg.out} was started with other settings ({diff}); use the same settings to continue it, or a new --out.")

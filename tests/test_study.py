@@ -115,12 +115,21 @@ def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
     changed = {k for k, t in checkpoint_times(out).items() if times.get(k) != t}
     assert changed == {str(p.relative_to(out)) for p in run_dir.glob("*/checkpoints/0000004.pt")}
 
-    # A study folder keeps its settings; which runs it holds may change.
-    with pytest.raises(ValueError, match="steps: 4 -> 6"):
-        study.run_study(StudyConfig(**{**TINY, "steps": 6}, out=str(out)))
+    # A study folder keeps its settings; which runs it holds may change, and its budget may grow.
+    with pytest.raises(ValueError, match="steps: 4 -> 2"):
+        study.run_study(StudyConfig(**{**TINY, "steps": 2}, out=str(out)))
+    with pytest.raises(ValueError, match="lr: 0.0001 -> 0.001"):
+        study.run_study(StudyConfig(**{**TINY, "steps": 6, "lr": 1e-3}, out=str(out)))
     CountingTrainer.made = []
     study.run_study(StudyConfig(**{**TINY, "blocks": (), "unet": False}, out=str(out)))
     assert CountingTrainer.made == []
+    CountingTrainer.made = []
+    study.run_study(StudyConfig(**{**TINY, "blocks": (), "unet": False, "steps": 6}, out=str(out)))
+    assert sorted(CountingTrainer.made) == [("DiT-S-2-adaln_zero", "latest", 4), ("DiT-S-4-adaln_zero", "latest", 4)]
+    longer = {(r["run"], int(r["step"])): r for r in read_rows(out)}
+    assert set(longer) == {(run, s) for run in RUNS[:2] for s in (2, 4, 6)}
+    for key in by.keys() & longer.keys():  # the scores already taken are kept
+        assert longer[key]["fd_effnet"] == by[key]["fd_effnet"], key
 
 
 def test_study_config_rejects_bad_settings():
