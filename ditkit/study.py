@@ -73,7 +73,7 @@ class StudyConfig:
     unet_match: str = field(default="DiT-S/2", metadata=_h("the U-Net's width is chosen so that its Gflops match this preset's (after the divisors)", choices=PRESETS))
     width_divisor: int = field(default=1, metadata=_h("divide every preset's hidden size by this (head count kept, so heads get narrower): a CPU-sized grid with the presets' ratios"))
     depth_divisor: int = field(default=1, metadata=_h("divide every preset's depth by this (rounded, at least 1 block)"))
-    steps: int = field(default=5000, metadata=_h("training steps of every run: the fixed budget"))
+    steps: int = field(default=5000, metadata=_h("training steps of every run: the fixed budget (raise it to extend a finished study)"))
     eval_every: int = field(default=1000, metadata=_h("checkpoint and evaluate every N steps (and at the last step)"))
     num_eval_samples: int = field(default=2000, metadata=_h("samples per evaluation; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)"))
     sampler: str = field(default="ddim", metadata=_h("sampler for the evaluation samples", choices=tuple(SAMPLERS)))
