@@ -1,7 +1,8 @@
 """Write a training checkpoint's EMA weights as the model bundled with ditkit.
 
-    ditkit train --config fmnist-cpu
-    python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0000900.pt
+    ditkit train --config fmnist-cpu --max-steps 1500
+    ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile
+    python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt
 
 The bundled config.json carries the sampling settings `ditkit sample` uses for it by default.
 """
@@ -16,8 +17,8 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="a ditkit training checkpoint (its EMA weights are taken)")
     p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--out", default=str(BUNDLED))
     args = p.parse_args()
     state, config = read_checkpoint(args.ckpt)
