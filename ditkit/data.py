@@ -414,7 +414,6 @@ def build_dataset(data_path: str | Path, image_size: int | None = None, channels
 # ditkit extract
 
 
-
 STORE_DTYPES = ("float32", "float16")
 
 

@@ -60,7 +60,6 @@ DATASET_SPEC = re.compile(r"^(fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
 CACHE_VERSION = 1  # bump when feature preprocessing changes: old reference statistics are then ignored
 
 
-
 def cache_dir(explicit: str | Path | None = None) -> Path:
     if explicit is not None:
         return Path(explicit)

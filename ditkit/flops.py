@@ -123,7 +123,6 @@ def measure_preset(name: str, **overrides) -> Cost:
     return measure(DiTConfig.from_preset(name, **overrides), name)
 
 
-
 @dataclass(frozen=True)
 class FlopsConfig:
     """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs."""

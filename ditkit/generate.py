@@ -26,7 +26,6 @@ IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 OFFICIAL_SAMPLING = {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0}
 
 
-
 @dataclass(frozen=True)
 class SampleConfig:
     """Sample a DiT checkpoint to a PNG grid (the bundled Fashion-MNIST model by default)."""

@@ -35,7 +35,6 @@ from .models import PRESETS, DiT, DiTConfig, LabelEmbedder
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
 
 
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
