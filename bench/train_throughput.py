@@ -18,7 +18,8 @@ from dataclasses import replace
 import torch
 
 from ditkit.flops import measure
-from ditkit.train import TrainConfig, Trainer
+from ditkit.config import TrainConfig
+from ditkit.train import Trainer
 
 # Official DiT code on one H100 (anchors.md): (model, batch, precision) -> images/s.
 OFFICIAL_H100 = {

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from .models import PRESET_SIZES, DiT, DiTConfig
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+META_KEYS = ("objective", "sampling")  # what a ditkit checkpoint records beside the model config
 
 
 def read_pt(path: str | Path) -> dict:
@@ -45,9 +46,24 @@ def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfig | None]:
-    """(state_dict, config) from any supported format; config is None for official `.pt` files
-    (it is then read off the shapes)."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint file holds: the weights, the model config (None for official files, whose
+    config is read off the shapes) and what ditkit records beside them ("objective", "sampling")."""
+
+    state: dict[str, torch.Tensor]
+    config: DiTConfig | None
+    meta: dict
+    path: Path
+
+    @property
+    def official(self) -> bool:
+        return self.path.suffix == ".pt" and self.config is None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Any supported format: a ditkit model folder (or its .safetensors), a ditkit training
+    checkpoint (its EMA weights), an official DiT or SiT .pt (raw, or a training dict's EMA)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
@@ -60,19 +76,22 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], DiTConfi
             state = load_file(str(weights))
         except Exception as e:
             raise ValueError(f"cannot read {weights}: not a valid safetensors file ({e}); re-export the model.") from None
-        config = None
+        config, meta = None, {}
         if config_file.exists():
-            config = config_from_dict(json.loads(config_file.read_text()))
-        return state, config
+            saved = json.loads(config_file.read_text())
+            config = config_from_dict(saved)
+            meta = {k: saved[k] for k in META_KEYS if k in saved}
+        return Checkpoint(state, config, meta, path)
     obj = read_pt(path)
     saved = config_from_dict(obj["model_config"]) if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) else None
+    meta = {k: obj[k] for k in META_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)}
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} is not a DiT checkpoint: it holds no state dict of tensors.")
-    return obj, saved  # ditkit training checkpoints carry their model config
+    return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
 def config_from_dict(d: dict) -> DiTConfig:
@@ -133,15 +152,15 @@ def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | Path, config: DiTConfig | None = None) -> DiT:
+def load_model(path: str | Path | Checkpoint, config: DiTConfig | None = None) -> DiT:
     """A DiT with the checkpoint's weights: `config` if given, else the checkpoint's own config
     (ditkit format) or the config read off its shapes (official files)."""
-    state, saved = read_checkpoint(path)
-    config = config or saved or infer_config(state)
+    ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+    config = config or ck.config or infer_config(ck.state)
     if config is None:
-        raise ValueError(f"{path} is not a DiT checkpoint: no DiT parameters were found in it.")
+        raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
     model = DiT(config)
-    load_state_strict(model, state, source=f"checkpoint {path}")
+    load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()
 
 

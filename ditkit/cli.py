@@ -1,6 +1,7 @@
 """The `ditkit` command. Each subcommand's flags map one-to-one onto the fields of a frozen
-config dataclass (the field's `help` metadata is its --help text); `--config FILE.toml` or
-`.json` supplies the same fields from a file, and flags given on the command line win."""
+config dataclass in ditkit.config (the field's `help` metadata is its --help text);
+`--config FILE.toml` or `.json` supplies the same fields from a file, and flags given on the
+command line win. Configs are imported at parse time, the code that runs them only when it runs."""
 
 from __future__ import annotations
 
@@ -9,35 +10,23 @@ import dataclasses
 import json
 import sys
 import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable
 
-# name -> (module, config class, run function, one-line help); imported lazily so that
-# `ditkit --help` stays fast.
+from . import config
+from .config import _unwrap
+
+# name -> (config class, module and function that run it, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "sample": ("ditkit.generate", "SampleConfig", "run_sample", "sample a checkpoint to a PNG grid"),
-    "sample-npz": ("ditkit.evaluate", "SampleNpzConfig", "run_sample_npz", "sample N images into an ADM-evaluator .npz (torchrun for many processes)"),
-    "eval": ("ditkit.evaluate", "EvalConfig", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
-    "train": ("ditkit.train", "TrainConfig", "run_train", "train a DiT (torchrun for many processes)"),
-    "extract": ("ditkit.data", "ExtractConfig", "run_extract", "encode a dataset with the VAE into a latent store"),
-    "flops": ("ditkit.flops", "FlopsConfig", "run_flops", "the paper's params / Gflops table for DiT configs"),
-    "study": ("ditkit.study", "StudyConfig", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
+    "sample": ("SampleConfig", "ditkit.generate", "run_sample", "sample a checkpoint to a PNG grid"),
+    "sample-npz": ("SampleNpzConfig", "ditkit.generate", "run_sample_npz", "sample N images into an ADM-evaluator .npz (torchrun for many processes)"),
+    "eval": ("EvalConfig", "ditkit.eval.evaluate", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
+    "train": ("TrainConfig", "ditkit.train", "run_train", "train a DiT (torchrun for many processes)"),
+    "extract": ("ExtractConfig", "ditkit.data", "run_extract", "encode a dataset with the VAE into a latent store"),
+    "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
+    "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
 }
-
-
-def option(text: str, **kw) -> dict:
-    """Metadata of a config field: its --help text, plus argparse extras (choices, aliases)."""
-    return {"help": text, **kw}
-
-
-def _unwrap(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) for `X | None`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -88,11 +77,7 @@ def build_config(cls: type, values: dict) -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(names))}.")
-    hints = typing.get_type_hints(cls)
-    for k, v in values.items():  # lists from TOML/JSON become tuples for tuple fields
-        if isinstance(v, list) and typing.get_origin(_unwrap(hints[k])[0]) is tuple:
-            values[k] = tuple(v)
-    return cls(**values)
+    return cls(**values)  # validated (types, ranges) by the config itself
 
 
 def parse_config(cls: type, args: argparse.Namespace) -> Any:
@@ -101,19 +86,22 @@ def parse_config(cls: type, args: argparse.Namespace) -> Any:
     return build_config(cls, values)
 
 
-def _resolve(command: str) -> tuple[type, Callable]:
+def _config_class(command: str) -> type:
+    return getattr(config, COMMANDS[command][0])
+
+
+def _runner(command: str) -> Callable:
     import importlib
 
-    module_name, cls_name, fn_name, _ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), getattr(module, fn_name)
+    _, module_name, fn_name, _ = COMMANDS[command]
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, _, help_text) in COMMANDS.items():
-        cls, _ = _resolve(name)
+        cls = _config_class(name)
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
         p.add_argument("--config", help="TOML or JSON file with the same settings, or a recipe name (flags win)")
         add_config_arguments(p, cls)
@@ -122,10 +110,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    cls, run = _resolve(args.command)
     try:
-        config = parse_config(cls, args)
-        result = run(config)
+        cfg = parse_config(_config_class(args.command), args)
+        result = _runner(args.command)(cfg)
     except KeyboardInterrupt:
         print("ditkit: interrupted; what was already written is kept.", file=sys.stderr)
         return 130

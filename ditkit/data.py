@@ -32,13 +32,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .cli import option as _h
+from .config import BAD_IMAGE_ACTIONS, SPLITS, ExtractConfig
 
 # torchvision's IMG_EXTENSIONS: the files ImageFolder (and so the official train.py) reads.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 OFFICIAL_IMAGE_SIZE = 256  # the official train.py's --image-size default
-SPLITS = ("train", "test")
-BAD_IMAGE_ACTIONS = ("skip", "stop")
 # What PIL raises for unreadable, truncated or absurdly large files.
 BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -414,39 +412,6 @@ def build_dataset(data_path: str | Path, image_size: int | None = None, channels
 # ditkit extract
 
 
-STORE_DTYPES = ("float32", "float16")
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Encode every image and its mirror image with the VAE into a latent store (posterior mean and
-    log-variance). Training reads the store like any data path and draws a fresh sample of each
-    latent every epoch. Under torchrun, each process encodes its share; an interrupted run
-    resumes when started again with the same settings."""
-
-    data_path: str | None = field(default=None, metadata=_h("image folder or named dataset (fashion-mnist, mnist, digits)", aliases=("--data",)))
-    image_size: int | None = field(default=None, metadata=_h("image size in pixels, a multiple of the VAE's factor (default: 256 for folders, the dataset's own for named ones)"))
-    split: str = field(default="train", metadata=_h("split of a named dataset", choices=SPLITS))
-    vae: str = field(default="ema", metadata=_h("AutoencoderKL folder or hub id; 'ema'/'mse' = stabilityai/sd-vae-ft-*"))
-    batch_size: int = field(default=32, metadata=_h("images per process per VAE call (each goes with its mirror image)"))
-    num_workers: int = field(default=4, metadata=_h("data-loading processes per process"))
-    dtype: str = field(default="float32", metadata=_h("storage type of the latents; float16 halves the disk space", choices=STORE_DTYPES))
-    on_bad_image: str = field(default="skip", metadata=_h("unreadable image: skip it (use the next one) or stop", choices=BAD_IMAGE_ACTIONS))
-    device: str = field(default="auto", metadata=_h("cpu, cuda, cuda:N, or auto (under torchrun: the process's local GPU)"))
-    out: str = field(default="latents", metadata=_h("output folder of the latent store"))
-
-    def __post_init__(self):
-        if not self.data_path:
-            raise ValueError(f"no data given; pass --data-path with an image folder or a named dataset ({', '.join(NAMED)}).")
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}.")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers must be 0 or more, got {self.num_workers}.")
-        for name, choices in (("split", SPLITS), ("dtype", STORE_DTYPES), ("on_bad_image", BAD_IMAGE_ACTIONS)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is not one of {', '.join(choices)}; pick one of those.")
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -484,8 +449,8 @@ def _create_store(out: Path, plan: dict) -> None:
 def run_extract(cfg: ExtractConfig) -> Path:
     from tqdm import tqdm
 
-    from .distributed import setup_distributed
-    from .generate import VAE_SHORTHANDS, load_vae, vae_factor
+    from .parallel import setup_distributed
+    from .pipeline import VAE_SHORTHANDS, load_vae, vae_factor
 
     d = setup_distributed(cfg.device)
     device, rank, world, started = d.device, d.rank, d.world, d.started

@@ -11,15 +11,15 @@ work (norms, softmax, modulation, gates) is not counted; the counts sit a hair u
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .cli import option as _h
-from .models import BLOCKS, PRESETS, DiT, DiTConfig
+from .config import FlopsConfig
+from .models import DiT, DiTConfig
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -31,9 +31,6 @@ PAPER_GFLOPS = {
 # Figure 5 of the paper: the four block designs, each on DiT-XL/2 at 256 px.
 PAPER_BLOCK_GFLOPS = {"in_context": 119.4, "cross_attn": 137.6, "adaln": 118.6, "adaln_zero": 118.6}
 PAPER_INPUT_SIZE, PAPER_IN_CHANNELS = 32, 4
-# Downsampling of the Stable Diffusion VAE the paper uses; only turns --image-size into a latent
-# size here (sampling reads the factor from the loaded VAE).
-SD_VAE_FACTOR = 8
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -121,50 +118,6 @@ def measure(config: DiTConfig, name: str = "custom") -> Cost:
 def measure_preset(name: str, **overrides) -> Cost:
     """`measure` of a paper preset ("DiT-XL/2") with any config field overridden."""
     return measure(DiTConfig.from_preset(name, **overrides), name)
-
-
-@dataclass(frozen=True)
-class FlopsConfig:
-    """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs."""
-
-    model: tuple[str, ...] = field(default=PRESETS, metadata=_h("presets to count", aliases=("--models",)))
-    image_size: int = field(default=256, metadata=_h("image size in pixels; 4-channel latent models see image_size/8"))
-    input_size: int | None = field(default=None, metadata=_h("the model's input size (latent or pixels), overriding --image-size"))
-    in_channels: int = field(default=4, metadata=_h("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models"))
-    num_classes: int = field(default=1000, metadata=_h("number of classes"))
-    block: tuple[str, ...] = field(default=("adaln_zero",), metadata=_h(f"block design(s): {', '.join(BLOCKS)}"))
-    json: bool = field(default=False, metadata=_h("print a JSON list instead of the table"))
-
-    def __post_init__(self):
-        if not self.model:
-            raise ValueError(f"--model needs at least one preset; choose from {', '.join(PRESETS)}.")
-        unknown = [m for m in self.model if m not in PRESETS]
-        if unknown:
-            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}.")
-        if not self.block:
-            raise ValueError(f"--block needs at least one design; choose from {', '.join(BLOCKS)}.")
-        bad = [b for b in self.block if b not in BLOCKS]
-        if bad:
-            raise ValueError(f"unknown block design(s) {', '.join(bad)}; choose from {', '.join(BLOCKS)}.")
-        for name in ("image_size", "input_size", "in_channels", "num_classes"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}.")
-        if self.input_size is None and self.latent and self.image_size % SD_VAE_FACTOR:
-            raise ValueError(
-                f"image size {self.image_size} is not divisible by the VAE's factor {SD_VAE_FACTOR}; "
-                f"use a multiple of {SD_VAE_FACTOR} or give --input-size."
-            )
-
-    @property
-    def latent(self) -> bool:
-        return self.in_channels not in (1, 3)
-
-    @property
-    def resolved_input_size(self) -> int:
-        if self.input_size is not None:
-            return self.input_size
-        return self.image_size // SD_VAE_FACTOR if self.latent else self.image_size
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:

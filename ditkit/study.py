@@ -41,14 +41,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoints import atomic_write, read_pt
-from .cli import option as _h
+from .config import DiTConfig, StudyConfig, TrainConfig, UNetConfig, scaled_sizes
 from .data import build_dataset, is_latent_store
-from .diffusion import GaussianDiffusion
 from .flops import count_macs, measure
-from .generate import resolve_device, to_uint8
-from .models import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiT, DiTConfig
-from .sampling import SAMPLERS, sample
-from .train import TrainConfig, Trainer, checkpoint_steps, latest_checkpoint
+from .models import DiT
+from .models.unet import UNetBaseline
+from .objectives import GaussianDiffusion
+from .pipeline import Pipeline, Sampling, resolve_device, to_uint8
+from .train import Trainer, checkpoint_steps, latest_checkpoint
 
 UNET = "U-Net"
 RESULT_COLUMNS = ("run", "model", "block", "patch", "params", "gflops", "step", "fd_effnet", "accuracy")
@@ -57,136 +57,8 @@ FREE_SETTINGS = ("out", "models", "blocks", "unet", "device", "num_workers", "lo
 
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    """Train a grid of DiT configs (model size x patch size, the four block designs, a U-Net
-    baseline) for a fixed budget each, score each checkpoint offline (FD-EffNet and, on
-    Fashion-MNIST, class accuracy) and plot the paper's scaling figures. Resumable: run the same
-    command again after an interruption."""
-
-    out: str = field(default="study", metadata=_h("study folder: runs, results.csv/json and plots"))
-    data_path: str = field(default="fashion-mnist", metadata=_h("pixel-space data: fashion-mnist (32x32, so p = 2, 4, 8 divide), mnist, digits or an image folder"))
-    models: tuple[str, ...] = field(default=("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8"), metadata=_h("presets of the size x patch grid (adaLN-Zero blocks)"))
-    blocks: tuple[str, ...] = field(default=BLOCKS, metadata=_h(f"block designs compared at --block-model (Figure 5): {', '.join(BLOCKS)}"))
-    block_model: str = field(default="DiT-S/2", metadata=_h("preset the block designs are compared at (the paper: DiT-XL/2)", choices=PRESETS))
-    unet: bool = field(default=True, metadata=_h("also train a U-Net baseline (diffusers' UNet2DModel)"))
-    unet_match: str = field(default="DiT-S/2", metadata=_h("the U-Net's width is chosen so that its Gflops match this preset's (after the divisors)", choices=PRESETS))
-    width_divisor: int = field(default=1, metadata=_h("divide every preset's hidden size by this (head count kept, so heads get narrower): a CPU-sized grid with the presets' ratios"))
-    depth_divisor: int = field(default=1, metadata=_h("divide every preset's depth by this (rounded, at least 1 block)"))
-    steps: int = field(default=5000, metadata=_h("training steps of every run: the fixed budget (raise it to extend a finished study)"))
-    eval_every: int = field(default=1000, metadata=_h("checkpoint and evaluate every N steps (and at the last step)"))
-    num_eval_samples: int = field(default=2000, metadata=_h("samples per evaluation; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)"))
-    sampler: str = field(default="ddim", metadata=_h("sampler for the evaluation samples", choices=tuple(SAMPLERS)))
-    num_sampling_steps: int = field(default=50, metadata=_h("respaced sampling steps for the evaluation samples"))
-    cfg_scale: float = field(default=1.0, metadata=_h("classifier-free guidance scale of the evaluation samples (the paper's scaling figures: 1, none)"))
-    eval_batch_size: int = field(default=256, metadata=_h("samples per model batch when evaluating"))
-    global_batch_size: int = field(default=256, metadata=_h("training batch size"))
-    lr: float = field(default=1e-4, metadata=_h("AdamW learning rate (the paper's 1e-4)"))
-    warmup_steps: int = field(default=0, metadata=_h("linear learning-rate warm-up steps (the paper: none)"))
-    ema_decay: float = field(default=0.999, metadata=_h("EMA decay; the paper's 0.9999 averages ~10k steps and would score mostly the initial weights of short runs"))
-    seed: int = field(default=0, metadata=_h("seed of every run, and of the evaluation labels and noise"))
-    log_every: int = field(default=100, metadata=_h("log the loss (and move the progress bar) every N steps"))
-    num_workers: int = field(default=2, metadata=_h("data loader processes"))
-    device: str = field(default="auto", metadata=_h("cpu, cuda, cuda:N, or auto"))
-    precision: str = field(default="fp32", metadata=_h("training precision; evaluation samples in the same", choices=("fp32", "bf16")))
-
-    def __post_init__(self):
-        for name in ("width_divisor", "depth_divisor", "steps", "eval_every", "num_sampling_steps", "eval_batch_size", "global_batch_size", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        if self.num_eval_samples < 2:
-            raise ValueError(f"--num-eval-samples must be at least 2 (a covariance needs two samples), got {self.num_eval_samples}.")
-        for name in ("num_workers", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}.")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}.")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
-        unknown = [m for m in self.models if m not in PRESETS]
-        if unknown:
-            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}.")
-        bad = [b for b in self.blocks if b not in BLOCKS]
-        if bad:
-            raise ValueError(f"unknown block design(s) {', '.join(bad)}; choose from {', '.join(BLOCKS)}.")
-        if not (self.models or self.blocks or self.unet):
-            raise ValueError("the study has no runs; give --models, --blocks or --unet.")
-        for preset in {*self.models, self.block_model, self.unet_match}:
-            scaled_sizes(preset, self.width_divisor, self.depth_divisor)  # raises on sizes that do not divide
-
-
-def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:
-    """depth, hidden_size and num_heads of a preset after the study's divisors."""
-    depth, hidden, heads = PRESET_SIZES[preset.removeprefix("DiT-").partition("/")[0]]
-    if hidden % (width_divisor * heads):
-        raise ValueError(f"--width-divisor {width_divisor} does not divide {preset}'s hidden size {hidden} into {heads} equal heads; "
-                         f"use a divisor of {hidden // heads}.")  # fmt: skip
-    return {"depth": max(1, round(depth / depth_divisor)), "hidden_size": hidden // width_divisor, "num_heads": heads}
-
-
 # ---------------------------------------------------------------------------------------------
 # The U-Net baseline
-
-
-@dataclass(frozen=True)
-class UNetConfig(DataShape):
-    """A class-conditional UNet2DModel laid out as ADM's: `levels` resolutions with channel
-    multipliers (1, 2, 2, ...), two ResNet blocks per level, self-attention at every level but the
-    first and in the middle block, the class embedding added to the time embedding. Data fields
-    mirror DiTConfig's, so the Trainer and the samplers treat it as they treat a DiT."""
-
-    input_size: int
-    in_channels: int
-    num_classes: int
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1
-    base_channels: int = 64
-    layers_per_block: int = 2
-
-    @property
-    def levels(self) -> int:
-        """Resolutions down to 8 px or 4 px (3 at most): 32 -> 32, 16, 8; 8 -> 8, 4."""
-        return max(1, min(3, int(math.log2(self.input_size)) - 1))
-
-    @property
-    def block_out_channels(self) -> tuple[int, ...]:
-        return tuple(self.base_channels * min(2, 1 + i) for i in range(self.levels))
-
-    @classmethod
-    def from_dit(cls, c: DiTConfig, base_channels: int) -> "UNetConfig":
-        return cls(input_size=c.input_size, in_channels=c.in_channels, num_classes=c.num_classes, learn_sigma=c.learn_sigma,
-                   class_dropout_prob=c.class_dropout_prob, base_channels=base_channels)  # fmt: skip
-
-
-class UNetBaseline(nn.Module):
-    """UNet2DModel behind DiT's interface: forward(x, t, y) -> (N, C or 2C, H, W), y == num_classes
-    the null label (an extra embedding row whenever labels are dropped in training)."""
-
-    def __init__(self, config: UNetConfig):
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        self.config = c = config
-        if c.base_channels % 8:
-            raise ValueError(f"the U-Net's base width must be a multiple of 8 (its group norms), got {c.base_channels}.")
-        if c.input_size % 2 ** (c.levels - 1):
-            raise ValueError(f"a {c.levels}-level U-Net needs an input size divisible by {2 ** (c.levels - 1)}, got {c.input_size}.")
-        self.num_classes = c.num_classes
-        self.grad_checkpointing = False
-        attn = tuple(i > 0 for i in range(c.levels))
-        self.unet = UNet2DModel(
-            sample_size=c.input_size, in_channels=c.in_channels, out_channels=c.out_channels,
-            block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-            down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-            up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-            # Head width and group count only split the channels: the largest powers of two (up to
-            # ADM's 64 channels per head and 32 groups) that divide every level's width.
-            attention_head_dim=math.gcd(c.base_channels, 64), norm_num_groups=math.gcd(c.base_channels, 32),
-            class_embed_type=None, num_class_embeds=c.num_classes + int(c.class_dropout_prob > 0),
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.unet(x, t, class_labels=y).sample  # (N, C_out, H, W)
 
 
 def unet_cost(config: UNetConfig) -> tuple[int, int]:
@@ -339,7 +211,7 @@ def check_settings(cfg: StudyConfig) -> None:
 def reference_npz(cfg: StudyConfig, out: Path) -> Path:
     """The data's held-out images as an ADM .npz (named datasets: their test split; an image folder
     has none, so its own images), written once."""
-    from .evaluate import save_npz
+    from .eval.npz import save_npz
 
     path = out / "reference.npz"
     if path.exists():
@@ -360,7 +232,9 @@ class Scorer:
     compares runs at one sample count, where that bias is shared."""
 
     def __init__(self, cfg: StudyConfig, info: DataInfo, out: Path):
-        from .evaluate import EffNetFeatures, load_classifier, read_images, reference_features
+        from .eval.classifier import load_classifier
+        from .eval.features import EffNetFeatures, reference_features
+        from .eval.npz import read_images
 
         self.cfg, self.info = cfg, info
         self.device = resolve_device(cfg.device)
@@ -378,20 +252,22 @@ class Scorer:
     def images(self, model: nn.Module) -> np.ndarray:
         cfg, c = self.cfg, model.config
         model = model.to(self.device).eval()
-        diffusion = GaussianDiffusion(learn_sigma=c.learn_sigma)
+        sampling = Sampling(sampler=cfg.sampler, steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale, precision=cfg.precision)
+        pipe = Pipeline(model, GaussianDiffusion(learn_sigma=c.learn_sigma), sampling, device=self.device)
         noise_g = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same noise on every device
         g = torch.Generator(device=self.device).manual_seed(cfg.seed)  # DDPM's per-step noise
         out = []
         for i in tqdm(range(0, cfg.num_eval_samples, cfg.eval_batch_size), desc="eval samples", leave=False):
             y = torch.from_numpy(self.labels[i : i + cfg.eval_batch_size]).to(self.device)
             noise = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, generator=noise_g).to(self.device)
-            x = sample(model, diffusion, noise, y, sampler=cfg.sampler, steps=cfg.num_sampling_steps, cfg_scale=cfg.cfg_scale,
-                       generator=g, precision=cfg.precision, clip_denoised=True)  # fmt: skip  # pixels live in [-1, 1]
-            out.append(to_uint8(x))
+            out.append(to_uint8(pipe.images(y, noise=noise, generator=g)))  # pixel models: x0 clipped to [-1, 1]
         return np.concatenate(out)
 
     def score(self, model: nn.Module, samples_path: Path) -> dict[str, float | None]:
-        from .evaluate import FeatureStats, classifier_accuracy, extract, frechet_distance, read_images, save_npz
+        from .eval.classifier import classifier_accuracy
+        from .eval.features import extract
+        from .eval.metrics import FeatureStats, frechet_distance
+        from .eval.npz import read_images, save_npz
 
         save_npz(samples_path, arr_0=self.images(model), labels=self.labels)
         samples = read_images(samples_path)

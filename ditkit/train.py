@@ -16,7 +16,7 @@ import csv
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -26,83 +26,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import atomic_write, read_pt, save_pretrained
-from .cli import option as _h
-from .data import BAD_IMAGE_ACTIONS, build_dataset
-from .distributed import Dist, setup_distributed
-from .diffusion import GaussianDiffusion
-from .models import PRESETS, DiT, DiTConfig, LabelEmbedder
+from .config import DiTConfig, TrainConfig
+from .data import build_dataset
+from .models import DiT, LabelEmbedder
+from .objectives import build_objective
+from .parallel import broadcast_object, setup_distributed, shard
+from .pipeline import default_sampling
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
-
-    data_path: str = field(default="fashion-mnist", metadata=_h("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits"))
-    results_dir: str = field(default="results", metadata=_h("experiments are written to RESULTS_DIR/NNN-MODEL/"))
-    model: str = field(default="DiT-XL/2", metadata=_h("preset", choices=PRESETS))
-    depth: int | None = field(default=None, metadata=_h("override the preset's depth"))
-    hidden_size: int | None = field(default=None, metadata=_h("override the preset's hidden size"))
-    num_heads: int | None = field(default=None, metadata=_h("override the preset's head count"))
-    patch_size: int | None = field(default=None, metadata=_h("override the preset's patch size"))
-    block: str = field(default="adaln_zero", metadata=_h("conditioning design", choices=("adaln_zero", "adaln", "cross_attn", "in_context")))
-    learn_sigma: bool = field(default=True, metadata=_h("learn the variance (hybrid MSE + VB loss)"))
-    class_dropout_prob: float = field(default=0.1, metadata=_h("label dropout for classifier-free guidance"))
-    image_size: int | None = field(default=None, metadata=_h("image size in pixels (default: the dataset's own)"))
-    channels: int | None = field(default=None, metadata=_h("1 or 3 image channels (default: the dataset's own)"))
-    num_classes: int | None = field(default=None, metadata=_h("number of classes (default: the dataset's)"))
-    vae: str | None = field(default=None, metadata=_h("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
-    epochs: int = field(default=1400, metadata=_h("number of epochs"))
-    max_steps: int | None = field(default=None, metadata=_h("stop after this many steps"))
-    global_batch_size: int = field(default=256, metadata=_h("batch size summed over all processes"))
-    global_seed: int = field(default=0, metadata=_h("seed of the whole run"))
-    lr: float = field(default=1e-4, metadata=_h("AdamW learning rate"))
-    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
-    warmup_steps: int = field(default=0, metadata=_h("linear learning-rate warm-up steps (the paper: none)"))
-    ema_decay: float = field(default=0.9999, metadata=_h("EMA decay, applied every step"))
-    flip: bool = field(default=True, metadata=_h("random horizontal flips"))
-    num_workers: int = field(default=4, metadata=_h("data loader processes per rank"))
-    on_bad_image: str = field(default="skip", metadata=_h("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
-    log_every: int = field(default=100, metadata=_h("log the all-reduced loss every N steps"))
-    ckpt_every: int = field(default=50_000, metadata=_h("checkpoint every N steps (and always at the last step)"))
-    keep_last: int = field(default=3, metadata=_h("keep the newest K checkpoints"))
-    keep_every: int | None = field(default=None, metadata=_h("also keep every checkpoint whose step is a multiple of M"))
-    sample_every: int | None = field(default=None, metadata=_h("write an EMA sample grid every N steps"))
-    resume: str | None = field(default=None, metadata=_h("checkpoint path, or 'latest' in RESULTS_DIR"))
-    precision: str = field(default="fp32", metadata=_h("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
-    compile: bool = field(default=False, metadata=_h("torch.compile the model"))
-    grad_checkpointing: bool = field(default=False, metadata=_h("recompute block activations in backward"))
-    parallel: str = field(default="ddp", metadata=_h("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
-    device: str = field(default="auto", metadata=_h("cpu, cuda, or auto"))
-
-    def __post_init__(self):
-        for name in ("epochs", "global_batch_size", "log_every", "ckpt_every", "keep_last"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        for name in ("max_steps", "keep_every", "sample_every"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"--ema-decay must lie in [0, 1), got {self.ema_decay}.")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}.")
-
-    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
-        overrides = {f: getattr(self, f) for f in ("depth", "hidden_size", "num_heads", "patch_size")}
-        return DiTConfig.from_preset(
-            self.model, **overrides, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-            learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
-        )  # fmt: skip
-
-
-# -- distributed -----------------------------------------------------------------------------
-def broadcast_object(obj, d: Dist):
-    if d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class ResumableSampler(Sampler[int]):
@@ -132,10 +63,11 @@ class ResumableSampler(Sampler[int]):
 
 
 # -- the step --------------------------------------------------------------------------------
-def step_randomness(seed: int, step: int, global_batch: int, shape: tuple, num_timesteps: int, drop_prob: float, device):
-    """(t, noise, drop) for the global batch of `step`, identical on every rank."""
+def step_randomness(seed: int, step: int, global_batch: int, shape: tuple, objective, drop_prob: float, device):
+    """(t, noise, drop) for the global batch of `step`, identical on every rank; t is drawn by the
+    objective (the diffusion's integer steps, the flow's times)."""
     g = torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % 2**63)
-    t = torch.randint(0, num_timesteps, (global_batch,), generator=g, device=device)
+    t = objective.draw_t(global_batch, generator=g, device=device)
     noise = torch.randn((global_batch, *shape), generator=g, device=device)
     drop = torch.rand(global_batch, generator=g, device=device) < drop_prob
     return t, noise, drop
@@ -145,15 +77,6 @@ def step_randomness(seed: int, step: int, global_batch: int, shape: tuple, num_t
 def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     torch._foreach_mul_(ema_params, decay)
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
-
-
-def shard(model: DiT) -> None:
-    """FSDP2: each block is its own unit, so only one block's full weights exist at a time."""
-    from torch.distributed.fsdp import fully_shard
-
-    for block in model.blocks:
-        fully_shard(block)
-    fully_shard(model)
 
 
 class Trainer:
@@ -177,7 +100,7 @@ class Trainer:
         self.grid_vae = None  # the latent store's VAE for sample grids: loaded on first use, False if unavailable
         channels = cfg.channels
         if cfg.vae is not None:
-            from .generate import load_vae
+            from .pipeline import load_vae
 
             self.vae = load_vae(cfg.vae, self.d.device).requires_grad_(False)
             channels = channels or self.vae.config.in_channels  # gray datasets are repeated to RGB
@@ -190,7 +113,7 @@ class Trainer:
             raise ValueError(f"the data has {self.dataset.num_classes} classes but --num-classes is {num_classes}; raise it or leave it unset.")
         in_channels, input_size = self.dataset.channels, self.dataset.image_size
         if self.vae is not None:
-            from .generate import vae_factor
+            from .pipeline import vae_factor
 
             if getattr(self.dataset, "vae", None):
                 raise ValueError(f"{cfg.data_path} already holds latents; drop --vae.")
@@ -199,7 +122,7 @@ class Trainer:
                 raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")
             in_channels, input_size = self.vae.config.latent_channels, input_size // factor
         self.model_config = cfg.model_config(num_classes, input_size, in_channels)
-        self.diffusion = GaussianDiffusion(learn_sigma=self.model_config.learn_sigma)
+        self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
         self.model = model_factory(self.model_config).to(self.d.device)
@@ -266,6 +189,9 @@ class Trainer:
                 raise ValueError(f"{path} has no {key!r}: it is not a ditkit training checkpoint; pass one from RESULTS_DIR/.../checkpoints.")
         if ck.get("model_config") and DiTConfig(**ck["model_config"]) != self.model_config:
             raise ValueError(f"{path} was trained with a different model config ({ck['model_config']}); resume with the same flags.")
+        saved_objective = ck.get("objective", {"objective": "gaussian"})
+        if saved_objective != self.objective.config.to_dict():
+            raise ValueError(f"{path} was trained with objective {saved_objective}, not {self.objective.config.to_dict()}; resume with the same flags.")
         if self.fsdp:  # full (unsharded) state dicts in, each rank keeps its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
@@ -295,13 +221,14 @@ class Trainer:
         model, ema, opt = self._full_state()  # collective under FSDP: every rank takes part
         path = self.exp_dir / "checkpoints" / f"{self.step:07d}.pt"
         if self.d.main:
+            recorded = {"objective": self.objective.config.to_dict(), "sampling": default_sampling(self.objective).to_dict()}
             state = {
                 "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model_config": asdict(self.model_config),
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model_config": asdict(self.model_config), **recorded,
             }  # fmt: skip
             atomic_write(path, lambda tmp: torch.save(state, tmp))
             prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
-            save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path})
+            save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path, **recorded})
         if self.d.world > 1:
             dist.barrier()
         return path
@@ -322,14 +249,14 @@ class Trainer:
             with torch.no_grad():
                 x = self.vae.encode(x).latent_dist.sample().mul_(self.vae.config.scaling_factor)
         t, noise, drop = step_randomness(cfg.global_seed, self.step, cfg.global_batch_size, tuple(x.shape[1:]),
-                                         self.diffusion.num_timesteps, cfg.class_dropout_prob, d.device)  # fmt: skip
+                                         self.objective, cfg.class_dropout_prob, d.device)  # fmt: skip
         mine = slice(d.rank, None, d.world)  # rank r holds global batch positions r, r + world, ... (see sampler)
         y = torch.where(drop[mine], self.model_config.null_class, y)
         if cfg.warmup_steps:
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
         with self.autocast():
-            loss = self.diffusion.training_losses(self.model_fn, x, t[mine], noise=noise[mine], y=y)["loss"].mean()
+            loss = self.objective.training_losses(self.model_fn, x, t[mine], noise=noise[mine], y=y)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -402,8 +329,7 @@ class Trainer:
         Under FSDP every rank takes part in the forwards; rank 0 writes the file."""
         if not (self.d.main or self.fsdp) or self.grid_vae is False:
             return
-        from .generate import decode, load_vae, save_grid, to_uint8
-        from .sampling import sample
+        from .pipeline import grid_pipeline, load_vae, save_grid, to_uint8
 
         store_vae = getattr(self.dataset, "vae", None)
         if self.grid_vae is None and store_vae:  # a latent store: decode with the VAE it was made with
@@ -413,17 +339,12 @@ class Trainer:
                 print(f"no sample grids: {e}", flush=True)
                 self.grid_vae = False
                 return
-        vae = self.vae or self.grid_vae
-        c = self.model_config
-        classes = min(c.num_classes, 10)
+        pipe = grid_pipeline(self.ema, self.objective, vae=self.vae or self.grid_vae,
+                             precision="bf16" if self.cfg.precision == "bf16" else "fp32", device=self.d.device)  # fmt: skip
+        classes = min(self.model_config.num_classes, 10)
         y = torch.arange(classes, device=self.d.device).repeat(2)
         g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
-        z = torch.randn(len(y), c.in_channels, c.input_size, c.input_size, generator=g, device=self.d.device)
-        x = sample(self.ema, self.diffusion, z, y, sampler="ddim", steps=50, cfg_scale=1.5 if c.class_dropout_prob > 0 else 1.0,
-                   generator=g, precision="bf16" if self.cfg.precision == "bf16" else "fp32",
-                   clip_denoised=vae is None)  # fmt: skip  # pixels live in [-1, 1]
-        if vae is not None:
-            x = decode(vae, x)
+        x = pipe.images(y, generator=g)
         if self.d.main:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
             save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=classes)

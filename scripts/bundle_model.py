@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from ditkit.checkpoints import read_checkpoint, save_pretrained
-from ditkit.generate import BUNDLED
+from ditkit.pipeline import BUNDLED
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -21,7 +21,8 @@ if __name__ == "__main__":
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--out", default=str(BUNDLED))
     args = p.parse_args()
-    state, config = read_checkpoint(args.ckpt)
+    ck = read_checkpoint(args.ckpt)
     sampling = {"sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale}
-    folder = save_pretrained(state, config, args.out, extra={"source": Path(args.ckpt).as_posix(), "sampling": sampling})
-    print(f"wrote {folder} ({sum(v.numel() for v in state.values()):,} parameters)")
+    extra = {"source": Path(args.ckpt).as_posix(), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
+    folder = save_pretrained(ck.state, ck.config, args.out, extra=extra)
+    print(f"wrote {folder} ({sum(v.numel() for v in ck.state.values()):,} parameters)")

@@ -7,7 +7,7 @@ on an idle 2-core CPU, 25 on a busy one).
 
 import argparse
 
-from ditkit.evaluate import CLASSIFIER_PATH, train_classifier
+from ditkit.eval.classifier import CLASSIFIER_PATH, train_classifier
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

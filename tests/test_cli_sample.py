@@ -111,7 +111,7 @@ def test_full_size_xl2_runs_on_cpu(tmp_path):
 def test_default_job_samples_the_bundled_model(tmp_path, monkeypatch):
     """`ditkit sample` with no arguments: the shipped model, every class, and the shipped
     classifier recognises most of what it draws (0.943 on 10 000 samples; README)."""
-    from ditkit.evaluate import classifier_accuracy, load_classifier
+    from ditkit.eval.classifier import classifier_accuracy, load_classifier
 
     monkeypatch.chdir(tmp_path)
     assert main(["sample"]) == 0

@@ -14,7 +14,8 @@ from scipy import linalg
 from scipy.special import softmax
 
 import ditkit
-from ditkit import evaluate as ev
+from ditkit import config, pipeline
+from ditkit.eval import classifier, evaluate, features, metrics, npz
 from ditkit.checkpoints import save_pretrained
 from ditkit.cli import main
 
@@ -39,24 +40,24 @@ def test_frechet_matches_scipy_directly():
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    fd = ev.frechet_distance(ev.FeatureStats.fit(a), ev.FeatureStats.fit(b))
+    fd = metrics.frechet_distance(metrics.FeatureStats.fit(a), metrics.FeatureStats.fit(b))
     assert fd > 1.0
     assert fd == pytest.approx(direct, rel=1e-9)
-    few = ev.FeatureStats.fit(a[:4])  # 4 points in 6-d: a singular covariance, as with too few samples
+    few = metrics.FeatureStats.fit(a[:4])  # 4 points in 6-d: a singular covariance, as with too few samples
     root = linalg.sqrtm(few.sigma @ s2)
     assert np.isfinite(root).all()
     direct = ((few.mu - mu2) ** 2).sum() + np.trace(few.sigma + s2) - 2 * np.trace(root).real
-    assert ev.frechet_distance(few, ev.FeatureStats.fit(b)) == pytest.approx(direct, rel=1e-6)
+    assert metrics.frechet_distance(few, metrics.FeatureStats.fit(b)) == pytest.approx(direct, rel=1e-6)
 
 
 def test_frechet_closed_form_and_identity():
     # Diagonal covariances commute: FD = |mu1 - mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2.
     v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
-    a = ev.FeatureStats(np.zeros(3), np.diag(v1))
-    b = ev.FeatureStats(np.array([1.0, 0.0, 2.0]), np.diag(v2))
-    assert ev.frechet_distance(a, b) == pytest.approx(5.0 + 4.0 + 1.0, rel=1e-12)
-    same = ev.FeatureStats.fit(random_features(100, 5, 2))
-    assert abs(ev.frechet_distance(same, same)) < 1e-9 * np.trace(same.sigma)
+    a = metrics.FeatureStats(np.zeros(3), np.diag(v1))
+    b = metrics.FeatureStats(np.array([1.0, 0.0, 2.0]), np.diag(v2))
+    assert metrics.frechet_distance(a, b) == pytest.approx(5.0 + 4.0 + 1.0, rel=1e-12)
+    same = metrics.FeatureStats.fit(random_features(100, 5, 2))
+    assert abs(metrics.frechet_distance(same, same)) < 1e-9 * np.trace(same.sigma)
 
 
 # --- Inception Score -------------------------------------------------------------------------
@@ -74,13 +75,13 @@ def adm_inception_score(logits, split_size):
 
 
 def test_inception_score_known_values():
-    assert ev.inception_score(np.zeros((40, 1008))) == pytest.approx(1.0)  # no confidence, no diversity
+    assert metrics.inception_score(np.zeros((40, 1008))) == pytest.approx(1.0)  # no confidence, no diversity
     confident = np.full((40, 10), -50.0)
     confident[np.arange(40), np.arange(40) % 8] = 50.0  # sure of each, 8 classes equally often
-    assert ev.inception_score(confident, split_size=40) == pytest.approx(8.0, rel=1e-9)
+    assert metrics.inception_score(confident, split_size=40) == pytest.approx(8.0, rel=1e-9)
     logits = np.random.default_rng(0).normal(scale=3.0, size=(23, 12))
-    assert ev.inception_score(logits, split_size=10) == pytest.approx(adm_inception_score(logits, 10), rel=1e-10)
-    assert ev.inception_score(logits, split_size=10) != pytest.approx(ev.inception_score(logits, split_size=23))
+    assert metrics.inception_score(logits, split_size=10) == pytest.approx(adm_inception_score(logits, 10), rel=1e-10)
+    assert metrics.inception_score(logits, split_size=10) != pytest.approx(metrics.inception_score(logits, split_size=23))
 
 
 # --- precision / recall ----------------------------------------------------------------------
@@ -100,18 +101,18 @@ def test_precision_recall_matches_brute_force():
     samples = (random_features(55, 5, 4) * 0.6 + 1.5).astype(np.float32)
     precision, recall, r_ref = brute_precision_recall(ref.astype(np.float64), samples.astype(np.float64), 3)
     assert 0 < precision < 1 and 0 < recall < 1 and precision != recall
-    got = ev.precision_recall(ref, samples, k=3, batch_size=16)  # blocks smaller than the sets
+    got = metrics.precision_recall(ref, samples, k=3, batch_size=16)  # blocks smaller than the sets
     assert got == pytest.approx((precision, recall), abs=1e-12)
-    radii = ev.manifold_radii(torch.from_numpy(ref), k=3, batch_size=16).numpy()
+    radii = metrics.manifold_radii(torch.from_numpy(ref), k=3, batch_size=16).numpy()
     np.testing.assert_allclose(radii, r_ref, rtol=1e-4)
-    assert ev.precision_recall(ref, ref, k=3) == (1.0, 1.0)
+    assert metrics.precision_recall(ref, ref, k=3) == (1.0, 1.0)
 
 
 # --- networks --------------------------------------------------------------------------------
 
 
 def test_inception_layout_matches_fid_weights():
-    state = ev.InceptionV3().state_dict()
+    state = features.InceptionV3().state_dict()
     expected = {
         "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
         "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1), "Mixed_6a.branch3x3.conv.weight": (384, 288, 3, 3),
@@ -127,22 +128,22 @@ def test_inception_layout_matches_fid_weights():
 
 def test_inception_from_file(tmp_path):
     torch.manual_seed(0)
-    state = {k: v for k, v in ev.InceptionV3().state_dict().items() if "num_batches_tracked" not in k}
-    torch.save(state, tmp_path / ev.INCEPTION_WEIGHTS)  # as the released file: no num_batches_tracked
-    net = ev.InceptionV3.from_file(tmp_path / ev.INCEPTION_WEIGHTS)
+    state = {k: v for k, v in features.InceptionV3().state_dict().items() if "num_batches_tracked" not in k}
+    torch.save(state, tmp_path / features.INCEPTION_WEIGHTS)  # as the released file: no num_batches_tracked
+    net = features.InceptionV3.from_file(tmp_path / features.INCEPTION_WEIGHTS)
     assert torch.equal(net.state_dict()["Mixed_6d.branch1x1.conv.weight"], state["Mixed_6d.branch1x1.conv.weight"])
     torch.save({"fc.weight": torch.zeros(1000, 2048)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not the FID Inception network"):
-        ev.InceptionV3.from_file(tmp_path / "other.pth")
+        features.InceptionV3.from_file(tmp_path / "other.pth")
 
 
 def test_inception_features_shapes():
     torch.manual_seed(0)
-    net = ev.InceptionV3()
+    net = features.InceptionV3()
     with torch.no_grad():
         net.fc.bias.fill_(5.0)  # ADM's logits ignore the bias
     images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 1), dtype=np.uint8)
-    out = ev.InceptionFeatures(net)(images)  # gray, 32 px: broadcast to RGB, resized to 299
+    out = features.InceptionFeatures(net)(images)  # gray, 32 px: broadcast to RGB, resized to 299
     assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 7 * 17 * 17) and out["logits"].shape == (2, 1008)
     assert all(np.isfinite(v).all() for v in out.values())
     np.testing.assert_allclose(out["logits"], out["pool"] @ net.fc.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
@@ -150,14 +151,14 @@ def test_inception_features_shapes():
 
 
 def test_effnet_fd_path():
-    images = ev.fashion_mnist("test")[0][:16]
-    net = ev.EffNetFeatures()
+    images = npz.fashion_mnist("test")[0][:16]
+    net = features.EffNetFeatures()
     feats = net(images)["pool"]
     assert feats.shape == (16, 1280) and np.isfinite(feats).all() and feats.std() > 0
     np.testing.assert_allclose(net(images[:4])["pool"], feats[:4], rtol=1e-4, atol=1e-5)  # batch-independent
-    a, b = ev.FeatureStats.fit(feats[:8, :64]), ev.FeatureStats.fit(feats[8:, :64])  # 64 dims: fast on a CPU
-    assert ev.frechet_distance(a, b) > 0
-    assert abs(ev.frechet_distance(a, a)) < 1e-6 * np.trace(a.sigma)
+    a, b = metrics.FeatureStats.fit(feats[:8, :64]), metrics.FeatureStats.fit(feats[8:, :64])  # 64 dims: fast on a CPU
+    assert metrics.frechet_distance(a, b) > 0
+    assert abs(metrics.frechet_distance(a, a)) < 1e-6 * np.trace(a.sigma)
 
 
 # --- reference caching and the metric plumbing, with a tiny injected network ------------------
@@ -184,36 +185,36 @@ class TinyNet:
 def write_images(path, n, seed, labels=None):
     images = np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8, 1), dtype=np.uint8)
     arrays = {"arr_0": images} if labels is None else {"arr_0": images, "labels": labels}
-    return ev.save_npz(path, **arrays), images
+    return npz.save_npz(path, **arrays), images
 
 
 def test_metrics_with_injected_network(tmp_path):
     s_path, s_img = write_images(tmp_path / "s.npz", 40, 0)
     r_path, r_img = write_images(tmp_path / "r.npz", 30, 1)
     net = TinyNet()
-    samples, ref = ev.read_images(s_path), ev.read_images(r_path)
-    got = ev.compute_metrics(samples, ref, {"inception": net}, cache=tmp_path / "c", batch_size=16)
+    samples, ref = npz.read_images(s_path), npz.read_images(r_path)
+    got = evaluate.compute_metrics(samples, ref, {"inception": net}, cache=tmp_path / "c", batch_size=16)
     fs, fr = net(s_img), net(r_img)
-    assert got["FID"] == pytest.approx(ev.frechet_distance(ev.FeatureStats.fit(fs["pool"]), ev.FeatureStats.fit(fr["pool"])))
-    assert got["sFID"] == pytest.approx(ev.frechet_distance(ev.FeatureStats.fit(fs["spatial"]), ev.FeatureStats.fit(fr["spatial"])))
-    assert got["IS"] == pytest.approx(adm_inception_score(fs["logits"], ev.IS_SPLIT_SIZE), rel=1e-6)
+    assert got["FID"] == pytest.approx(metrics.frechet_distance(metrics.FeatureStats.fit(fs["pool"]), metrics.FeatureStats.fit(fr["pool"])))
+    assert got["sFID"] == pytest.approx(metrics.frechet_distance(metrics.FeatureStats.fit(fs["spatial"]), metrics.FeatureStats.fit(fr["spatial"])))
+    assert got["IS"] == pytest.approx(adm_inception_score(fs["logits"], metrics.IS_SPLIT_SIZE), rel=1e-6)
     assert (got["precision"], got["recall"]) == pytest.approx(brute_precision_recall(fr["pool"].astype(np.float64), fs["pool"].astype(np.float64), 3)[:2])
-    same = ev.compute_metrics(ref, ref, {"inception": TinyNet()}, cache=tmp_path / "c")
+    same = evaluate.compute_metrics(ref, ref, {"inception": TinyNet()}, cache=tmp_path / "c")
     assert abs(same["FID"]) < 1e-6 and same["precision"] == same["recall"] == 1.0
 
 
 def test_reference_statistics_are_cached(tmp_path):
     s_path, _ = write_images(tmp_path / "s.npz", 20, 0)
     r_path, _ = write_images(tmp_path / "r.npz", 30, 1)
-    samples, ref = ev.read_images(s_path), ev.read_images(r_path)
+    samples, ref = npz.read_images(s_path), npz.read_images(r_path)
     first, second = TinyNet(), TinyNet()
-    a = ev.compute_metrics(samples, ref, {"effnet": first}, cache=tmp_path / "c")
-    b = ev.compute_metrics(samples, ref, {"effnet": second}, cache=tmp_path / "c")
+    a = evaluate.compute_metrics(samples, ref, {"effnet": first}, cache=tmp_path / "c")
+    b = evaluate.compute_metrics(samples, ref, {"effnet": second}, cache=tmp_path / "c")
     assert first.seen == 20 + 30 and second.seen == 20  # the reference came from the cache
     assert a == b
     os.utime(r_path, ns=(0, 0))  # a changed reference file is recomputed
     third = TinyNet()
-    ev.compute_metrics(samples, ref, {"effnet": third}, cache=tmp_path / "c")
+    evaluate.compute_metrics(samples, ref, {"effnet": third}, cache=tmp_path / "c")
     assert third.seen == 50
 
 
@@ -221,8 +222,8 @@ def test_streaming_reader(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, size=(11, 5, 4, 3), dtype=np.uint8)
     labels = np.arange(11, dtype=np.int32)
     np.savez_compressed(tmp_path / "c.npz", images, labels)  # guided-diffusion's layout: arr_0, arr_1
-    for path in (tmp_path / "c.npz", ev.save_npz(tmp_path / "u.npz", arr_0=images, labels=labels)):
-        data = ev.read_images(path)
+    for path in (tmp_path / "c.npz", npz.save_npz(tmp_path / "u.npz", arr_0=images, labels=labels)):
+        data = npz.read_images(path)
         np.testing.assert_array_equal(np.concatenate(list(data.batches(4))), images)
         np.testing.assert_array_equal(data.labels, labels)
         assert data.labels.dtype == np.int64
@@ -232,22 +233,22 @@ def test_streaming_reader(tmp_path):
 
 
 def test_dataset_npz(tmp_path):
-    path = ev.resolve_images("fashion-mnist-train:50", "samples", cache=tmp_path)
-    data = ev.read_images(path)
+    path = npz.resolve_images("fashion-mnist-train:50", "samples", cache=tmp_path)
+    data = npz.read_images(path)
     assert data.shape == (50, 32, 32, 1) and data.labels.dtype == np.int64 and data.labels.max() < 10
     images = next(data.batches(50))
     assert images[:, :2].max() == 0 and images[:, :, -2:].max() == 0 and images.max() > 200  # black border
-    assert ev.resolve_images("fashion-mnist-train:50", "samples", cache=tmp_path) == path  # written once
+    assert npz.resolve_images("fashion-mnist-train:50", "samples", cache=tmp_path) == path  # written once
     with pytest.raises(FileNotFoundError, match="neither an existing .npz file nor a dataset name"):
-        ev.resolve_images("mnist", "reference", cache=tmp_path)
+        npz.resolve_images("mnist", "reference", cache=tmp_path)
 
 
 def test_shipped_classifier():
-    model, meta = ev.load_classifier()
+    model, meta = classifier.load_classifier()
     assert float(meta["test_accuracy"]) >= 0.90
-    assert ev.CLASSIFIER_PATH.stat().st_size < 2_000_000
-    images, labels = ev.fashion_mnist("test")
-    assert ev.classifier_accuracy(model, images[:1000], labels[:1000]) >= 0.88
+    assert classifier.CLASSIFIER_PATH.stat().st_size < 2_000_000
+    images, labels = npz.fashion_mnist("test")
+    assert classifier.classifier_accuracy(model, images[:1000], labels[:1000]) >= 0.88
 
 
 # --- sample-npz ------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def test_sample_npz_end_to_end(tiny_ckpt, tmp_path):
     assert images.shape == (9, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
     assert labels.dtype == np.int64 and labels.shape == (9,)
     np.testing.assert_array_equal(labels, np.random.default_rng(3).integers(0, 3, size=9))  # seeded uniform draw
-    assert ev.read_images(out).labels is not None
+    assert npz.read_images(out).labels is not None
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary files left
 
 
@@ -297,11 +298,11 @@ def test_sample_npz_two_processes(tiny_ckpt, tmp_path):
     with np.load(out) as data:
         images, labels = data["arr_0"], data["labels"]
     np.testing.assert_array_equal(labels, np.random.default_rng(3).integers(0, 3, size=8))
-    gen = ev.load_generator(ev.SampleNpzConfig(ckpt=str(tiny_ckpt), sampler="ddim", num_sampling_steps=2, cfg_scale=1.0, device="cpu"))
+    gen = pipeline.load_pipeline(config.SampleNpzConfig(ckpt=str(tiny_ckpt), sampler="ddim", num_sampling_steps=2, cfg_scale=1.0, device="cpu"))
     for rank in range(2):
         torch.manual_seed(3 * 2 + rank)
         y = torch.from_numpy(labels[4 * rank : 4 * rank + 4])
-        expected = np.concatenate([ev.to_uint8(gen.images(y[i : i + 2])) for i in (0, 2)])
+        expected = np.concatenate([pipeline.to_uint8(gen.images(y[i : i + 2])) for i in (0, 2)])
         np.testing.assert_array_equal(images[4 * rank : 4 * rank + 4], expected)
     assert not np.array_equal(images[:4], images[4:])
     assert [p.name for p in tmp_path.iterdir()] == ["two.npz"]  # the parts folder is gone
@@ -328,11 +329,11 @@ def test_bad_inputs(tmp_path, capsys):
         "4 entries for 5 images": {"arr_0": np.zeros((5, 8, 8, 1), np.uint8), "labels": np.arange(4)},
     }
     for message, arrays in cases.items():
-        bad = ev.save_npz(tmp_path / "bad.npz", **arrays)
+        bad = npz.save_npz(tmp_path / "bad.npz", **arrays)
         assert message in eval_error(capsys, bad, good)
     assert "does not exist" in eval_error(capsys, tmp_path / "missing.npz", good)
     err = eval_error(capsys, good, good, "--inception", str(tmp_path / "nowhere.pth"))
-    assert ev.INCEPTION_WEIGHTS in err and "--inception" in err
+    assert features.INCEPTION_WEIGHTS in err and "--inception" in err
     err = eval_error(capsys, good, good)  # 10 images: the 1280-d covariance would be singular
     assert "FD-EffNet needs at least 1281 samples" in err and "got 10" in err
     assert main(["sample-npz", "--out", str(tmp_path / "x.png")]) != 0
@@ -345,14 +346,14 @@ def test_eval_cli_end_to_end(tmp_path, capsys, monkeypatch):
     shipped classifier; table and JSON output."""
     tiny = TinyNet()
     tiny.dims = {"pool": 5}
-    monkeypatch.setattr(ev, "EffNetFeatures", lambda device: tiny)
+    monkeypatch.setattr(evaluate, "EffNetFeatures", lambda device: tiny)
     args = ["eval", "--samples", "fashion-mnist-train:300", "--ref", "fashion-mnist:200", "--device", "cpu", "--cache-dir", str(tmp_path)]
     assert main([*args, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == 300 and result["num_ref"] == 200
     metrics = result["metrics"]
     assert sorted(metrics) == ["FD-EffNet", "accuracy"] and 0 < metrics["FD-EffNet"] < 1 and metrics["accuracy"] > 0.85
-    assert len(result["skipped"]) == 1 and ev.INCEPTION_WEIGHTS in result["skipped"][0]
+    assert len(result["skipped"]) == 1 and features.INCEPTION_WEIGHTS in result["skipped"][0]
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "FD-EffNet" in table and f"{metrics['accuracy']:.4f}" in table and "skipped FID, sFID, IS" in table

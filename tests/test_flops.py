@@ -152,8 +152,8 @@ def test_cli_table_and_pixel_models(capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["--model", "DiT-Q/2"], "unknown preset"),
-        (["--block", "film"], "unknown block design"),
+        (["--model", "DiT-Q/2"], "--model is 'DiT-Q/2', not one of"),
+        (["--block", "film"], "--block is 'film', not one of"),
         (["--image-size", "100"], "not divisible"),
         (["--model", "DiT-S/4", "--input-size", "30"], "not divisible"),
     ],

@@ -12,10 +12,12 @@ import torch
 
 import ditkit.study as study
 from ditkit.cli import main
-from ditkit.evaluate import read_images
+from ditkit.eval.npz import read_images
 from ditkit.flops import measure
 from ditkit.models import DiTConfig
-from ditkit.study import StudyConfig, UNetBaseline, UNetConfig, size_unet, unet_cost
+from ditkit.config import StudyConfig, UNetConfig, scaled_sizes
+from ditkit.models.unet import UNetBaseline
+from ditkit.study import size_unet, unet_cost
 
 # Two patch sizes, two more block designs and the U-Net: 5 runs of 4 steps, scored at 2 and 4.
 # Divisors 32 and 12 shrink the presets to hidden 12 / depth 1; EMA 0 scores the raw weights,
@@ -135,12 +137,12 @@ def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
 def test_study_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="width-divisor 5"):
         StudyConfig(width_divisor=5)
-    with pytest.raises(ValueError, match="unknown preset"):
+    with pytest.raises(ValueError, match="--models is 'DiT-M/2', not one of"):
         StudyConfig(models=("DiT-M/2",))
     with pytest.raises(ValueError, match="no runs"):
         StudyConfig(models=(), blocks=(), unet=False)
-    assert study.scaled_sizes("DiT-B/4", 4, 2) == {"depth": 6, "hidden_size": 192, "num_heads": 12}
-    assert study.scaled_sizes("DiT-S/2", 1, 24) == {"depth": 1, "hidden_size": 384, "num_heads": 6}
+    assert scaled_sizes("DiT-B/4", 4, 2) == {"depth": 6, "hidden_size": 192, "num_heads": 12}
+    assert scaled_sizes("DiT-S/2", 1, 24) == {"depth": 1, "hidden_size": 384, "num_heads": 6}
 
 
 def test_unet_baseline_interface():

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 import ditkit
 from ditkit.checkpoints import load_model, read_pt
 from ditkit.cli import main
-from ditkit.train import TrainConfig, Trainer, latest_checkpoint
+from ditkit.config import TrainConfig
+from ditkit.train import Trainer, latest_checkpoint
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, log_every=2)
 

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from ..config import ObjectiveConfig
+
 NUM_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # linear schedule endpoints for 1000 steps
 
@@ -79,6 +81,8 @@ class GaussianDiffusion:
     its model calls receive the original timesteps through `timestep_map`.
     """
 
+    name = "gaussian"
+
     def __init__(
         self,
         learn_sigma: bool = True,
@@ -86,6 +90,7 @@ class GaussianDiffusion:
         sigma_small: bool = False,
         betas: np.ndarray | None = None,
         timestep_map: list[int] | None = None,
+        base_timesteps: int | None = None,
     ):
         betas = linear_betas(num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
@@ -93,6 +98,7 @@ class GaussianDiffusion:
         self.sigma_small = sigma_small
         self.num_timesteps = len(betas)
         self.timestep_map = list(range(len(betas))) if timestep_map is None else list(timestep_map)
+        self.base_timesteps = base_timesteps or len(betas)  # the steps the network was trained on
 
         alphas = 1.0 - betas
         ac = np.cumprod(alphas)
@@ -132,7 +138,23 @@ class GaussianDiffusion:
                 new_betas.append(1 - a / last)
                 last = a
                 new_map.append(self.timestep_map[i])
-        return GaussianDiffusion(self.learn_sigma, sigma_small=self.sigma_small, betas=np.array(new_betas), timestep_map=new_map)
+        return GaussianDiffusion(self.learn_sigma, sigma_small=self.sigma_small, betas=np.array(new_betas), timestep_map=new_map,
+                                 base_timesteps=self.base_timesteps)  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"GaussianDiffusion(learn_sigma={self.learn_sigma}, num_timesteps={self.num_timesteps})"
+
+    @property
+    def config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(objective="gaussian")
+
+    def draw_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Training timesteps: uniform integers in [0, T), as the official train.py."""
+        return torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+
+    def unit_time(self, t_model: torch.Tensor) -> torch.Tensor:
+        """The network's timestep on ditkit's common [0, 1] scale (0 = noise at T - 1, 1 = data at 0)."""
+        return 1 - t_model.float() / (self.base_timesteps - 1)
 
     # -- coefficients ----------------------------------------------------------------------
     def _extract(self, name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:

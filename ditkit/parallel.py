@@ -1,4 +1,5 @@
-"""torchrun process groups, shared by training, latent extraction and sample-npz."""
+"""Parallelism applied from outside the model: torchrun process groups (training, latent extraction,
+sample-npz) and FSDP2 sharding."""
 
 from __future__ import annotations
 
@@ -43,3 +44,21 @@ def setup_distributed(device_name: str) -> Dist:
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), device, False)
     return Dist(0, 1, device, False)
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's `obj` on every rank."""
+    if d.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2: each block is its own unit, so only one block's full weights exist at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)

@@ -1,0 +1,527 @@
+"""Every typed config of ditkit, its flag metadata, and the one validator.
+
+A field's metadata (made by `option`) is its --help text, its argparse extras (choices, aliases)
+and its bounds (gt, ge, lt, le). `Config.__post_init__` checks every field against its type and
+metadata once, in `validate`, so a wrong type or value from a flag, a TOML file or Python ends in
+one sentence that names the setting; cross-field rules follow in each config's `check`.
+This module imports nothing else of ditkit.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+# -- names shared by configs and the modules that implement them --------------------------------
+BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+# The paper's spellings of the block designs, accepted wherever a block is named.
+BLOCK_ALIASES = {"adaLN-Zero": "adaln_zero", "adaLN": "adaln", "cross-attention": "cross_attn", "in-context": "in_context"}
+# name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix.
+PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+OBJECTIVES = ("gaussian", "flow")
+FLOW_PATHS = ("linear", "gvp")
+T_SAMPLINGS = ("uniform", "logit-normal")
+# sampler -> the objective it integrates; samplers/ registers exactly these names.
+SAMPLER_OBJECTIVE = {
+    "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
+    "euler": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
+}  # fmt: skip
+SAMPLERS = tuple(SAMPLER_OBJECTIVE)
+PRECISIONS = ("fp32", "bf16", "fp16")
+BAD_IMAGE_ACTIONS = ("skip", "stop")
+SPLITS = ("train", "test")
+STORE_DTYPES = ("float32", "float16")
+SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
+
+
+def option(text: str, **kw) -> dict:
+    """Metadata of a config field: --help text; choices, aliases (argparse); gt, ge, lt, le (bounds);
+    finite=False to allow inf; cli=False to keep it off the command line."""
+    return {"help": text, **kw}
+
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+_KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """`value` as type `tp` (ints accepted for floats, lists for tuples), or a ValueError naming it."""
+    if typing.get_origin(tp) is tuple:
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list of {_KIND.get(inner, inner)} values, got {value!r}.")
+        return tuple(_coerce(name, v, inner) for v in value)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(tp, True)
+    if not ok:
+        hint = " (without quotes)" if isinstance(value, str) and tp in (int, float) else ""
+        raise ValueError(f"{name} must be {_KIND[tp]}{hint}, got {value!r} ({type(value).__name__}).")
+    return float(value) if tp is float else value
+
+
+def _bound_words(key: str, bound) -> str:
+    if key == "gt" and bound == 0:
+        return "positive"
+    if key == "ge" and bound == 0:
+        return "0 or more"
+    return {"gt": "greater than", "ge": "at least", "lt": "less than", "le": "at most"}[key] + f" {bound}"
+
+
+_TESTS = {"gt": lambda a, b: a > b, "ge": lambda a, b: a >= b, "lt": lambda a, b: a < b, "le": lambda a, b: a <= b}
+
+
+def _check_value(name: str, value: Any, meta: dict) -> None:
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if isinstance(v, float) and meta.get("finite", True) and not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}.")
+        if "choices" in meta and v not in meta["choices"]:
+            raise ValueError(f"{name} is {v!r}, not one of {', '.join(map(str, meta['choices']))}; pick one of those.")
+        for key, test in _TESTS.items():
+            if key in meta and isinstance(v, (int, float)) and not test(v, meta[key]):
+                raise ValueError(f"{name} must be {_bound_words(key, meta[key])}, got {v}.")
+
+
+def validate(cfg: Any) -> None:
+    """Check (and normalise: int -> float, list -> tuple) every field of a dataclass config."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        tp, optional = _unwrap(hints[f.name])
+        if value is None:
+            if not optional:
+                raise ValueError(f"--{f.name.replace('_', '-')} needs a value ({_KIND.get(tp, tp)}).")
+            continue
+        name = f"--{f.name.replace('_', '-')}"  # the flag; config files use the same name with underscores
+        value = _coerce(name, value, tp)
+        _check_value(name, value, f.metadata)
+        object.__setattr__(cfg, f.name, value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Base of every config: fields validated on construction, then `check` for cross-field rules."""
+
+    def __post_init__(self):
+        validate(self)
+        self.check()
+
+    def check(self) -> None:
+        pass
+
+
+def positive(text: str, **kw) -> dict:
+    return option(text, gt=0, **kw)
+
+
+def nonnegative(text: str, **kw) -> dict:
+    return option(text, ge=0, **kw)
+
+
+def field_default(cls: type, name: str) -> Any:
+    f = cls.__dataclass_fields__[name]
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+# ================================================================================================
+# Models
+
+
+class DataShape:
+    """What the trainer and the samplers read off any network config (a DiT's, the U-Net's)."""
+
+    in_channels: int
+    num_classes: int
+    learn_sigma: bool
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def null_class(self) -> int:
+        """The label that means "no class" (classifier-free guidance)."""
+        return self.num_classes
+
+
+@dataclass(frozen=True)
+class DiTConfig(Config, DataShape):
+    """Hyper-parameters of a DiT; names follow the official `DiT.__init__`."""
+
+    input_size: int = field(default=32, metadata=positive("input size (latent or pixels)"))
+    patch_size: int = field(default=2, metadata=positive("patch size"))
+    in_channels: int = field(default=4, metadata=positive("input channels"))
+    hidden_size: int = field(default=1152, metadata=positive("hidden size"))
+    depth: int = field(default=28, metadata=positive("number of blocks"))
+    num_heads: int = field(default=16, metadata=positive("attention heads"))
+    mlp_ratio: float = field(default=4.0, metadata=positive("MLP width / hidden size"))
+    class_dropout_prob: float = field(default=0.1, metadata=option("label dropout", ge=0, lt=1))
+    num_classes: int = field(default=1000, metadata=positive("number of classes"))
+    learn_sigma: bool = field(default=True, metadata=option("output the variance too"))
+    block: str = field(default="adaln_zero", metadata=option("conditioning design"))
+
+    def __post_init__(self):
+        object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"block {self.block!r} is not one of {', '.join(BLOCKS)}; pick one of those.")
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
+                f"use an input size that is a multiple of {self.patch_size}."
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
+                "choose a head count that divides it."
+            )
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> "DiTConfig":
+        """One of the paper's 12 configs ("DiT-XL/2", ...) with any field overridden."""
+        key = name.removeprefix("DiT-")
+        size, _, patch = key.partition("/")
+        if size not in PRESET_SIZES or patch not in ("2", "4", "8"):
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
+        depth, hidden, heads = PRESET_SIZES[size]
+        base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+        known = {f.name for f in fields(DiTConfig)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown DiT config field(s) {sorted(unknown)}; known: {sorted(known)}.")
+        return DiTConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+@dataclass(frozen=True)
+class UNetConfig(Config, DataShape):
+    """A class-conditional UNet2DModel laid out as ADM's: `levels` resolutions with channel
+    multipliers (1, 2, 2, ...), two ResNet blocks per level, self-attention at every level but the
+    first and in the middle block, the class embedding added to the time embedding. Data fields
+    mirror DiTConfig's, so the Trainer and the samplers treat it as they treat a DiT."""
+
+    input_size: int = field(metadata=positive("input size"))
+    in_channels: int = field(metadata=positive("input channels"))
+    num_classes: int = field(metadata=positive("number of classes"))
+    learn_sigma: bool = True
+    class_dropout_prob: float = field(default=0.1, metadata=option("label dropout", ge=0, lt=1))
+    base_channels: int = field(default=64, metadata=positive("width of the first level"))
+    layers_per_block: int = field(default=2, metadata=positive("ResNet blocks per level"))
+
+    @property
+    def levels(self) -> int:
+        """Resolutions down to 8 px or 4 px (3 at most): 32 -> 32, 16, 8; 8 -> 8, 4."""
+        return max(1, min(3, int(math.log2(self.input_size)) - 1))
+
+    @property
+    def block_out_channels(self) -> tuple[int, ...]:
+        return tuple(self.base_channels * min(2, 1 + i) for i in range(self.levels))
+
+    @classmethod
+    def from_dit(cls, c: DiTConfig, base_channels: int) -> "UNetConfig":
+        return cls(input_size=c.input_size, in_channels=c.in_channels, num_classes=c.num_classes, learn_sigma=c.learn_sigma,
+                   class_dropout_prob=c.class_dropout_prob, base_channels=base_channels)  # fmt: skip
+
+
+# ================================================================================================
+# Objectives
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(Config):
+    """What the network is trained to predict and how t is drawn; recorded with every model.
+    gaussian: the paper's diffusion (eps and, with learn_sigma, the variance; uniform integer t).
+    flow: SiT's interpolant (velocity; t in [0, 1], 0 = noise, 1 = data)."""
+
+    objective: str = field(default="gaussian", metadata=option("gaussian (the paper's diffusion) or flow (SiT / rectified flow)", choices=OBJECTIVES))
+    path: str = field(default="linear", metadata=option("flow path: linear (alpha = t, sigma = 1 - t) or gvp (sin, cos of pi t / 2)", choices=FLOW_PATHS))
+    t_sampling: str = field(default="uniform", metadata=option("flow training times: uniform, or logit-normal (SD3)", choices=T_SAMPLINGS))
+    t_mean: float = field(default=0.0, metadata=option("mean of the logit-normal times (SD3: 0)"))
+    t_std: float = field(default=1.0, metadata=positive("standard deviation of the logit-normal times (SD3: 1)"))
+    time_shift: float = field(default=1.0, metadata=positive("SD3 time shift s: t -> t / (t + s (1 - t)), more time near noise for s > 1; training times and the default sampling grid"))
+    time_scale: float = field(default=1.0, metadata=positive("the network sees t * time_scale (SiT: 1; 1000 puts flow times on the diffusion's scale)"))
+
+    def check(self) -> None:
+        if self.objective == "gaussian":
+            changed = [f.name for f in fields(self) if f.name != "objective" and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to --objective flow; drop them or use --objective flow.")
+
+    def to_dict(self) -> dict:
+        if self.objective == "gaussian":
+            return {"objective": "gaussian"}
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# ================================================================================================
+# Commands
+
+_CKPT = "checkpoint: official .pt (DiT or SiT), a ditkit model folder or training checkpoint (default: the bundled model)"
+_VAE = "AutoencoderKL folder or hub id; 'ema'/'mse' = stabilityai/sd-vae-ft-*"
+_DEVICE = "cpu, cuda, cuda:N, or auto"
+
+
+@dataclass(frozen=True)
+class SamplingOptions(Config):
+    """The sampling settings shared by `ditkit sample`, `ditkit sample-npz` and `ditkit serve`.
+    None means: what the checkpoint records, else the official defaults."""
+
+    ckpt: str | None = field(default=None, metadata=option(_CKPT))
+    model: str | None = field(default=None, metadata=option("preset such as DiT-XL/2 (default: read from the checkpoint)"))
+    vae: str | None = field(default=None, metadata=option(_VAE))
+    objective: str | None = field(default=None, metadata=option("objective of an official .pt: gaussian (DiT) or flow (SiT); ditkit checkpoints record theirs", choices=OBJECTIVES))
+    path: str | None = field(default=None, metadata=option("flow path of an official SiT .pt (default linear)", choices=FLOW_PATHS))
+    image_size: int | None = field(default=None, metadata=positive("image size in pixels (default: from the checkpoint)"))
+    num_classes: int | None = field(default=None, metadata=positive("number of classes (default: from the checkpoint)"))
+    cfg_scale: float | None = field(default=None, metadata=option("classifier-free guidance scale; 1 = none (default: the model's, else 4.0)", ge=0))
+    cfg_channels: int | None = field(default=None, metadata=positive("guide only the first N output channels (3 = official); default: 3 for official .pt files, else all"))
+    cfg_interval: tuple[float, ...] = field(default=(), metadata=option("guide only for t in [LO, HI] (t = 0 noise, 1 data; e.g. 0.1 1.0)", ge=0, le=1))
+    num_sampling_steps: int | None = field(default=None, metadata=option("number of sampling steps (default: the model's, else 250)", gt=0, le=10_000))
+    sampler: str | None = field(default=None, metadata=option("sampler (default: the model's, else ddpm / dopri5)", choices=SAMPLERS))
+    time_shift: float | None = field(default=None, metadata=positive("flow samplers: SD3 shift of the time grid (default: the model's, else 1)"))
+    eta: float = field(default=0.0, metadata=option("DDIM eta", ge=0))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+    precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
+
+    def check(self) -> None:
+        if self.cfg_interval and (len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]):
+            raise ValueError(f"--cfg-interval takes two numbers LO <= HI in [0, 1], got {' '.join(map(str, self.cfg_interval))}.")
+        if self.model is not None and self.model not in PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS)}.")
+
+
+@dataclass(frozen=True)
+class SampleConfig(SamplingOptions):
+    """Sample a checkpoint to a PNG grid (the bundled Fashion-MNIST model by default)."""
+
+    classes: tuple[int, ...] = field(default=(), metadata=option("class ids to sample, cycled over the samples (default: every class, or 8 ImageNet demo classes)", ge=0))
+    num_samples: int | None = field(default=None, metadata=option("number of samples (default: 4 per class for up to 16 classes, else one per class)", gt=0, le=100_000))
+    seed: int = field(default=0, metadata=option("global seed for the initial and per-step noise"))
+    batch_size: int = field(default=64, metadata=positive("samples per model batch"))
+    out: str = field(default="samples", metadata=option("output folder: grid.png and one PNG per sample"))
+
+
+@dataclass(frozen=True)
+class SampleNpzConfig(SamplingOptions):
+    """Sample N images with uniformly random (seeded) labels into the ADM evaluator's .npz
+    (arr_0 uint8 N×H×W×C, labels int64). Under torchrun each process samples its slice."""
+
+    seed: int = field(default=0, metadata=option("seed of the labels and, per process, of the noise (seed * world_size + rank)"))
+    batch_size: int = field(default=64, metadata=positive("samples per model batch, per process"))
+    num_samples: int = field(default=50_000, metadata=positive("number of samples; FID-50K takes 50000"))
+    out: str = field(default="samples.npz", metadata=option("output .npz file"))
+
+    def check(self) -> None:
+        super().check()
+        if not self.out.endswith(".npz"):
+            raise ValueError(f"--out {self.out} must end in .npz; the ADM evaluator reads .npz files.")
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """Evaluate samples against a reference set: FD-EffNet (offline) and Fashion-MNIST class
+    accuracy always; FID, sFID, Inception Score, precision and recall (ADM's definitions) when the
+    FID Inception weights are available."""
+
+    samples: str | None = field(default=None, metadata=option("samples .npz (arr_0 uint8 N×H×W×C, optional labels), or a dataset name such as fashion-mnist-train:10000"))
+    ref: str | None = field(default=None, metadata=option("reference .npz in the same format, or fashion-mnist (its test split)"))
+    inception: str | None = field(default=None, metadata=option("FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: look in ~/.cache/ditkit and torch hub's checkpoints; skip FID etc. if absent)"))
+    accuracy: bool = field(default=True, metadata=option("report the class accuracy under the bundled Fashion-MNIST classifier (32x32 gray samples with labels)"))
+    batch_size: int = field(default=64, metadata=positive("images per feature-network batch"))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+    cache_dir: str | None = field(default=None, metadata=option("where reference statistics and dataset .npz files are kept (default: $XDG_CACHE_HOME/ditkit or ~/.cache/ditkit)"))
+    json: bool = field(default=False, metadata=option("print the results as JSON instead of a table"))
+
+    def check(self) -> None:
+        if not self.samples:
+            raise ValueError("--samples is required; pass the .npz written by ditkit sample-npz.")
+        if not self.ref:
+            raise ValueError("--ref is required; pass a reference .npz or fashion-mnist.")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
+
+    data_path: str = field(default="fashion-mnist", metadata=option("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits"))
+    results_dir: str = field(default="results", metadata=option("experiments are written to RESULTS_DIR/NNN-MODEL/"))
+    model: str = field(default="DiT-XL/2", metadata=option("preset", choices=PRESETS))
+    depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
+    hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
+    num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
+    patch_size: int | None = field(default=None, metadata=positive("override the preset's patch size"))
+    block: str = field(default="adaln_zero", metadata=option("conditioning design", choices=BLOCKS + tuple(BLOCK_ALIASES)))
+    learn_sigma: bool = field(default=True, metadata=option("learn the variance (hybrid MSE + VB loss; flow models ignore the extra channels)"))
+    class_dropout_prob: float = field(default=0.1, metadata=option("label dropout for classifier-free guidance", ge=0, lt=1))
+    objective: str = field(default="gaussian", metadata=ObjectiveConfig.__dataclass_fields__["objective"].metadata)
+    path: str = field(default="linear", metadata=ObjectiveConfig.__dataclass_fields__["path"].metadata)
+    t_sampling: str = field(default="uniform", metadata=ObjectiveConfig.__dataclass_fields__["t_sampling"].metadata)
+    t_mean: float = field(default=0.0, metadata=ObjectiveConfig.__dataclass_fields__["t_mean"].metadata)
+    t_std: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["t_std"].metadata)
+    time_shift: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_shift"].metadata)
+    time_scale: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_scale"].metadata)
+    image_size: int | None = field(default=None, metadata=positive("image size in pixels (default: the dataset's own)"))
+    channels: int | None = field(default=None, metadata=option("1 or 3 image channels (default: the dataset's own)", choices=(1, 3)))
+    num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
+    vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
+    epochs: int = field(default=1400, metadata=positive("number of epochs"))
+    max_steps: int | None = field(default=None, metadata=positive("stop after this many steps"))
+    global_batch_size: int = field(default=256, metadata=positive("batch size summed over all processes"))
+    global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
+    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=nonnegative("AdamW weight decay"))
+    warmup_steps: int = field(default=0, metadata=nonnegative("linear learning-rate warm-up steps (the paper: none)"))
+    ema_decay: float = field(default=0.9999, metadata=option("EMA decay, applied every step", ge=0, lt=1))
+    flip: bool = field(default=True, metadata=option("random horizontal flips"))
+    num_workers: int = field(default=4, metadata=nonnegative("data loader processes per rank"))
+    on_bad_image: str = field(default="skip", metadata=option("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
+    log_every: int = field(default=100, metadata=positive("log the all-reduced loss every N steps"))
+    ckpt_every: int = field(default=50_000, metadata=positive("checkpoint every N steps (and always at the last step)"))
+    keep_last: int = field(default=3, metadata=positive("keep the newest K checkpoints"))
+    keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
+    sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
+    resume: str | None = field(default=None, metadata=option("checkpoint path, or 'latest' in RESULTS_DIR"))
+    precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
+    compile: bool = field(default=False, metadata=option("torch.compile the model"))
+    grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
+    parallel: str = field(default="ddp", metadata=option("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
+    device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
+
+    def check(self) -> None:
+        self.objective_config()  # flow-only settings on a gaussian run fail here
+
+    def objective_config(self) -> ObjectiveConfig:
+        return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
+
+    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
+        overrides = {f: getattr(self, f) for f in ("depth", "hidden_size", "num_heads", "patch_size")}
+        return DiTConfig.from_preset(
+            self.model, **overrides, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+            learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExtractConfig(Config):
+    """Encode every image and its mirror image with the VAE into a latent store (posterior mean and
+    log-variance). Training reads the store like any data path and draws a fresh sample of each
+    latent every epoch. Under torchrun, each process encodes its share; an interrupted run
+    resumes when started again with the same settings."""
+
+    data_path: str | None = field(default=None, metadata=option("image folder or named dataset (fashion-mnist, mnist, digits)", aliases=("--data",)))
+    image_size: int | None = field(default=None, metadata=positive("image size in pixels, a multiple of the VAE's factor (default: 256 for folders, the dataset's own for named ones)"))
+    split: str = field(default="train", metadata=option("split of a named dataset", choices=SPLITS))
+    vae: str = field(default="ema", metadata=option(_VAE))
+    batch_size: int = field(default=32, metadata=positive("images per process per VAE call (each goes with its mirror image)"))
+    num_workers: int = field(default=4, metadata=nonnegative("data-loading processes per process"))
+    dtype: str = field(default="float32", metadata=option("storage type of the latents; float16 halves the disk space", choices=STORE_DTYPES))
+    on_bad_image: str = field(default="skip", metadata=option("unreadable image: skip it (use the next one) or stop", choices=BAD_IMAGE_ACTIONS))
+    device: str = field(default="auto", metadata=option("cpu, cuda, cuda:N, or auto (under torchrun: the process's local GPU)"))
+    out: str = field(default="latents", metadata=option("output folder of the latent store"))
+
+    def check(self) -> None:
+        if not self.data_path:
+            raise ValueError("no data given; pass --data-path with an image folder or a named dataset (fashion-mnist, mnist, digits).")
+
+
+@dataclass(frozen=True)
+class FlopsConfig(Config):
+    """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs."""
+
+    model: tuple[str, ...] = field(default=PRESETS, metadata=option("presets to count", aliases=("--models",), choices=PRESETS))
+    image_size: int = field(default=256, metadata=positive("image size in pixels; 4-channel latent models see image_size/8"))
+    input_size: int | None = field(default=None, metadata=positive("the model's input size (latent or pixels), overriding --image-size"))
+    in_channels: int = field(default=4, metadata=positive("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models"))
+    num_classes: int = field(default=1000, metadata=positive("number of classes"))
+    block: tuple[str, ...] = field(default=("adaln_zero",), metadata=option(f"block design(s): {', '.join(BLOCKS)}", choices=BLOCKS + tuple(BLOCK_ALIASES)))
+    json: bool = field(default=False, metadata=option("print a JSON list instead of the table"))
+
+    def check(self) -> None:
+        if not self.model:
+            raise ValueError(f"--model needs at least one preset; choose from {', '.join(PRESETS)}.")
+        if not self.block:
+            raise ValueError(f"--block needs at least one design; choose from {', '.join(BLOCKS)}.")
+        object.__setattr__(self, "block", tuple(BLOCK_ALIASES.get(b, b) for b in self.block))
+        if self.input_size is None and self.latent and self.image_size % SD_VAE_FACTOR:
+            raise ValueError(
+                f"image size {self.image_size} is not divisible by the VAE's factor {SD_VAE_FACTOR}; "
+                f"use a multiple of {SD_VAE_FACTOR} or give --input-size."
+            )
+
+    @property
+    def latent(self) -> bool:
+        return self.in_channels not in (1, 3)
+
+    @property
+    def resolved_input_size(self) -> int:
+        if self.input_size is not None:
+            return self.input_size
+        return self.image_size // SD_VAE_FACTOR if self.latent else self.image_size
+
+
+def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:
+    """depth, hidden_size and num_heads of a preset after the study's divisors."""
+    depth, hidden, heads = PRESET_SIZES[preset.removeprefix("DiT-").partition("/")[0]]
+    if hidden % (width_divisor * heads):
+        raise ValueError(f"--width-divisor {width_divisor} does not divide {preset}'s hidden size {hidden} into {heads} equal heads; "
+                         f"use a divisor of {hidden // heads}.")  # fmt: skip
+    return {"depth": max(1, round(depth / depth_divisor)), "hidden_size": hidden // width_divisor, "num_heads": heads}
+
+
+@dataclass(frozen=True)
+class StudyConfig(Config):
+    """Train a grid of DiT configs (model size x patch size, the four block designs, a U-Net
+    baseline) for a fixed budget each, score each checkpoint offline (FD-EffNet and, on
+    Fashion-MNIST, class accuracy) and plot the paper's scaling figures. Resumable: run the same
+    command again after an interruption."""
+
+    out: str = field(default="study", metadata=option("study folder: runs, results.csv/json and plots"))
+    data_path: str = field(default="fashion-mnist", metadata=option("pixel-space data: fashion-mnist (32x32, so p = 2, 4, 8 divide), mnist, digits or an image folder"))
+    models: tuple[str, ...] = field(default=("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8"), metadata=option("presets of the size x patch grid (adaLN-Zero blocks)", choices=PRESETS))
+    blocks: tuple[str, ...] = field(default=BLOCKS, metadata=option(f"block designs compared at --block-model (Figure 5): {', '.join(BLOCKS)}", choices=BLOCKS + tuple(BLOCK_ALIASES)))
+    block_model: str = field(default="DiT-S/2", metadata=option("preset the block designs are compared at (the paper: DiT-XL/2)", choices=PRESETS))
+    unet: bool = field(default=True, metadata=option("also train a U-Net baseline (diffusers' UNet2DModel)"))
+    unet_match: str = field(default="DiT-S/2", metadata=option("the U-Net's width is chosen so that its Gflops match this preset's (after the divisors)", choices=PRESETS))
+    width_divisor: int = field(default=1, metadata=positive("divide every preset's hidden size by this (head count kept, so heads get narrower): a CPU-sized grid with the presets' ratios"))
+    depth_divisor: int = field(default=1, metadata=positive("divide every preset's depth by this (rounded, at least 1 block)"))
+    steps: int = field(default=5000, metadata=positive("training steps of every run: the fixed budget (raise it to extend a finished study)"))
+    eval_every: int = field(default=1000, metadata=positive("checkpoint and evaluate every N steps (and at the last step)"))
+    num_eval_samples: int = field(default=2000, metadata=option("samples per evaluation; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)", ge=2))
+    sampler: str = field(default="ddim", metadata=option("sampler for the evaluation samples", choices=SAMPLERS))
+    num_sampling_steps: int = field(default=50, metadata=positive("sampling steps for the evaluation samples"))
+    cfg_scale: float = field(default=1.0, metadata=option("classifier-free guidance scale of the evaluation samples (the paper's scaling figures: 1, none)", ge=0))
+    eval_batch_size: int = field(default=256, metadata=positive("samples per model batch when evaluating"))
+    global_batch_size: int = field(default=256, metadata=positive("training batch size"))
+    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate (the paper's 1e-4)"))
+    warmup_steps: int = field(default=0, metadata=nonnegative("linear learning-rate warm-up steps (the paper: none)"))
+    ema_decay: float = field(default=0.999, metadata=option("EMA decay; the paper's 0.9999 averages ~10k steps and would score mostly the initial weights of short runs", ge=0, lt=1))
+    seed: int = field(default=0, metadata=option("seed of every run, and of the evaluation labels and noise", ge=0))
+    log_every: int = field(default=100, metadata=positive("log the loss (and move the progress bar) every N steps"))
+    num_workers: int = field(default=2, metadata=nonnegative("data loader processes"))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+    precision: str = field(default="fp32", metadata=option("training precision; evaluation samples in the same", choices=("fp32", "bf16")))
+
+    def check(self) -> None:
+        object.__setattr__(self, "blocks", tuple(BLOCK_ALIASES.get(b, b) for b in self.blocks))
+        if SAMPLER_OBJECTIVE[self.sampler] != "gaussian":
+            raise ValueError(f"the study trains the paper's diffusion; pick a diffusion sampler ({', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == 'gaussian')}).")
+        if not (self.models or self.blocks or self.unet):
+            raise ValueError("the study has no runs; give --models, --blocks or --unet.")
+        for preset in {*self.models, self.block_model, self.unet_match}:
+            scaled_sizes(preset, self.width_divisor, self.depth_divisor)  # raises on sizes that do not divide

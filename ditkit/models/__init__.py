@@ -1,0 +1,7 @@
+"""Networks: forward(...) only; no loss, no guidance, no distributed code."""
+
+from ..config import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiTConfig, UNetConfig
+from .dit import DiT
+from .layers import LabelEmbedder
+
+__all__ = ["BLOCKS", "PRESET_SIZES", "PRESETS", "DataShape", "DiTConfig", "UNetConfig", "DiT", "LabelEmbedder"]

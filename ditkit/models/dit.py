@@ -1,0 +1,169 @@
+"""The Diffusion Transformer of Peebles & Xie (2023), read top to bottom.
+
+State-dict keys and shapes equal the official release, so its checkpoints load with
+strict=True. The model knows nothing of losses, guidance or distribution: forward(x, t, y).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiTConfig
+from .layers import (
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    _norm,
+    get_2d_sincos_pos_embed,
+    modulate,
+)
+
+__all__ = ["BLOCKS", "PRESET_SIZES", "PRESETS", "DataShape", "DiTConfig", "DiT"]
+
+
+class DiTBlock(nn.Module):
+    """One transformer block in any of the paper's four conditioning designs.
+
+    adaln_zero: shift, scale and a residual gate per branch regressed from c (gates start at 0).
+    adaln: shift and scale only.  cross_attn: c as two tokens attended after self-attention.
+    in_context: c already sits in the sequence as tokens, so the block is a plain ViT block.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, block: str):
+        super().__init__()
+        self.block = block
+        self.norm1 = _norm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = _norm(hidden_size)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        if block == "cross_attn":
+            self.norm_cross = _norm(hidden_size)
+            self.cross_attn = CrossAttention(hidden_size, num_heads)
+        n_mod = {"adaln_zero": 6, "adaln": 4}.get(block)
+        if n_mod:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n_mod * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.block == "adaln_zero":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        if self.block == "adaln":
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        x = x + self.attn(self.norm1(x))
+        if self.block == "cross_attn":
+            x = x + self.cross_attn(self.norm_cross(x), c)  # c: (N, 2, D)
+        return x + self.mlp(self.norm2(x))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool):
+        super().__init__()
+        self.norm_final = _norm(hidden_size)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        if modulated:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        x = self.norm_final(x)
+        if c is not None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+            x = modulate(x, shift, scale)
+        return self.linear(x)  # (N, T, p*p*C_out)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer. `forward(x, t, y)` -> (N, C or 2C, H, W); y == num_classes is null."""
+
+    def __init__(self, config: DiTConfig | None = None, **kwargs):
+        super().__init__()
+        if config is None:
+            config = DiTConfig(**kwargs)
+        elif kwargs:
+            config = replace(config, **kwargs)
+        self.config = config
+        c = config
+        self.in_channels, self.out_channels = c.in_channels, c.out_channels
+        self.patch_size, self.num_heads, self.num_classes = c.patch_size, c.num_heads, c.num_classes
+        self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
+
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
+        self.num_patches = (c.input_size // c.patch_size) ** 2
+        # Fixed sin-cos embedding, a frozen parameter so official checkpoints carry it.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.block) for _ in range(c.depth))
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, c.block.startswith("adaln"))
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "DiT":
+        return cls(DiTConfig.from_preset(name, **overrides))
+
+    def initialize_weights(self) -> None:
+        """Initialisation of the official code; adaLN-Zero's zeros written out."""
+
+        def _basic_init(m: nn.Module) -> None:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+        self.apply(_basic_init)
+        grid = int(self.num_patches**0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on flattened patches
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.block == "adaln_zero":
+            for block in self.blocks:  # every residual branch starts as the identity
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        if self.config.block.startswith("adaln"):
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)  # the first prediction is exactly zero
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input; t: (N,) timesteps; y: (N,) labels, num_classes = null."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        t_emb = self.t_embedder(t)  # (N, D)
+        y_emb = self.y_embedder(y)  # (N, D)
+        block = self.config.block
+        if block.startswith("adaln"):
+            c = t_emb + y_emb  # (N, D)
+        else:
+            c = torch.stack([t_emb, y_emb], dim=1)  # (N, 2, D)
+            if block == "in_context":
+                x = torch.cat([c, x], dim=1)  # (N, 2 + T, D)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, c, use_reentrant=False)
+            else:
+                x = blk(x, c)
+        if block == "in_context":
+            x = x[:, 2:]  # drop the conditioning tokens before decoding
+        x = self.final_layer(x, c if block.startswith("adaln") else None)  # (N, T, p*p*C_out)
+        return self.unpatchify(x)  # (N, C_out, H, W)

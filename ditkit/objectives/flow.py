@@ -1,0 +1,126 @@
+"""Flow matching: SiT's stochastic interpolants (Ma et al. 2024) and rectified flow (SD3).
+
+Conventions are SiT's: t in [0, 1], t = 0 is noise and t = 1 is data, and
+    x_t = alpha_t * data + sigma_t * noise,   u_t = d(alpha_t)/dt * data + d(sigma_t)/dt * noise,
+with alpha = t, sigma = 1 - t on the linear path and alpha = sin(pi t / 2), sigma = cos(pi t / 2)
+on the GVP path. The network predicts the velocity u_t and sees t * time_scale (SiT: t as is); a
+learn_sigma network gives its velocity in its first C output channels.
+
+Beyond SiT, for ditkit's own models: logit-normal training times (SD3), the SD3 time shift
+t -> t / (t + s (1 - t)) (s > 1 spends more of training and sampling near noise), and a time
+scale for the timestep embedder.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import FLOW_PATHS, T_SAMPLINGS, ObjectiveConfig
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, ..., 1)
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's shift in SiT's time: the noise level 1 - t becomes s(1 - t) / (1 + (s - 1)(1 - t))."""
+    return t if shift == 1.0 else t / (t + shift * (1 - t))
+
+
+class FlowMatching:
+    """The interpolant objective: `interpolate`, `training_losses`, and the velocity the flow
+    samplers integrate from t = 0 (noise) to t = 1 (data)."""
+
+    name = "flow"
+
+    def __init__(self, path: str = "linear", prediction: str = "velocity", t_sampling: str = "uniform",
+                 t_mean: float = 0.0, t_std: float = 1.0, time_shift: float = 1.0, time_scale: float = 1.0):  # fmt: skip
+        if prediction != "velocity":
+            raise ValueError(f"prediction {prediction!r} is not supported; ditkit's flow models predict the velocity (prediction='velocity').")
+        self.config = ObjectiveConfig(objective="flow", path=path, t_sampling=t_sampling, t_mean=t_mean, t_std=t_std,
+                                      time_shift=time_shift, time_scale=time_scale)  # fmt: skip
+        self.path, self.prediction = path, prediction
+        self.t_sampling, self.t_mean, self.t_std = t_sampling, t_mean, t_std
+        self.time_shift, self.time_scale = time_shift, time_scale
+        assert path in FLOW_PATHS and t_sampling in T_SAMPLINGS
+
+    @classmethod
+    def from_config(cls, c: ObjectiveConfig) -> "FlowMatching":
+        return cls(path=c.path, t_sampling=c.t_sampling, t_mean=c.t_mean, t_std=c.t_std, time_shift=c.time_shift, time_scale=c.time_scale)
+
+    def __repr__(self) -> str:
+        return f"FlowMatching({', '.join(f'{k}={v!r}' for k, v in self.config.to_dict().items() if k != 'objective')})"
+
+    # -- the path ---------------------------------------------------------------------------
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t, d alpha / dt, d sigma / dt), shaped like t."""
+        if self.path == "linear":
+            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+        half_pi = math.pi / 2
+        return torch.sin(t * half_pi), torch.cos(t * half_pi), half_pi * torch.cos(t * half_pi), -half_pi * torch.sin(t * half_pi)
+
+    def interpolate(self, data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, u_t) for data, noise and times t of shape (N,)."""
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(_expand(t, data))
+        return alpha * data + sigma * noise, d_alpha * data + d_sigma * noise
+
+    # -- training ---------------------------------------------------------------------------
+    def draw_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """Training times: uniform in [0, 1) or logit-normal, then the time shift."""
+        if self.t_sampling == "uniform":
+            t = torch.rand(n, generator=generator, device=device)
+        else:  # SD3: noise level sigmoid(N(mean, std)), t = 1 - that
+            t = 1 - torch.sigmoid(self.t_mean + self.t_std * torch.randn(n, generator=generator, device=device))
+        return shift_time(t, self.time_shift)
+
+    def velocity(self, model_fn, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
+        """The network's velocity at (x, t): its first C channels, with t on the network's scale."""
+        return model_fn(x, t * self.time_scale, **model_kwargs)[:, : x.shape[1]]
+
+    def training_losses(self, model, data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, **model_kwargs):
+        """{"loss": (N,)}: the per-sample mean of (v - u_t)^2, SiT's velocity loss."""
+        if noise is None:
+            noise = torch.randn_like(data)
+        xt, ut = self.interpolate(data, noise, t)
+        out = model(xt, t * self.time_scale, **model_kwargs)
+        C = data.shape[1]
+        assert out.shape[0] == data.shape[0] and out.shape[1] in (C, 2 * C) and out.shape[2:] == data.shape[2:], out.shape
+        return {"loss": mean_flat((out[:, :C].float() - ut) ** 2)}
+
+    # -- sampling ---------------------------------------------------------------------------
+    def unit_time(self, t_net: torch.Tensor) -> torch.Tensor:
+        """The network's time on ditkit's common [0, 1] scale (0 = noise, 1 = data)."""
+        return t_net / self.time_scale
+
+    def time_grid(self, steps: int, t0: float = 0.0, t1: float = 1.0, shift: float | None = None, device=None) -> torch.Tensor:
+        """steps + 1 times from t0 to t1 (float32, as SiT's linspace), shifted like training unless told otherwise."""
+        t = torch.linspace(t0, t1, steps + 1, device=device)
+        return shift_time(t, self.time_shift if shift is None else shift)
+
+    def score(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """grad log p_t(x) from the velocity (SiT's get_score_from_velocity)."""
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(_expand(t, x))
+        ratio = alpha / d_alpha
+        return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)
+
+    def sde_diffusion(self, x: torch.Tensor, t: torch.Tensor, form: str = "sigma", norm: float = 1.0) -> torch.Tensor:
+        """SiT's diffusion coefficient w(t) of the reverse SDE dx = (v + w score) dt + sqrt(2 w) dW."""
+        t = _expand(t, x)
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(t)
+        forms = {
+            "constant": lambda: norm * torch.ones_like(t),
+            "SBDM": lambda: norm * (d_alpha / alpha * sigma**2 - sigma * d_sigma),
+            "sigma": lambda: norm * sigma,
+            "linear": lambda: norm * (1 - t),
+            "decreasing": lambda: 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2,
+            "increasing-decreasing": lambda: norm * torch.sin(math.pi * t) ** 2,
+        }
+        if form not in forms:
+            raise ValueError(f"unknown SDE diffusion form {form!r}; choose one of {', '.join(forms)}.")
+        return forms[form]()

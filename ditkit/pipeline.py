@@ -1,0 +1,250 @@
+"""A checkpoint -> model + objective + sampling settings + VAE: the one setup behind `ditkit sample`,
+`ditkit sample-npz`, the training sample grids and `ditkit study`.
+
+Sampling settings resolve in this order: what the caller gives, what the checkpoint records
+(`config.json`'s "sampling", a training checkpoint's "sampling"), and the official defaults of the
+objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import SAMPLER_OBJECTIVE, DiTConfig, ObjectiveConfig, SamplingOptions
+from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
+from .samplers import DEFAULT_SAMPLER, check_guidance, check_sampler, sample
+
+BUNDLED = Path(__file__).parent / "assets" / "fashion-mnist"
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+# The official sample.py's demo classes (ImageNet): used for 1000-class models when none are given.
+IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
+# The official sample.py defaults of DiT and SiT (`sample.py ODE`), used when nothing else says.
+OFFICIAL_SAMPLING = {
+    "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
+    "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
+}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Resolved sampling settings of a pipeline."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float = 1.0
+    cfg_channels: int | None = None
+    cfg_interval: tuple[float, float] | None = None
+    eta: float = 0.0
+    time_shift: float | None = None
+    precision: str = "fp32"
+
+    def to_dict(self) -> dict:
+        """The "sampling" entry a model folder records (the keys of SamplingOptions)."""
+        d = {"sampler": self.sampler, "num_sampling_steps": self.steps, "cfg_scale": self.cfg_scale}
+        if self.cfg_interval is not None:
+            d["cfg_interval"] = list(self.cfg_interval)
+        if self.time_shift is not None:
+            d["time_shift"] = self.time_shift
+        return d
+
+    def describe(self) -> str:
+        text = f"{self.sampler}, {self.steps} steps, cfg {self.cfg_scale:g}"
+        if self.cfg_interval is not None and self.cfg_scale != 1:
+            text += f" on t in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        if self.cfg_channels is not None:
+            text += f" ({self.cfg_channels} channels)"
+        return text
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu.")
+    return device
+
+
+def load_vae(name: str, device: torch.device):
+    """diffusers' AutoencoderKL from a local folder or (when online) a hub id."""
+    from diffusers import AutoencoderKL
+
+    repo = VAE_SHORTHANDS.get(name, name)
+    try:
+        vae = AutoencoderKL.from_pretrained(repo)
+    except Exception as e:
+        where = "folder" if Path(repo).exists() else "hub id"
+        raise ValueError(
+            f"cannot load the VAE from {where} {repo!r} ({type(e).__name__}); pass --vae with a local "
+            "AutoencoderKL folder (config.json + weights) or a hub id while online."
+        ) from None
+    return vae.to(device).eval()
+
+
+def vae_factor(vae) -> int:
+    """Pixels per latent cell: one halving per encoder block after the first."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Latents (scaled as in training) -> images in [-1, 1]."""
+    return vae.decode(z / vae.config.scaling_factor).sample
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded as the official sample_ddp.py."""
+    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
+def save_grid(images: np.ndarray, path: str | Path, ncol: int, pad: int = 2) -> None:
+    """(N, H, W, C) uint8 -> one PNG grid with `ncol` columns."""
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+@dataclass
+class Pipeline:
+    """A network with its objective, sampling settings and (for latent models) its VAE."""
+
+    model: torch.nn.Module
+    objective: GaussianDiffusion | FlowMatching
+    sampling: Sampling
+    vae: object | None = None
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self):
+        check_sampler(self.sampling.sampler, objective_name(self.objective))
+        check_guidance(self.sampling.cfg_scale, self.sampling.cfg_channels, self.sampling.cfg_interval, self.config.in_channels)
+
+    @property
+    def config(self) -> DiTConfig:
+        return self.model.config
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        c = self.config
+        return torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=generator, device=self.device)
+
+    def latents(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """Samples in the model's input space for labels y; noise from `generator` (or the global RNG)
+        unless given, and the per-step noise of stochastic samplers from the same source."""
+        s = self.sampling
+        noise = self.noise(len(y), generator) if noise is None else noise
+        options = {"time_shift": s.time_shift} if isinstance(self.objective, FlowMatching) and s.time_shift is not None else {}
+        return sample(self.model, self.objective, noise, y.to(self.device), sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+                      cfg_channels=s.cfg_channels, cfg_interval=s.cfg_interval, eta=s.eta, generator=generator,
+                      precision=s.precision, progress=progress, clip_denoised=self.vae is None, **options)  # fmt: skip
+
+    def images(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               progress: bool = False) -> torch.Tensor:  # fmt: skip
+        """Images in [-1, 1] (decoded by the VAE for latent models)."""
+        z = self.latents(y, noise, generator, progress)
+        return decode(self.vae, z) if self.vae is not None else z
+
+
+def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, official: bool) -> Sampling:
+    """Flags over what the checkpoint records over the objective's official defaults."""
+    base = {**OFFICIAL_SAMPLING[objective], **recorded}
+    if SAMPLER_OBJECTIVE.get(base["sampler"]) != objective:  # a recorded sampler of the other objective
+        base["sampler"] = DEFAULT_SAMPLER[objective]
+    pick = lambda name: getattr(opts, name) if getattr(opts, name) is not None else base.get(name)  # noqa: E731
+    interval = tuple(opts.cfg_interval) if opts.cfg_interval else (tuple(base["cfg_interval"]) if base.get("cfg_interval") else None)
+    return Sampling(
+        sampler=pick("sampler"), steps=pick("num_sampling_steps"), cfg_scale=pick("cfg_scale"),
+        cfg_channels=opts.cfg_channels if opts.cfg_channels is not None else (3 if official else None),
+        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision,
+    )  # fmt: skip
+
+
+def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = None) -> Pipeline:
+    """Model, objective, sampling settings and VAE from the SamplingOptions fields (cheap checks first)."""
+    from .checkpoints import infer_config, load_model, read_checkpoint
+
+    device = resolve_device(opts.device) if device is None else torch.device(device)
+    ckpt = opts.ckpt
+    if ckpt is None:
+        if not (BUNDLED / "model.safetensors").exists():
+            raise FileNotFoundError(f"this install has no bundled model at {BUNDLED}; pass --ckpt with a checkpoint.")
+        ckpt = str(BUNDLED)
+    if opts.sampler is not None and opts.objective is not None:
+        check_sampler(opts.sampler, opts.objective)
+    check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
+    ck = read_checkpoint(ckpt)
+    recorded = ck.meta.get("objective")
+    if recorded is not None:
+        objective_config = ObjectiveConfig(**recorded)
+        if opts.objective is not None and opts.objective != objective_config.objective:
+            raise ValueError(f"{ckpt} records a {objective_config.objective} model; drop --objective {opts.objective} (or pass --objective {objective_config.objective}).")
+        if opts.path is not None and opts.path != objective_config.path:
+            raise ValueError(f"{ckpt} records the {objective_config.path} path; drop --path {opts.path}.")
+    else:  # official files and older ditkit models: the paper's diffusion unless told otherwise
+        kind = opts.objective or "gaussian"
+        if opts.path is not None and kind != "flow":
+            raise ValueError("--path applies to flow models; add --objective flow.")
+        objective_config = ObjectiveConfig(objective=kind, **({"path": opts.path} if opts.path else {}))
+    if opts.sampler is not None:
+        check_sampler(opts.sampler, objective_config.objective)
+
+    vae = load_vae(opts.vae, device) if opts.vae else None
+    factor = vae_factor(vae) if vae is not None else 1
+    if opts.image_size is not None and opts.image_size % factor:
+        raise ValueError(f"image size {opts.image_size} is not divisible by the VAE's downsampling factor {factor}; use a multiple of {factor}.")
+    requested = None
+    if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
+        base = ck.config or infer_config(ck.state) or DiTConfig()
+        overrides = dict(
+            input_size=opts.image_size // factor if opts.image_size is not None else base.input_size,
+            num_classes=opts.num_classes if opts.num_classes is not None else base.num_classes,
+            in_channels=base.in_channels, learn_sigma=base.learn_sigma, block=base.block,
+        )  # fmt: skip
+        requested = DiTConfig.from_preset(opts.model, **overrides)
+    model = load_model(ck, requested).to(device)
+    c = model.config
+    if c.in_channels not in (1, 3) and vae is None:
+        raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
+    if vae is not None:
+        if vae.config.latent_channels != c.in_channels:
+            raise ValueError(f"the VAE makes {vae.config.latent_channels}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
+        if opts.image_size is not None and opts.image_size != c.input_size * factor:
+            raise ValueError(f"image size {opts.image_size} needs a latent of {opts.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
+    elif opts.image_size is not None and opts.image_size != c.input_size:
+        raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {opts.image_size}px; use --image-size {c.input_size}.")
+    if opts.num_classes is not None and opts.num_classes != c.num_classes:
+        raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
+    objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
+    sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
+    return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae, device=device)
+
+
+def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = "fp32", device=None) -> Pipeline:
+    """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
+    kind = objective_name(objective)
+    guided = getattr(model.config, "class_dropout_prob", 0) > 0
+    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun2", steps=50 if kind == "gaussian" else 25,
+                        cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
+    return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
+                    device=device if device is not None else next(model.parameters()).device)  # fmt: skip
+
+
+def default_sampling(objective) -> Sampling:
+    """What a model trained by ditkit records for `ditkit sample` to use with no flags."""
+    if objective_name(objective) == "flow":
+        return Sampling(sampler="heun2", steps=5, cfg_scale=4.0)
+    return Sampling(sampler="dpm++2m", steps=10, cfg_scale=4.0)
