@@ -9,18 +9,7 @@ from PIL import Image
 import ditkit
 from ditkit.checkpoints import save_pretrained
 from ditkit.cli import main
-
-
-def tiny_vae(folder, levels=2):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        block_out_channels=(8,) * levels, down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=32,
-    )  # fmt: skip
-    vae.save_pretrained(folder)
-    return vae
+from conftest import tiny_vae
 
 
 @pytest.fixture

@@ -1,28 +1,19 @@
-"""Equivalence with the official DiT code on the reference in ../shared/reference/official/."""
+"""Equivalence with the official DiT code on its outputs in tests/reference/official/ (a copy of
+../shared/reference/official/)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import ditkit
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official"
-pytestmark = pytest.mark.skipif(not REF.exists(), reason="shared/reference is not beside the repo")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+from conftest import REFERENCE, rel
 
 
 @pytest.fixture(scope="module")
-def ref():
-    meta = json.loads((REF / "tiny_latent.json").read_text())
-    model = ditkit.DiT(**meta["config"])
-    model.load_state_dict(load_file(str(REF / "tiny_latent.weights.safetensors")), strict=True)
-    return meta, model.eval(), load_file(str(REF / "tiny_latent.io.safetensors"))
+def ref(official_ref):
+    return official_ref
 
 
 def test_forward(ref):
@@ -53,7 +44,7 @@ def test_losses_and_q_sample(ref):
 
 
 def test_respacing_matches_official():
-    table = json.loads((REF / "respacing.json").read_text())
+    table = json.loads((REFERENCE / "official" / "respacing.json").read_text())
     for spec, steps in table.items():
         assert sorted(ditkit.space_timesteps(1000, spec)) == steps, spec
         spaced = ditkit.GaussianDiffusion().respaced(spec)
@@ -86,7 +77,7 @@ def test_ddpm_generator_equals_global_seed(ref):
 
 
 def test_official_state_dict_manifest():
-    manifest = json.loads((REF / "official_state_dict_manifest.json").read_text())
+    manifest = json.loads((REFERENCE / "official" / "official_state_dict_manifest.json").read_text())
     for name, entry in manifest.items():
         preset, _, px = name.partition("@")
         with torch.device("meta"):  # shapes only: no memory, even for XL/2 at 512 px

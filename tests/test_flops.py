@@ -10,8 +10,9 @@ import torch
 from ditkit.cli import main
 from ditkit.flops import PAPER_BLOCK_GFLOPS, PAPER_GFLOPS, count_macs, measure, measure_preset
 from ditkit.models import BLOCKS, PRESETS, DiT, DiTConfig
+from conftest import REFERENCE
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official" / "official_state_dict_manifest.json"
+MANIFEST = REFERENCE / "official" / "official_state_dict_manifest.json"
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 
 
@@ -50,7 +51,6 @@ def test_cross_attention_costs_about_15_percent_more():  # the paper's words in 
     assert 1.14 < ratio < 1.17
 
 
-@pytest.mark.skipif(not MANIFEST.exists(), reason="shared/reference is not beside the repo")
 def test_params_equal_official_manifest():
     manifest = json.loads(MANIFEST.read_text())
     assert len(manifest) == 13

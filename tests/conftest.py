@@ -1,0 +1,58 @@
+"""Helpers shared by the tests: the reference data, relative error, a tiny real VAE, a free port."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ditkit
+
+# Copies of ../shared/reference (tensors made by the official DiT and SiT code), so every clone checks them.
+REFERENCE = Path(__file__).parent / "reference"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||: the error measure of the reference README."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_vae(folder, levels: int = 2):
+    """A randomly initialised diffusers AutoencoderKL, saved to `folder` (factor 2 ** (levels - 1))."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        block_out_channels=(8,) * levels, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=4,
+        layers_per_block=1, sample_size=32,
+    )  # fmt: skip
+    vae.save_pretrained(folder)
+    return vae
+
+
+def load_reference(name: str):
+    """(meta, model in eval mode, io tensors) of tests/reference/{official/tiny_latent, sit/tiny_sit}."""
+    folder, stem = {"official": ("official", "tiny_latent"), "sit": ("sit", "tiny_sit")}[name]
+    root = REFERENCE / folder
+    meta = json.loads((root / f"{stem}.json").read_text())
+    model = ditkit.DiT(**meta["config"])
+    model.load_state_dict(load_file(str(root / f"{stem}.weights.safetensors")), strict=True)
+    return meta, model.eval(), load_file(str(root / f"{stem}.io.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def official_ref():
+    return load_reference("official")
+
+
+@pytest.fixture(scope="module")
+def sit_ref():
+    return load_reference("sit")

@@ -1,0 +1,194 @@
+"""Every sampler on exact 'networks' for Gaussian data, where the answer is known; guidance as
+one batched pass and its interval; the errors a wrong pairing gets."""
+
+import numpy as np
+import pytest
+import torch
+
+import ditkit
+from ditkit.config import SAMPLER_OBJECTIVE
+
+MEAN, STD = 0.5, 0.4  # the data: N(MEAN, STD^2) per pixel
+SHAPE = (1, 4, 4)
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact eps prediction E[eps | x_t] for N(MEAN, STD^2) data under the paper's diffusion
+    (label y < 10 shifts the mean by 0.1 y, so guidance has something to push)."""
+
+    num_classes = 10
+
+    def __init__(self, learn_sigma=False):
+        super().__init__()
+        self.ab = torch.from_numpy(ditkit.GaussianDiffusion().alphas_cumprod).float()
+        self.learn_sigma, self.calls = learn_sigma, []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        ab = self.ab[t].view(-1, 1, 1, 1)
+        m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
+        eps = (1 - ab).sqrt() / (ab * STD**2 + 1 - ab) * (x - ab.sqrt() * m)
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact velocity E[data - noise | x_t] of the linear path for N(m, STD^2) data."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        t = t.view(-1, 1, 1, 1)
+        m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
+        var = t**2 * STD**2 + (1 - t) ** 2
+        centred = x - t * m
+        return m + (t * STD**2 - (1 - t)) / var * centred
+
+
+def draw(model, objective, sampler, steps, n=2000, **kw):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, *SHAPE, generator=g)
+    y = torch.zeros(n, dtype=torch.long)
+    return ditkit.sample(model, objective, z, y, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(1), **kw)
+
+
+GAUSSIAN = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "gaussian"]
+FLOW = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "flow"]
+
+
+@pytest.mark.parametrize("sampler", GAUSSIAN)
+def test_diffusion_samplers_reach_the_data_distribution(sampler):
+    # Deterministic samplers shrink the spread at few steps (their last step lands on the posterior
+    # mean from a noise level well above 0); enough steps remove that.
+    steps = {"ddpm": 250, "ddim": 100}.get(sampler, 50)
+    x = draw(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), sampler, steps)
+    assert abs(x.mean() - MEAN) < 0.02, x.mean()
+    assert abs(x.std() / STD - 1) < 0.04, x.std()
+
+
+@pytest.mark.parametrize("sampler", FLOW)
+def test_flow_samplers_reach_the_data_distribution(sampler):
+    steps = {"euler": 100, "heun2": 10, "dopri5": 1, "sde-euler": 100, "sde-heun": 50}[sampler]
+    x = draw(GaussianVelocity(), ditkit.FlowMatching(), sampler, steps)
+    assert abs(x.mean() - MEAN) < 0.02, x.mean()
+    assert abs(x.std() / STD - 1) < 0.04, x.std()
+
+
+def test_higher_order_beats_first_order_at_equal_calls():
+    """At 10 model calls, DPM-Solver++ and UniPC land closer to the data's spread than DDIM, and
+    Heun (5 steps, 10 calls) closer than Euler (10 steps)."""
+    diffusion = ditkit.GaussianDiffusion(learn_sigma=False)
+    err = {s: abs(draw(GaussianEps(), diffusion, s, 10).std() / STD - 1) for s in ("ddim", "dpm++2m", "unipc")}
+    assert err["dpm++2m"] < err["ddim"] and err["unipc"] < err["ddim"], err
+    flow = ditkit.FlowMatching()
+    euler = abs(draw(GaussianVelocity(), flow, "euler", 10).std() / STD - 1)
+    heun = abs(draw(GaussianVelocity(), flow, "heun2", 5).std() / STD - 1)
+    assert heun < euler, (heun, euler)
+
+
+@pytest.mark.parametrize("sampler", GAUSSIAN + FLOW)
+def test_model_calls_per_step(sampler):
+    """Calls per sample: one per step (DDPM, DDIM, DPM++, UniPC, Euler), two for Heun, steps + 1
+    for the SDE with its last step, adaptive for dopri5; a seed gives the same samples."""
+    flow = SAMPLER_OBJECTIVE[sampler] == "flow"
+    model = GaussianVelocity() if flow else GaussianEps()
+    objective = ditkit.FlowMatching() if flow else ditkit.GaussianDiffusion(learn_sigma=False)
+    a = draw(model, objective, sampler, 6, n=8)
+    expected = {"heun2": 12, "sde-euler": 7, "sde-heun": 13}.get(sampler, 6)
+    if sampler == "dopri5":
+        assert len(model.calls) > 6 and len(model.calls) % 6 == 2  # 6 calls per accepted/rejected step + 2 to start
+    else:
+        assert len(model.calls) == expected
+    torch.testing.assert_close(draw(model, objective, sampler, 6, n=8), a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m", "euler", "heun2"])
+def test_a_guided_step_is_one_batched_pass(sampler):
+    flow = sampler in FLOW
+    model = GaussianVelocity() if flow else GaussianEps()
+    objective = ditkit.FlowMatching() if flow else ditkit.GaussianDiffusion(learn_sigma=False)
+    draw(model, objective, sampler, 4, n=3, cfg_scale=3.0)
+    calls_per_step = 2 if sampler == "heun2" else 1
+    assert model.calls == [6] * 4 * calls_per_step  # cond + null of 3 samples: one call of 6 per model evaluation
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_guidance_interval_halves_unguided_steps(sampler):
+    flow = sampler in FLOW
+    model = GaussianVelocity() if flow else GaussianEps()
+    objective = ditkit.FlowMatching() if flow else ditkit.GaussianDiffusion(learn_sigma=False)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, *SHAPE, generator=g)
+    y = torch.tensor([0, 5, 9])
+    full = ditkit.sample(model, objective, z, y, sampler=sampler, steps=10, cfg_scale=3.0)
+    model.calls.clear()
+    half = ditkit.sample(model, objective, z, y, sampler=sampler, steps=10, cfg_scale=3.0, cfg_interval=(0.5, 1.0))
+    assert sorted(set(model.calls)) == [3, 6] and 3 <= model.calls.count(6) <= 6  # guided only in the second half
+    plain = ditkit.sample(model, objective, z, y, sampler=sampler, steps=10)
+    none = ditkit.sample(model, objective, z, y, sampler=sampler, steps=10, cfg_scale=3.0, cfg_interval=(0.95, 0.96))
+    whole = ditkit.sample(model, objective, z, y, sampler=sampler, steps=10, cfg_scale=3.0, cfg_interval=(0.0, 1.0))
+    assert not torch.allclose(half, full) and not torch.allclose(half, plain)
+    torch.testing.assert_close(none, plain)  # no step falls in [0.95, 0.96]: no guidance at all
+    torch.testing.assert_close(whole, full)
+    # Guidance pushes the class-9 sample's mean (0.5 + 0.9) further from the unconditional mean.
+    assert (full[2].mean() - MEAN) > (plain[2].mean() - MEAN)
+
+
+def test_guidance_on_some_channels_only():
+    model = GaussianEps(learn_sigma=True)
+    guided = ditkit.cfg_model(lambda x, t, y: model(x, t, y).repeat(1, 3, 1, 1), 4.0, cfg_channels=1)
+    x = torch.randn(4, 3, 4, 4)
+    out = guided(x, torch.full((4,), 500), torch.tensor([1, 2, 10, 10]))
+    plain = model(x, torch.full((4,), 500), torch.tensor([1, 2, 10, 10])).repeat(1, 3, 1, 1)
+    assert not torch.allclose(out[:2, :1], plain[:2, :1])
+    torch.testing.assert_close(out[:2, 1:], plain[:2, 1:])  # unguided channels keep each half's own output
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(sampler="euler"), "sampler euler is for flow models, but this is a gaussian model; use one of ddpm, ddim"),
+        (dict(sampler="rk45"), "unknown sampler 'rk45'"),
+        (dict(steps=0), "positive whole number"),
+        (dict(cfg_scale=float("nan")), "finite"),
+        (dict(cfg_scale=-1.0), ">= 0"),
+        (dict(cfg_scale=2.0, cfg_interval=(0.8, 0.2)), "0 <= lo <= hi <= 1"),
+        (dict(cfg_scale=2.0, cfg_interval=(-0.1, 0.5)), "0 <= lo <= hi <= 1"),
+        (dict(cfg_scale=2.0, cfg_channels=2), "cfg_channels must lie in 1..1"),
+        (dict(eta=float("nan")), "eta must be a finite"),
+        (dict(sampler="ddim", time_shift=3.0), "does not take"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, words):
+    model = GaussianEps()
+    model.num_classes = 10
+    args = dict(sampler="ddim", steps=2) | kwargs
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        ditkit.sample(model, ditkit.GaussianDiffusion(learn_sigma=False), torch.randn(2, *SHAPE), torch.zeros(2, dtype=torch.long), **args)
+
+
+def test_flow_sampler_on_a_diffusion_model_and_back():
+    with pytest.raises(ValueError, match="sampler ddpm is for gaussian models, but this is a flow model"):
+        ditkit.sample(GaussianVelocity(), ditkit.FlowMatching(), torch.randn(2, *SHAPE), torch.zeros(2, dtype=torch.long), sampler="ddpm")
+
+
+def test_time_shift_moves_the_flow_grid():
+    model = GaussianVelocity()
+    flow = ditkit.FlowMatching()
+    draw(model, flow, "euler", 4, n=2, time_shift=3.0)
+    assert np.allclose([c for c in model.calls], 2)
+    grid = flow.time_grid(4, shift=3.0)
+    assert grid[0] == 0 and grid[-1] == 1 and (grid[1:-1] < torch.linspace(0, 1, 5)[1:-1]).all()
+
+
+def test_non_finite_samples_are_an_error():
+    class Broken(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.full_like(x, float("nan"))
+
+    with pytest.raises(FloatingPointError, match="NaN"):
+        ditkit.sample(Broken(), ditkit.FlowMatching(), torch.randn(2, *SHAPE), torch.zeros(2, dtype=torch.long), sampler="euler", steps=2)
