@@ -400,6 +400,7 @@ class TrainConfig(Config):
     vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
     epochs: int = field(default=1400, metadata=positive("number of epochs"))
     max_steps: int | None = field(default=None, metadata=positive("stop after this many steps"))
+    max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes of training"))
     global_batch_size: int = field(default=256, metadata=positive("batch size summed over all processes"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
     lr: float = field(default=1e-4, metadata=positive("AdamW learning rate"))
@@ -421,6 +422,10 @@ class TrainConfig(Config):
     keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
     sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
     resume: str | None = field(default=None, metadata=option("checkpoint path, or 'latest' in RESULTS_DIR"))
+    default_sampler: str | None = field(default=None, metadata=option("the sampler the trained model records for `ditkit sample` (default: dpm++2m or heun2)", choices=SAMPLERS))
+    default_steps: int | None = field(default=None, metadata=option("the sampling steps it records", gt=0, le=10_000))
+    default_cfg_scale: float | None = field(default=None, metadata=option("the guidance scale it records", ge=0))
+    default_cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval it records (t = 0 noise, 1 data)", ge=0, le=1))
     precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
     compile: bool = field(default=False, metadata=option("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
@@ -428,7 +433,12 @@ class TrainConfig(Config):
     device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
 
     def check(self) -> None:
-        self.objective_config()  # flow-only settings on a gaussian run fail here
+        objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
+        if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
+            raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
+                             f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+        if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):
+            raise ValueError("--default-cfg-interval takes two numbers LO <= HI in [0, 1].")
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})

@@ -243,8 +243,10 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
 
-def default_sampling(objective) -> Sampling:
-    """What a model trained by ditkit records for `ditkit sample` to use with no flags."""
-    if objective_name(objective) == "flow":
-        return Sampling(sampler="heun2", steps=5, cfg_scale=4.0)
-    return Sampling(sampler="dpm++2m", steps=10, cfg_scale=4.0)
+def default_sampling(objective, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
+                     cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
+    """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
+    sampler unless the run says otherwise (TrainConfig's default_* settings)."""
+    flow = objective_name(objective) == "flow"
+    return Sampling(sampler=sampler or ("heun2" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
+                    cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip
