@@ -99,8 +99,8 @@ class VaeSource:
     local_only: bool  # a folder or the hub cache: load with no network access
 
 
-def _from_hub(fn, repo: str, **kwargs):
-    """A diffusers loading call on a hub id, without huggingface_hub's deprecation chatter."""
+def _quietly(fn, repo: str, **kwargs):
+    """A diffusers loading call without huggingface_hub's deprecation warnings (it passes old arguments)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
         return fn(repo, **kwargs)
@@ -114,14 +114,16 @@ def find_vae(name: str) -> VaeSource:
 
     repo = VAE_SHORTHANDS.get(name, name)
     folder = Path(repo).expanduser()
-    if folder.exists() or not HUB_ID.match(repo):
+    if folder.is_file():
+        raise ValueError(f"--vae {folder} is a file; pass the AutoencoderKL folder that holds config.json and the weights.")
+    if folder.is_dir() or not HUB_ID.match(repo):
         if not folder.is_dir():
             raise ValueError(f"VAE folder {folder} does not exist; pass --vae with an AutoencoderKL folder (config.json + weights), a hub id (ORG/NAME) or ema / mse.")
         if not (folder / "config.json").is_file():
             raise ValueError(f"VAE folder {folder} has no config.json; pass a folder written by AutoencoderKL.save_pretrained.")
         return VaeSource(str(folder), AutoencoderKL.load_config(folder), local_only=True)
     try:  # downloaded before: the hub cache, with no network access
-        return VaeSource(repo, _from_hub(AutoencoderKL.load_config, repo, local_files_only=True), local_only=True)
+        return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo, local_files_only=True), local_only=True)
     except OSError:
         pass
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -136,7 +138,7 @@ def find_vae(name: str) -> VaeSource:
             f"cannot reach the Hugging Face hub for VAE {repo!r} ({type(e).__name__}), and it is not in the local cache or a folder of "
             f"that name; download it where you are online (huggingface-cli download {repo} --local-dir DIR) and pass --vae DIR."
         ) from None
-    return VaeSource(repo, _from_hub(AutoencoderKL.load_config, repo), local_only=False)
+    return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo), local_only=False)
 
 
 def load_vae(vae: str | VaeSource, device: torch.device | str = "cpu"):
@@ -146,7 +148,7 @@ def load_vae(vae: str | VaeSource, device: torch.device | str = "cpu"):
 
     source = vae if isinstance(vae, VaeSource) else find_vae(vae)
     try:
-        model = _from_hub(AutoencoderKL.from_pretrained, source.name, local_files_only=source.local_only,
+        model = _quietly(AutoencoderKL.from_pretrained, source.name, local_files_only=source.local_only,
                           low_cpu_mem_usage=is_accelerate_available())  # fmt: skip
     except Exception as e:
         raise ValueError(f"cannot load the VAE weights from {source.name!r} ({type(e).__name__}); pass --vae with a complete AutoencoderKL folder (config.json + weights).") from None

@@ -174,6 +174,7 @@ def test_checks_come_before_anything_is_loaded(tmp_path, capsys, offline):
     assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in error_of(capsys, "--ckpt", str(tmp_path / "missing.pt"), "--vae", "ema")
     assert "VAE folder nowhere does not exist" in error_of(capsys, *ckpt, "--vae", "./nowhere")
     assert "VAE folder vae-dir does not exist" in error_of(capsys, *ckpt, "--vae", "vae-dir")
+    assert "is a file; pass the AutoencoderKL folder" in error_of(capsys, *ckpt, "--vae", str(tmp_path / "m.pt"))
     assert "cannot reach the Hugging Face hub for VAE 'no-such-org/no-such-vae'" in error_of(capsys, *ckpt, "--vae", "no-such-org/no-such-vae")
     with_vae = [*ckpt, "--vae", str(vae)]
     assert "not divisible by the VAE's downsampling factor 2" in error_of(capsys, *with_vae, "--image-size", "15")
