@@ -19,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, SD_VAE_FACTOR, FlopsConfig
-from .models import PRESET_SIZES, PRESETS, DiT, DiTConfig
+from .models import PRESETS, DiT, DiTConfig
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -91,11 +91,10 @@ class Cost:
 
 
 def preset_name(config: DiTConfig) -> str:
-    """"DiT-S/4" when the config has a preset's depth, width, heads, MLP ratio and patch, else "custom"."""
-    sizes = (config.depth, config.hidden_size, config.num_heads, config.mlp_ratio)
-    size = next((s for s, (d, h, n) in PRESET_SIZES.items() if (d, h, n, 4.0) == sizes), None)
-    name = f"DiT-{size}/{config.patch_size}"
-    return name if name in PRESETS else "custom"
+    """The paper's name of a config ("DiT-S/4") when it is that preset at some data shape, else "custom"."""
+    data = {f: getattr(config, f) for f in ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block")}
+    same = (n for n in PRESETS if n.endswith(f"/{config.patch_size}") and DiTConfig.from_preset(n, **data) == config)
+    return next(same, "custom")
 
 
 def paper_gflops(name: str, config: DiTConfig) -> float | None:

@@ -173,6 +173,9 @@ def test_cli_counts_any_model(capsys):
     config = DiTConfig.from_preset("DiT-S/2", depth=3, hidden_size=96, num_heads=3, patch_size=4)
     assert (row["model"], row["depth"], row["hidden_size"], row["num_heads"], row["patch_size"]) == ("custom", 3, 96, 3, 4)
     assert row["macs"] == expected_macs(config) and row["params"] == measure(config).params and row["paper_gflops"] is None
+    for modern in (dict(mlp="swiglu"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(pos_embed="rope")):  # not the paper's blocks
+        assert measure(DiTConfig.from_preset("DiT-S/8", **modern)).model == "custom"
+    assert measure(DiTConfig.from_preset("DiT-S/8", input_size=8, in_channels=1, num_classes=3, block="adaln")).model == "DiT-S/8"
 
 
 def test_cli_counts_a_checkpoint(tmp_path, capsys):
