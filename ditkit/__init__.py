@@ -19,12 +19,12 @@ _EXPORTS = {
 }  # fmt: skip
 __all__ = list(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .config import PRESETS, DiTConfig, ObjectiveConfig
-    from .models import DiT
-    from .objectives import FlowMatching, GaussianDiffusion
-    from .objectives.gaussian import space_timesteps
-    from .samplers import SAMPLERS, cfg_model, sample
+if TYPE_CHECKING:  # what a type checker sees: the same names, imported
+    from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, ObjectiveConfig as ObjectiveConfig
+    from .models import DiT as DiT
+    from .objectives import FlowMatching as FlowMatching, GaussianDiffusion as GaussianDiffusion
+    from .objectives.gaussian import space_timesteps as space_timesteps
+    from .samplers import SAMPLERS as SAMPLERS, cfg_model as cfg_model, sample as sample
 
 
 def __getattr__(name: str):

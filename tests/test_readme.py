@@ -23,6 +23,7 @@ from ditkit.eval.classifier import classifier_accuracy, load_classifier
 from ditkit.train import Trainer
 from conftest import tiny_vae
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
 README = Path(__file__).parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
 

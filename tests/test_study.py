@@ -1,7 +1,6 @@
 """`ditkit study` end to end on 8x8 digits: results, plots, no retraining, kill and resume; the
 U-Net baseline's interface and its sizing by multiply-adds."""
 
-import contextlib
 import csv
 import json
 import math
@@ -28,19 +27,7 @@ TINY = dict(data_path="digits", models=("DiT-S/2", "DiT-S/4"), blocks=("adaln", 
 RUNS = ("DiT-S-2-adaln_zero", "DiT-S-4-adaln_zero", "DiT-S-2-adaln", "DiT-S-2-cross_attn", "unet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On two busy cores, two OpenMP / BLAS threads spin-wait each other (FD-EffNet's 1280x1280
-    # eigendecompositions ran 7x slower); tiny models need one thread.
-    try:
-        from threadpoolctl import threadpool_limits  # comes with scikit-learn (the digits)
-    except ImportError:
-        threadpool_limits = contextlib.nullcontext
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
 
 
 class CountingTrainer(study.Trainer):
