@@ -56,7 +56,7 @@ ABLATIONS = {
 
 
 def recipe_values(spec) -> dict:
-    values = load_config_file(spec) if isinstance(spec, str) else dict(spec)
+    values = load_config_file(spec, "train") if isinstance(spec, str) else dict(spec)
     values.pop("results_dir", None)
     return values
 
