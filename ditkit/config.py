@@ -333,9 +333,10 @@ class SampleConfig(SamplingOptions):
 @dataclass(frozen=True)
 class SampleNpzConfig(SamplingOptions):
     """Sample N images with uniformly random (seeded) labels into the ADM evaluator's .npz
-    (arr_0 uint8 N×H×W×C, labels int64). Under torchrun each process samples its slice."""
+    (arr_0 uint8 N×H×W×C, labels int64). Under torchrun each process samples its share of the
+    batches. Each finished batch is kept, so the same command resumes an interrupted run."""
 
-    seed: int = field(default=0, metadata=option("seed of the labels and, per process, of the noise (seed * world_size + rank)"))
+    seed: int = field(default=0, metadata=option("seed of the labels and of every batch's noise (batch i: seed and i), so the samples do not depend on the number of processes"))
     batch_size: int = field(default=64, metadata=positive("samples per model batch, per process"))
     num_samples: int = field(default=50_000, metadata=positive("number of samples; FID-50K takes 50000"))
     out: str = field(default="samples.npz", metadata=option("output .npz file"))
@@ -420,7 +421,8 @@ class TrainConfig(Config):
     keep_last: int = field(default=3, metadata=positive("keep the newest K checkpoints"))
     keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
     sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
-    resume: str | None = field(default=None, metadata=option("checkpoint path, or 'latest' in RESULTS_DIR"))
+    resume: str | None = field(default=None, metadata=option("continue a run: 'latest' in RESULTS_DIR, a run folder, or a checkpoint; with the run's own settings, of which only "
+                                                             "--max-steps, --epochs, the log/checkpoint/sample cadence, --num-workers, --precision, --compile may change (a flag at its default counts as not given)"))
     precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
     compile: bool = field(default=False, metadata=option("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
@@ -428,6 +430,7 @@ class TrainConfig(Config):
     device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
 
     def check(self) -> None:
+        object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
         self.objective_config()  # flow-only settings on a gaussian run fail here
 
     def objective_config(self) -> ObjectiveConfig:
