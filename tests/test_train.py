@@ -5,6 +5,7 @@ log after a resume, config errors, NaN stop."""
 import csv
 import errno
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def assert_same(a, b, path="state"):
             assert_same(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{path}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b), path
@@ -50,9 +51,9 @@ def assert_same(a, b, path="state"):
         assert a == b, path
 
 
-def logged_steps(exp_dir):
+def logged(exp_dir, column="step"):
     with open(exp_dir / "log.csv", newline="") as f:
-        return [int(row["step"]) for row in csv.DictReader(f)]
+        return [float(row[column]) for row in csv.DictReader(f)]
 
 
 def test_overfit_one_batch():
@@ -87,7 +88,7 @@ def test_resume_is_bitwise(tmp_path):
         assert_same(a[key], b[key], key)
     assert len(b["opt"]["state"]) == len(b["model"]) - 1  # AdamW moments of every parameter but the fixed pos_embed
     assert not torch.equal(a["model"]["final_layer.linear.weight"], torch.zeros_like(a["model"]["final_layer.linear.weight"]))
-    assert logged_steps(resumed) == list(range(1, 9))
+    assert logged(resumed) == list(range(1, 9))
 
 
 def _ddp_worker(rank, world, port, kwargs):
@@ -121,8 +122,7 @@ def test_grad_checkpointing_matches_plain(tmp_path):
 def test_compile_matches_plain(tmp_path):
     plain = Trainer(cfg(tmp_path / "a", global_batch_size=16, max_steps=2, ckpt_every=2, log_every=1)).run()
     compiled = Trainer(cfg(tmp_path / "b", global_batch_size=16, max_steps=2, ckpt_every=2, log_every=1, compile=True)).run()
-    losses = [[float(r["loss"]) for r in csv.DictReader(open(exp / "log.csv"))] for exp in (plain, compiled)]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
+    np.testing.assert_allclose(logged(plain, "loss"), logged(compiled, "loss"), rtol=1e-4)
     m1, m2 = final_state(plain)["model"], final_state(compiled)["model"]
     for k in m1:
         assert torch.allclose(m1[k], m2[k], rtol=1e-4, atol=1e-6), k
@@ -162,10 +162,10 @@ def test_resume_from_a_file_outside_its_run_starts_a_new_run(tmp_path, capsys):
     (mine / "downloads").mkdir()
     ck = mine / "downloads" / "0000002.pt"
     ck.write_bytes((exp / "checkpoints" / "0000002.pt").read_bytes())
-    new = Trainer(TrainConfig(results_dir=str(tmp_path / "results"), resume=str(ck), max_steps=4)).run()
+    new = Trainer(cfg(tmp_path, global_batch_size=16, ckpt_every=2, resume=str(ck), max_steps=4)).run()
     assert new == exp.parent / "001-DiT-S-2" and "not in a ditkit run folder" in capsys.readouterr().out
     assert (mine / "log.csv").read_text() == "my own log\n" and list((mine / "model").iterdir()) == []
-    assert read_pt(new / "checkpoints" / "0000004.pt")["step"] == 4 and logged_steps(new) == [4]
+    assert read_pt(new / "checkpoints" / "0000004.pt")["step"] == 4 and logged(new) == [4]
     # A run folder as --resume continues that run, in place.
     again = Trainer(TrainConfig(results_dir=str(tmp_path / "elsewhere"), resume=str(exp), max_steps=3)).run()
     assert again == exp and read_pt(exp / "checkpoints" / "0000003.pt")["step"] == 3
@@ -174,9 +174,11 @@ def test_resume_from_a_file_outside_its_run_starts_a_new_run(tmp_path, capsys):
 
 def test_resume_refuses_another_batch_size_or_dataset(tmp_path):
     exp = Trainer(cfg(tmp_path, global_batch_size=16, max_steps=1)).run()
-    with pytest.raises(ValueError, match=r"--data-path mnist \(the run's: digits\); --global-batch-size 8 \(the run's: 16\)") as e:
-        Trainer(cfg(tmp_path, global_batch_size=8, data_path="mnist", resume="latest", max_steps=2))
+    with pytest.raises(ValueError, match=r"--global-batch-size 8 \(the run's: 16\); drop those flags") as e:
+        Trainer(cfg(tmp_path, global_batch_size=8, resume="latest", max_steps=2))
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"--data-path mnist \(the run's: digits\)"):
+        Trainer(cfg(tmp_path, global_batch_size=16, data_path="mnist", resume="latest", max_steps=2))
     # The same path with other contents: the saved position would point at other images.
     rng = np.random.default_rng(0)
     (tmp_path / "images" / "a").mkdir(parents=True)
@@ -186,7 +188,7 @@ def test_resume_refuses_another_batch_size_or_dataset(tmp_path):
     Trainer(folder).run()
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "a" / "8.png")
     with pytest.raises(ValueError, match=r"now holds 9 items, not the 8 .* restore the data, or start a new run"):
-        Trainer(TrainConfig(results_dir=folder.results_dir, resume="latest", max_steps=2))
+        Trainer(replace(folder, resume="latest", max_steps=2))
     assert exp.exists()
 
 
@@ -244,7 +246,7 @@ def test_stale_temporaries_are_removed_when_a_run_resumes(tmp_path):
         path.write_bytes(b"\0" * 1000)
     keep = exp / "notes.tmp"  # not a temporary of ours
     keep.write_text("mine")
-    Trainer(TrainConfig(results_dir=str(tmp_path / "results"), resume="latest", max_steps=2)).run()
+    Trainer(cfg(tmp_path, global_batch_size=16, max_steps=2, resume="latest")).run()
     assert not any(p.exists() for p in stale) and keep.read_text() == "mine"
 
 
@@ -300,8 +302,8 @@ def test_log_never_repeats_steps_after_a_kill_and_resume(tmp_path):
     (exp / "checkpoints" / "0000004.pt").unlink()
     with open(exp / "log.csv", "a") as f:
         f.write("5,0,1.0")  # killed mid-row
-    Trainer(TrainConfig(results_dir=str(tmp_path / "results"), resume="latest", max_steps=6)).run()
-    assert logged_steps(exp) == [1, 2, 3, 4, 5, 6]
+    Trainer(cfg(tmp_path, global_batch_size=16, max_steps=6, ckpt_every=2, log_every=1, resume="latest")).run()
+    assert logged(exp) == [1, 2, 3, 4, 5, 6]
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
