@@ -9,19 +9,22 @@ with `weights_only=True`: no arbitrary object is unpickled.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .models import PRESET_SIZES, DiT, DiTConfig
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 META_KEYS = ("objective", "sampling")  # what a ditkit checkpoint records beside the model config
+TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.XXXXXXXX.tmp beside NAME
 
 
 def read_pt(path: str | Path) -> dict:
@@ -164,21 +167,60 @@ def load_model(path: str | Path | Checkpoint, config: DiTConfig | None = None) -
     return model.eval()
 
 
+class NoSpaceError(OSError):
+    """The disk filled up during an atomic write; the file it was replacing is untouched."""
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`: a crash never leaves a half-written file."""
+    """Call write(tmp_path), fsync it, rename it over `path` and fsync the folder: a crash or a power
+    loss leaves the old file or the new one, never half of one. A full disk raises NoSpaceError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
+        _fsync(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself reaches the disk
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpaceError(f"no space left on {path.parent} while writing {path.name}") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: str | Path, name: str = "*") -> None:
+    """Delete what interrupted atomic writes of `folder/name` left behind (.NAME.XXXXXXXX.tmp, each
+    as large as the file it was to become)."""
+    for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+
+
+def torch_save(obj, path: str | Path) -> None:
+    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) and not torch's
+    "unexpected pos" RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def safetensors_save(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' bytes written through a Python file: its own save_file can miss a write error."""
+    with open(path, "wb") as f:
+        f.write(safetensors.torch.save(state, metadata=metadata))
 
 
 def save_pretrained(model_or_state, config: DiTConfig, folder: str | Path, extra: dict | None = None) -> Path:
@@ -186,7 +228,7 @@ def save_pretrained(model_or_state, config: DiTConfig, folder: str | Path, extra
     folder = Path(folder)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(state, p))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: safetensors_save(state, p))
     meta = {**asdict(config), **(extra or {})}
     atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
     return folder

@@ -341,9 +341,10 @@ class SampleConfig(SamplingOptions):
 @dataclass(frozen=True)
 class SampleNpzConfig(SamplingOptions):
     """Sample N images with uniformly random (seeded) labels into the ADM evaluator's .npz
-    (arr_0 uint8 N×H×W×C, labels int64). Under torchrun each process samples its slice."""
+    (arr_0 uint8 N×H×W×C, labels int64). Under torchrun each process samples its share of the
+    batches. Each finished batch is kept, so the same command resumes an interrupted run."""
 
-    seed: int = field(default=0, metadata=option("seed of the labels and, per process, of the noise (seed * world_size + rank)"))
+    seed: int = field(default=0, metadata=option("seed of the labels and of every batch's noise (batch i: seed and i), so the samples do not depend on the number of processes"))
     batch_size: int = field(default=64, metadata=positive("samples per model batch, per process"))
     num_samples: int = field(default=50_000, metadata=positive("number of samples; FID-50K takes 50000"))
     out: str = field(default="samples.npz", metadata=option("output .npz file"))
@@ -432,7 +433,8 @@ class TrainConfig(Config):
     keep_last: int = field(default=3, metadata=positive("keep the newest K checkpoints"))
     keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
     sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
-    resume: str | None = field(default=None, metadata=option("checkpoint path, or 'latest' in RESULTS_DIR"))
+    resume: str | None = field(default=None, metadata=option("continue a run: 'latest' in RESULTS_DIR, a run folder, or a checkpoint; with the run's own settings, of which only "
+                                                             "--max-steps, --max-minutes, --epochs, the log/checkpoint/sample cadence, the recorded sampling defaults, --num-workers, --precision, --compile may change (a flag at its default counts as not given)"))
     default_sampler: str | None = field(default=None, metadata=option("the sampler the trained model records for `ditkit sample` (default: dpm++2m or heun2)", choices=SAMPLERS))
     default_steps: int | None = field(default=None, metadata=option("the sampling steps it records", gt=0, le=10_000))
     default_cfg_scale: float | None = field(default=None, metadata=option("the guidance scale it records", ge=0))
@@ -444,6 +446,7 @@ class TrainConfig(Config):
     device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
 
     def check(self) -> None:
+        object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
         objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
         if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
             raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "

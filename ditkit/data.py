@@ -20,9 +20,9 @@ import gzip
 import json
 import os
 import struct
+import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -140,6 +140,16 @@ class DitDataset(Dataset):
                 f"{self.channels}x{self.image_size}x{self.image_size} {kind})")  # fmt: skip
 
 
+class BadImageError(ValueError):
+    """An unreadable image under --on-bad-image stop. A DataLoader worker's exception reaches the
+    main process as `BadImageError("Caught BadImageError in DataLoader worker ...<traceback>")`:
+    the constructor keeps only the sentence at its end, which names the file."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        super().__init__(message.rsplit(marker, 1)[-1].strip() if message.startswith("Caught ") else message)
+
+
 class ImageFolderDataset(DitDataset):
     """Images in class subfolders (labels 0..K-1 in sorted name order, files found as torchvision's
     ImageFolder finds them) or directly in the folder (one class). Each item is read, converted to
@@ -174,10 +184,10 @@ class ImageFolderDataset(DitDataset):
                 pixels = self.load(path)
             except BAD_IMAGE_ERRORS as e:
                 if self.on_bad_image == "stop":
-                    raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e}); remove the file or pass --on-bad-image skip.") from None
-                if path not in self._warned:
+                    raise BadImageError(f"cannot read image {path} ({type(e).__name__}: {e}); remove the file or pass --on-bad-image skip.") from None
+                if path not in self._warned:  # once per process; on the run's stderr, which `warnings` filters could hide
                     self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); remove the file to silence this.", stacklevel=3)
+                    print(f"skipping unreadable image {path} ({type(e).__name__}: {e}); remove the file to silence this.", file=sys.stderr, flush=True)
                 continue
             x = to_unit_range(pixels)  # (C, S, S)
             return (x.flip(-1) if self._flipped(rand) else x), label
@@ -412,11 +422,6 @@ def build_dataset(data_path: str | Path, image_size: int | None = None, channels
 # ditkit extract
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
 def _check_out(out: Path, plan: dict) -> bool:
     """Whether `out` holds an interrupted extraction of this very plan (to resume); raises when
     `out` holds anything else."""
@@ -449,7 +454,7 @@ def _create_store(out: Path, plan: dict) -> None:
 def run_extract(cfg: ExtractConfig) -> Path:
     from tqdm import tqdm
 
-    from .parallel import setup_distributed
+    from .parallel import barrier, setup_distributed
     from .pipeline import VAE_SHORTHANDS, load_vae, vae_factor
 
     d = setup_distributed(cfg.device)
@@ -478,10 +483,10 @@ def run_extract(cfg: ExtractConfig) -> Path:
         }  # fmt: skip
 
         resume = _check_out(out, plan)  # every rank checks before anyone writes
-        _barrier(world)
+        barrier(d)
         if rank == 0 and not resume:
             _create_store(out, plan)
-        _barrier(world)
+        barrier(d)
         mean, logvar, labels, done = (np.load(out / f"{name}.npy", mmap_mode="r+") for name in ("mean", "logvar", "labels", "done"))
         n = len(dataset)
         lo, hi = rank * n // world, (rank + 1) * n // world  # this process's contiguous share
@@ -505,7 +510,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
                 done[idx] = 1  # only after the latents are on disk
                 done.flush()
                 bar.update(len(x))
-        _barrier(world)
+        barrier(d)
         if rank == 0:
             missing = len(done) - int(done.sum())
             if missing:
@@ -514,7 +519,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
             (out / STORE_DONE).unlink()
             print(f"wrote latent store {out}: {n} images and their mirrors, latents {tuple(plan['latent_shape'])}, "
                   f"in {time.perf_counter() - start:.1f}s")  # fmt: skip
-        _barrier(world)
+        barrier(d)
     finally:
         if started:
             torch.distributed.destroy_process_group()

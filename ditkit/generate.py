@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checkpoints import atomic_write, remove_temporaries
 from .config import SampleConfig, SampleNpzConfig
 from .eval.npz import save_npz
 from .pipeline import IMAGENET_DEMO_CLASSES, load_pipeline, save_grid, to_uint8
@@ -51,59 +55,87 @@ def run_sample(cfg: SampleConfig) -> Path:
 
 
 def run_sample_npz(cfg: SampleNpzConfig) -> Path:
-    import torch.distributed as dist
-
-    from .parallel import setup_distributed
+    """Batch i of the N samples is a finished shard, `.OUT.parts/i.npz`, as soon as it is drawn;
+    its noise comes from a generator seeded by (seed, i), so the result depends neither on the
+    number of processes nor on interruptions: the same command resumes where a killed run
+    stopped. Rank 0 joins the shards into OUT at the end."""
+    from .parallel import barrier, setup_distributed
 
     d = setup_distributed(cfg.device)
-    world, rank = d.world, d.rank
     try:
-        if cfg.num_samples < world:
-            raise ValueError(f"--num-samples {cfg.num_samples} is fewer than the {world} processes; ask for at least one sample per process.")
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py
         torch.backends.cudnn.allow_tf32 = True
         pipe = load_pipeline(cfg, device=d.device)
-        n = cfg.num_samples
+        n, bs = cfg.num_samples, cfg.batch_size
         # Labels are drawn for all N at once, so they do not depend on the number of processes.
         labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        torch.manual_seed(cfg.seed * world + rank)  # the official sample_ddp.py's per-rank seed
         out = Path(cfg.out)
-        chunks = []
+        parts = out.parent / f".{out.name}.parts"
+        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
+        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
+        barrier(d)
+        if d.main:
+            remove_temporaries(out.parent, out.name)  # left by a join that a kill interrupted
+            remove_temporaries(parts)
+            if not resumed:
+                shutil.rmtree(parts, ignore_errors=True)  # batches of unknown settings
+                atomic_write(parts / PLAN, lambda tmp: Path(tmp).write_text(json.dumps(plan, indent=1) + "\n"))
+        barrier(d)
+        shards = range(math.ceil(n / bs))
+        todo = [i for i in shards[d.rank :: d.world] if not (parts / SHARD.format(i)).exists()]
+        done = sum(min(bs, n - i * bs) for i in shards if (parts / SHARD.format(i)).exists())
+        if d.main:
+            print(f"sample-npz: {n} samples ({pipe.sampling.describe()}) on {d.world} process(es) into {out}"
+                  + (f"; resuming with {done} already in {parts}" if done else ""), flush=True)  # fmt: skip
         start = time.perf_counter()
-        with tqdm(total=n, desc="sample-npz", unit="img", disable=rank != 0) as bar:
-            for i in range(lo, hi, cfg.batch_size):
-                y = torch.from_numpy(labels[i : min(i + cfg.batch_size, hi)])
-                chunks.append(to_uint8(pipe.images(y)))
-                bar.update(len(y) * world)  # rank 0's pace stands for all
-        images = np.concatenate(chunks)
-        if world == 1:
+        with tqdm(total=n, initial=done, desc="sample-npz", unit="img", disable=not d.main) as bar:
+            for k, i in enumerate(todo):
+                y = torch.from_numpy(labels[i * bs : (i + 1) * bs])
+                g = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + i) % 2**63)
+                save_npz(parts / SHARD.format(i), arr_0=to_uint8(pipe.images(y, generator=g)))
+                bar.update(len(y) * d.world)  # rank 0's pace stands for all
+                if k == 0 and d.main:
+                    took = time.perf_counter() - start
+                    bar.write(f"sample-npz: the first batch of {len(y)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
+        barrier(d)
+        if d.main:
+            images = _join_shards(parts, len(shards))
             save_npz(out, arr_0=images, labels=labels)
-        else:
-            _gather_parts(out, images, labels, rank, world)
-        if rank == 0:
+            shutil.rmtree(parts)
             elapsed = time.perf_counter() - start
             print(f"wrote {out}: {n} samples {'x'.join(map(str, images.shape[1:]))} uint8 with labels "
-                  f"({pipe.sampling.describe()}) in {elapsed:.1f}s, {n / elapsed:.1f} img/s")  # fmt: skip
+                  f"({pipe.sampling.describe()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
+        barrier(d)
         return out
     finally:
         if d.started:
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
 
 
-def _gather_parts(out: Path, images: np.ndarray, labels: np.ndarray, rank: int, world: int) -> None:
-    """Each rank writes its slice to a folder beside `out`; rank 0 joins them in rank order (works
-    with gloo and across nodes that share the output filesystem) and removes the folder."""
-    import torch.distributed as dist
+SHARD, PLAN = "{:07d}.npz", "plan.json"  # in .OUT.parts/: shard i, and the settings the shards were drawn with
 
-    parts = out.parent / f".{out.name}.parts"
-    save_npz(parts / f"rank{rank:05d}-of-{world:05d}.npz", arr_0=images)
-    dist.barrier()
-    if rank == 0:
-        arrays = []
-        for r in range(world):
-            with np.load(parts / f"rank{r:05d}-of-{world:05d}.npz") as data:
-                arrays.append(data["arr_0"])
-        save_npz(out, arr_0=np.concatenate(arrays), labels=labels)
-        shutil.rmtree(parts)
-    dist.barrier()
+
+def _check_parts(parts: Path, plan: dict) -> bool:
+    """Whether `parts` holds shards of this very plan (to resume); raises if it holds another's."""
+    if not (parts / PLAN).exists():
+        return False
+    saved = json.loads((parts / PLAN).read_text())
+    if saved != plan:
+        changed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in plan if saved.get(k) != plan[k])
+        raise ValueError(f"{parts} holds the finished batches of an interrupted sample-npz with other settings ({changed}); "
+                         f"run it with those to finish it, or delete {parts} to start over.")  # fmt: skip
+    return True
+
+
+def _join_shards(parts: Path, count: int) -> np.ndarray:
+    arrays = []
+    for i in range(count):
+        with np.load(parts / SHARD.format(i)) as data:
+            arrays.append(data["arr_0"])
+    return np.concatenate(arrays)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -26,10 +26,11 @@ def setup_distributed(device_name: str) -> Dist:
     """torchrun's process group (NCCL on GPU, gloo on CPU), or a single process.
     The GPU comes from LOCAL_RANK, never the global rank, so many nodes work; an explicit
     cuda:N is kept as given."""
+    from .pipeline import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device_name} was asked for but no CUDA GPU is available; use --device cpu.")
+    # resolve_device refuses what is neither cpu nor cuda (--device tpu) and cuda without a GPU.
+    cuda = torch.cuda.is_available() if device_name == "auto" else resolve_device(device_name).type == "cuda"
     if not cuda:
         device = torch.device("cpu")
     elif device_name.startswith("cuda:"):
@@ -53,6 +54,11 @@ def broadcast_object(obj, d: Dist):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
 
 
 def shard(model: torch.nn.Module) -> None:

@@ -7,6 +7,10 @@ SDPA attention, gradient checkpointing, fused AdamW, no host syncs inside the st
 Randomness that shapes a step (timesteps, noise, label dropout) is drawn for the whole global
 batch from a generator seeded by (seed, step), and each rank takes its slice: a run gives the
 same numbers on any number of processes and resumes bitwise, with no RNG state to restore.
+
+A run lives in RESULTS_DIR/NNN-MODEL/ (checkpoints/, model/, samples/, log.csv), a folder made
+for it alone. `--resume` continues a run in its own folder with the settings its checkpoint
+records; every file is written atomically (checkpoints.atomic_write).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import csv
 import math
 import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
@@ -25,15 +29,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from .checkpoints import atomic_write, read_pt, save_pretrained
-from .config import DiTConfig, TrainConfig
+from .checkpoints import NoSpaceError, atomic_write, read_pt, remove_temporaries, save_pretrained, torch_save
+from .config import DiTConfig, TrainConfig, field_default
 from .data import build_dataset
 from .models import DiT, LabelEmbedder
 from .objectives import build_objective
-from .parallel import broadcast_object, setup_distributed, shard
+from .parallel import barrier, broadcast_object, setup_distributed, shard
 from .pipeline import default_sampling
 
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
+RUN_RE = re.compile(r"^(\d{3,})-.")  # a run folder: RESULTS_DIR/NNN-MODEL
+
+# Settings a resumed run may change: when it stops, how often it logs and saves, how it runs on
+# this machine. Every other setting shapes the numbers and must stay the run's own.
+RESUME_FREE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "sample_every", "keep_last", "keep_every",
+               "default_sampler", "default_steps", "default_cfg_scale", "default_cfg_interval",
+               "num_workers", "on_bad_image", "precision", "compile", "grad_checkpointing", "parallel")  # fmt: skip
+# Where this command runs and what it resumes: never taken from the checkpoint.
+LOCAL_SETTINGS = ("device", "results_dir", "resume")
 
 
 class ResumableSampler(Sampler[int]):
@@ -108,6 +122,11 @@ class Trainer:
         with forward(x, t, y) -> (N, C or 2C, H, W) and a `.config` that honours the DiTConfig's
         data fields (input_size, in_channels, num_classes, null_class, learn_sigma) trains as well,
         such as the U-Net baseline of `ditkit study`."""
+        self.resume_from, resume_state = None, None
+        if cfg.resume:
+            self.resume_from = resume_checkpoint(cfg.resume, Path(cfg.results_dir))
+            resume_state = read_training_checkpoint(self.resume_from)
+            given, cfg = cfg, resume_config(cfg, resume_state["args"], self.resume_from)
         self.cfg = cfg
         self.d = setup_distributed(cfg.device)
         if cfg.global_batch_size % self.d.world:
@@ -165,8 +184,15 @@ class Trainer:
         torch.manual_seed(cfg.global_seed * self.d.world + self.d.rank)  # per-rank seed (VAE sampling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.exp_dir = self._experiment_dir()
-        if cfg.resume:
-            self._load(self._resume_path())
+        if self.d.main:
+            for folder in ("", "checkpoints", "model", "samples"):
+                remove_temporaries(self.exp_dir / folder)  # left by writes that a kill interrupted
+        self.last_checkpoint = None  # for the closing message
+        if resume_state is not None:
+            self._load(resume_state, self.resume_from)
+            if self.d.main:
+                print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch}) "
+                      f"with the run's settings{resume_note(given, cfg, resume_state['args'])}", flush=True)  # fmt: skip
         self.net = self._wrap()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_params = [p for n, p in self.ema.named_parameters() if n != "pos_embed"]
@@ -183,35 +209,25 @@ class Trainer:
         return torch.compile(net) if self.cfg.compile else net
 
     def _experiment_dir(self) -> Path:
-        root = Path(self.cfg.results_dir)
-        if self.cfg.resume:
-            return self._resume_path().parent.parent
+        """The run folder: the one that owns the checkpoint resumed from, else a new one."""
+        if self.resume_from is not None and is_run_checkpoint(self.resume_from):
+            return self.resume_from.parent.parent
         path = None
         if self.d.main:
-            root.mkdir(parents=True, exist_ok=True)
-            index = len([p for p in root.iterdir() if p.is_dir()])
-            path = root / f"{index:03d}-{self.cfg.model.replace('/', '-')}"
-            (path / "checkpoints").mkdir(parents=True, exist_ok=True)
+            path = create_run_dir(Path(self.cfg.results_dir), self.cfg.model.replace("/", "-"))
+            if self.resume_from is not None:
+                print(f"{self.resume_from} is not in a ditkit run folder (NNN-MODEL/checkpoints/), so the run continues in a new one: {path}", flush=True)
         return Path(broadcast_object(str(path) if path else None, self.d))
 
-    def _resume_path(self) -> Path:
-        if self.cfg.resume != "latest":
-            path = Path(self.cfg.resume)
-            if not path.exists():
-                raise FileNotFoundError(f"checkpoint {path} to resume from does not exist; pass a path or 'latest'.")
-            return path
-        found = latest_checkpoint(Path(self.cfg.results_dir))
-        if found is None:
-            raise FileNotFoundError(f"no checkpoint to resume under {self.cfg.results_dir}; train without --resume first.")
-        return found
-
-    def _load(self, path: Path) -> None:
-        ck = read_pt(path)
-        for key in ("model", "ema", "opt", "step"):
-            if key not in ck:
-                raise ValueError(f"{path} has no {key!r}: it is not a ditkit training checkpoint; pass one from RESULTS_DIR/.../checkpoints.")
+    def _load(self, ck: dict, path: Path) -> None:
         if ck.get("model_config") and DiTConfig(**ck["model_config"]) != self.model_config:
-            raise ValueError(f"{path} was trained with a different model config ({ck['model_config']}); resume with the same flags.")
+            now = asdict(self.model_config)
+            changed = ", ".join(f"{k} {now[k]} (the run's: {v})" for k, v in ck["model_config"].items() if now.get(k) != v)
+            raise ValueError(f"{path} holds another model than these settings and data make ({changed}); resume with the run's data, or start a new run.")
+        if ck.get("data_size", len(self.dataset)) != len(self.dataset):
+            raise ValueError(f"{self.cfg.data_path} now holds {len(self.dataset)} items, not the {ck['data_size']} the run {path} was trained on, "
+                             f"so its saved position (epoch {ck['epoch']}, batch {ck['batch_in_epoch']}) would mean other images; "
+                             "restore the data, or start a new run without --resume.")  # fmt: skip
         saved_objective = ck.get("objective", {"objective": "gaussian"})
         if saved_objective != self.objective.config.to_dict():
             raise ValueError(f"{path} was trained with objective {saved_objective}, not {self.objective.config.to_dict()}; resume with the same flags.")
@@ -227,8 +243,7 @@ class Trainer:
             self.ema.load_state_dict(ck["ema"])
             self.opt.load_state_dict(ck["opt"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
-        if self.d.main:
-            print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})", flush=True)
+        self.last_checkpoint = path
 
     # -- checkpoints -----------------------------------------------------------------------
     def _full_state(self) -> tuple[dict, dict, dict]:
@@ -240,7 +255,9 @@ class Trainer:
                     get_optimizer_state_dict(self.model, self.opt, options=opts))  # fmt: skip
         return self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
 
-    def save(self) -> Path | None:
+    def save(self) -> Path:
+        """The training checkpoint, then the EMA as the model folder; a full disk stops the run
+        with the newest complete checkpoint named."""
         model, ema, opt = self._full_state()  # collective under FSDP: every rank takes part
         path = self.exp_dir / "checkpoints" / f"{self.step:07d}.pt"
         if self.d.main:
@@ -248,14 +265,19 @@ class Trainer:
             sampling = default_sampling(self.objective, c.default_sampler, c.default_steps, c.default_cfg_scale, c.default_cfg_interval)
             recorded = {"objective": self.objective.config.to_dict(), "sampling": sampling.to_dict()}
             state = {
-                "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step,
-                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model_config": asdict(self.model_config), **recorded,
+                "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "data_size": len(self.dataset), "model_config": asdict(self.model_config), **recorded,
             }  # fmt: skip
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
-            prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
-            save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path, **recorded})
-        if self.d.world > 1:
-            dist.barrier()
+            try:
+                atomic_write(path, lambda tmp: torch_save(state, tmp))
+                prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
+                save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path, **recorded})
+            except NoSpaceError as e:
+                steps = checkpoint_steps(path.parent)
+                kept = f"the last complete checkpoint {path.parent / f'{steps[-1]:07d}.pt'} is intact" if steps else "no checkpoint of this run was written yet"
+                raise NoSpaceError(f"{e}: {kept}; free some space, then continue with --resume {self.exp_dir}.") from None
+        barrier(self.d)
+        self.last_checkpoint = path
         return path
 
     # -- training --------------------------------------------------------------------------
@@ -306,45 +328,60 @@ class Trainer:
         if d.main:
             print(f"{self.model.config} | {self.dataset} | {sum(p.numel() for p in self.params):,} parameters | "
                   f"{d.world} process(es), global batch {cfg.global_batch_size} | {self.exp_dir}", flush=True)  # fmt: skip
-        log = RunLog(self.exp_dir, d.main, total, self.step)
-        running = torch.zeros((), device=d.device)
-        n_running = 0
-        start = time.perf_counter()
-        while self.step < total and self.epoch < cfg.epochs:
-            sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            self.dataset.set_epoch(self.epoch)
-            for x, y in loader:
-                x = x.to(d.device, non_blocking=True)
-                y = y.to(d.device, non_blocking=True)
-                running += self.train_step(x, y)
-                n_running += 1
-                self.step += 1
-                self.batch_in_epoch += 1
-                if self.batch_in_epoch == per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if self._out_of_time(start):
-                    total = self.step  # ends both loops, with the checkpoint of the last step
-                last = self.step >= total
-                if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
-                    avg = self._reduce(running / n_running)
-                    if not math.isfinite(avg):
-                        raise FloatingPointError(
-                            f"the loss became {avg} by step {self.step}; the last good checkpoint is kept in "
-                            f"{self.exp_dir / 'checkpoints'}: lower --lr, use --precision fp32, or resume from it."
-                        )
-                    log.write(self.step, self.epoch, avg, self.opt.param_groups[0]["lr"], cfg.global_batch_size)
-                    running.zero_()
-                    n_running = 0
-                if self.step % cfg.ckpt_every == 0 or last:
-                    self.save()
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
-                    self.sample_grid()
-                if last:
-                    break
-        log.close()
+        start_step = self.step
+        with contextlib.closing(RunLog(self.exp_dir, d.main, total, self.step)) as log:  # closed on errors too
+            running = torch.zeros((), device=d.device)
+            n_running = 0
+            start = time.perf_counter()
+            while self.step < total and self.epoch < cfg.epochs:
+                sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                self.dataset.set_epoch(self.epoch)
+                for x, y in loader:
+                    x = x.to(d.device, non_blocking=True)
+                    y = y.to(d.device, non_blocking=True)
+                    running += self.train_step(x, y)
+                    n_running += 1
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    if self.batch_in_epoch == per_epoch:
+                        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if self._out_of_time(start):
+                        total = self.step  # ends both loops, with the checkpoint of the last step
+                    last = self.step >= total
+                    if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
+                        avg = self._reduce(running / n_running)
+                        if not math.isfinite(avg):
+                            raise FloatingPointError(
+                                f"the loss became {avg} by step {self.step}; the last good checkpoint is kept in "
+                                f"{self.exp_dir / 'checkpoints'}: lower --lr, use --precision fp32, or resume from it."
+                            )
+                        log.write(self.step, self.epoch, avg, self.opt.param_groups[0]["lr"], cfg.global_batch_size)
+                        running.zero_()
+                        n_running = 0
+                    if self.step % cfg.ckpt_every == 0 or last:
+                        self.save()
+                    if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+                        self.sample_grid()
+                    if last:
+                        break
+        if d.main:
+            self._report(total, start_step)
         if d.started:
             dist.destroy_process_group()
         return self.exp_dir
+
+    def _report(self, total: float, start_step: int) -> None:
+        """Where the run's results are, once it ends."""
+        if self.last_checkpoint is None:
+            return
+        steps = f" of {int(total)}" if math.isfinite(total) else ""
+        if self.step == start_step:
+            print(f"the run was already at step {self.step}{steps}; pass a larger --max-steps or --epochs to train it further.", flush=True)
+        lines = [f"checkpoint    {self.last_checkpoint}", f"model folder  {self.exp_dir / 'model'}  (ditkit sample --ckpt {self.exp_dir / 'model'})"]
+        grid = self.exp_dir / "samples" / f"{self.step:07d}.png"
+        if grid.exists():
+            lines.append(f"sample grid   {grid}")
+        print(f"at step {self.step}{steps}:\n  " + "\n  ".join(lines), flush=True)
 
     def _out_of_time(self, start: float) -> bool:
         """--max-minutes is up: every step in one process; under torchrun rank 0's clock decides at
@@ -398,16 +435,19 @@ class RunLog:
 
         self.bar = tqdm(total=None if math.isinf(total) else int(total), initial=start_step, desc="train", dynamic_ncols=True)
         path = exp_dir / "log.csv"
+        if path.exists():
+            truncate_log(path, start_step)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.csv = csv.writer(self.file)
         if new:
-            self.csv.writerow(["step", "epoch", "loss", "lr", "images_per_s", "elapsed_s"])
+            self.csv.writerow(LOG_COLUMNS)
         self.tb = None
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(exp_dir / "tb"))
+            # purge_step drops the events a killed run logged after its last checkpoint
+            self.tb = SummaryWriter(str(exp_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         self.start = self.last = time.perf_counter()
         self.last_step = start_step
 
@@ -433,6 +473,21 @@ class RunLog:
                 self.tb.close()
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of log.csv after `step` (and a half-written last row): a killed run logged
+    them after its last checkpoint, and the resumed run logs those steps again."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    keep = rows[:1] + [r for r in rows[1:] if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= step]
+    if keep != rows:
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(keep)
+
+        atomic_write(path, write)
+
+
 def checkpoint_steps(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.glob("*.pt") if (m := CKPT_RE.match(p.name)))
 
@@ -444,15 +499,101 @@ def prune_checkpoints(folder: Path, keep_last: int, keep_every: int | None) -> N
             (folder / f"{s:07d}.pt").unlink(missing_ok=True)
 
 
+def run_folders(results_dir: Path) -> list[Path]:
+    """The run folders (NNN-MODEL) under `results_dir`, oldest (lowest NNN) first."""
+    if not results_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in results_dir.iterdir() if (m := RUN_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def create_run_dir(results_dir: Path, name: str) -> Path:
+    """results_dir/NNN-name/checkpoints, NNN one past the highest index there, the run folder made
+    exclusively: a new run never writes into an existing folder, not even one that a run started
+    at the same instant has just made."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(m.group(1)) for p in results_dir.iterdir() if (m := RUN_RE.match(p.name))]
+        path = results_dir / f"{max(taken, default=-1) + 1:03d}-{name}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # another run took this index after the scan: scan again
+        (path / "checkpoints").mkdir()
+        return path
+
+
+def is_run_checkpoint(path: Path) -> bool:
+    """Whether `path` is RESULTS_DIR/NNN-MODEL/checkpoints/NNNNNNN.pt, inside the run that wrote it."""
+    return bool(CKPT_RE.match(path.name)) and path.parent.name == "checkpoints" and bool(RUN_RE.match(path.parent.parent.name))
+
+
 def latest_checkpoint(results_dir: Path) -> Path | None:
-    """The newest checkpoint of the newest experiment under `results_dir`."""
-    if not results_dir.exists():
-        return None
-    for exp in sorted((p for p in results_dir.iterdir() if p.is_dir()), reverse=True):
-        steps = checkpoint_steps(exp / "checkpoints")
+    """The newest checkpoint of the newest run under `results_dir` that has one."""
+    for run in reversed(run_folders(results_dir)):
+        steps = checkpoint_steps(run / "checkpoints")
         if steps:
-            return exp / "checkpoints" / f"{steps[-1]:07d}.pt"
+            return run / "checkpoints" / f"{steps[-1]:07d}.pt"
     return None
+
+
+def resume_checkpoint(resume: str, results_dir: Path) -> Path:
+    """The checkpoint --resume names: 'latest' (under results_dir), a run folder (its newest) or a file."""
+    if resume == "latest":
+        found = latest_checkpoint(results_dir)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint to resume under {results_dir}; train without --resume first.")
+        return found
+    path = Path(resume)
+    if path.is_dir():
+        steps = checkpoint_steps(path / "checkpoints")
+        if not steps:
+            raise FileNotFoundError(f"{path} holds no checkpoints/NNNNNNN.pt; pass a run folder of ditkit train, a checkpoint or 'latest'.")
+        return path / "checkpoints" / f"{steps[-1]:07d}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} to resume from does not exist; pass a checkpoint, a run folder or 'latest'.")
+    return path
+
+
+def read_training_checkpoint(path: Path) -> dict:
+    ck = read_pt(path)
+    for key in ("model", "ema", "opt", "step", "args"):
+        if not isinstance(ck, dict) or key not in ck:
+            raise ValueError(f"{path} has no {key!r}: it is not a ditkit training checkpoint; pass one from RESULTS_DIR/NNN-MODEL/checkpoints.")
+    if not isinstance(ck["args"], dict):
+        raise ValueError(f"{path} does not record ditkit's settings: it is not a ditkit training checkpoint; pass one from RESULTS_DIR/NNN-MODEL/checkpoints.")
+    return ck
+
+
+def resume_config(cfg: TrainConfig, saved: dict, source: Path) -> TrainConfig:
+    """The settings of the run that `source` continues: the saved ones, except where `cfg` gives a
+    value other than the default, which may change only RESUME_FREE settings (a differing value
+    of any other setting is refused, naming the flag). So a bare --resume continues the run."""
+    merged, conflicts = {}, []
+    for f in fields(TrainConfig):
+        now = getattr(cfg, f.name)
+        if f.name in LOCAL_SETTINGS or f.name not in saved:
+            merged[f.name] = now
+        elif now == saved[f.name] or now == field_default(TrainConfig, f.name):
+            merged[f.name] = saved[f.name]
+        elif f.name in RESUME_FREE:
+            merged[f.name] = now
+        else:
+            conflicts.append(f"--{f.name.replace('_', '-')} {now} (the run's: {saved[f.name]})")
+    if conflicts:
+        raise ValueError(f"{source} was trained with other settings: {'; '.join(conflicts)}; drop those flags to continue the run, "
+                         "or leave out --resume to start a new one.")  # fmt: skip
+    return TrainConfig(**merged)
+
+
+def resume_note(given: TrainConfig, merged: TrainConfig, saved: dict) -> str:
+    """" (from the run: depth 1, ...; changed: max_steps 4 -> 8)": what a resume took from the
+    checkpoint beyond this command's values, and what this command changed."""
+    now = asdict(merged)
+    kept = [f"{k} {v}" for k, v in now.items() if k not in LOCAL_SETTINGS and v != getattr(given, k)]
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if k in RESUME_FREE and k in saved and saved[k] != v]
+    parts = [f"from the run: {', '.join(kept)}"] * bool(kept) + [f"changed: {', '.join(changed)}"] * bool(changed)
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def run_train(cfg: TrainConfig) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_vae
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -98,23 +99,36 @@ def test_gray_folder(class_folder):
     torch.testing.assert_close(x[0], torch.from_numpy(gray).float() / 127.5 - 1)
 
 
-def test_bad_image_skip_warns_once_and_uses_the_next(class_folder):
+def test_bad_image_skip_reports_once_on_stderr_and_uses_the_next(class_folder, capfd):
     ds = build_dataset(class_folder, image_size=8, flip=False, on_bad_image="skip")
-    with pytest.warns(UserWarning, match=r"cat/b\.png"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PYTHONWARNINGS=ignore must not hide it
         x, y = ds[1]
+    assert capfd.readouterr().err.startswith(f"skipping unreadable image {class_folder / 'cat' / 'b.png'} (UnidentifiedImageError")
     next_x, next_y = ds[2]
     assert torch.equal(x, next_x) and y == next_y
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        batches = [b for _ in range(2) for b in DataLoader(ds, batch_size=2)]  # two epochs, no crash
+    batches = [b for _ in range(2) for b in DataLoader(ds, batch_size=2)]  # two epochs, no crash
     assert sum(len(b[1]) for b in batches) == 2 * len(ds)
-    assert not seen, "a bad file is reported once per process, not once per read"
+    assert capfd.readouterr().err == "", "a bad file is reported once per process, not once per read"
+    fresh = build_dataset(class_folder, image_size=8, on_bad_image="skip")
+    list(DataLoader(fresh, batch_size=2, num_workers=1))  # a worker process reports on the same stderr
+    assert "cat/b.png" in capfd.readouterr().err
 
 
-def test_bad_image_stop_names_the_file(class_folder):
+def test_bad_image_stop_names_the_file(class_folder, tmp_path, capsys):
     ds = build_dataset(class_folder, image_size=8, on_bad_image="stop")
+    expected = f"cannot read image {class_folder / 'cat' / 'b.png'} (UnidentifiedImageError: "
     with pytest.raises(ValueError, match=r"cat/b\.png.*remove the file or pass --on-bad-image skip"):
         ds[1]
+    # From a DataLoader worker too: the sentence, not "Caught ValueError in DataLoader worker process 0".
+    with pytest.raises(ValueError) as e:
+        list(DataLoader(ds, batch_size=5, num_workers=1))
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value)
+    args = ["train", "--data-path", str(class_folder), "--image-size", "8", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32",
+            "--num-heads", "2", "--global-batch-size", "5", "--max-steps", "1", "--num-workers", "1", "--on-bad-image", "stop",
+            "--results-dir", str(tmp_path / "r")]  # fmt: skip
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"ditkit train: error: {expected}")
     # a truncated file is bad too
     path = class_folder / "dog" / "a.png"
     path.write_bytes(path.read_bytes()[:200])
@@ -233,16 +247,9 @@ def test_flips_are_a_function_of_seed_epoch_index():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny random AutoencoderKL (factor 2) saved to a folder, and 5 images in 2 classes."""
-    from diffusers import AutoencoderKL
-
     root = tmp_path_factory.mktemp("extract")
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-        layers_per_block=1, sample_size=16,
-    ).eval()  # fmt: skip
-    vae.save_pretrained(root / "vae")
+    vae = tiny_vae(root / "vae").eval()
     rng = np.random.default_rng(3)
     for i, (cls, size) in enumerate([("a", (20, 24)), ("a", (16, 16)), ("b", (40, 17)), ("b", (30, 30)), ("b", (17, 33))]):
         (root / "images" / cls).mkdir(parents=True, exist_ok=True)

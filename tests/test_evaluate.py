@@ -3,21 +3,22 @@ ADM's definitions, the networks' layouts, caching, and bad input. Tiny networks,
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import free_port, rel
 from scipy import linalg
 from scipy.special import softmax
 
 import ditkit
 from ditkit import config, pipeline
-from ditkit.eval import classifier, evaluate, features, metrics, npz
 from ditkit.checkpoints import save_pretrained
 from ditkit.cli import main
+from ditkit.eval import classifier, evaluate, features, metrics, npz
 
 
 @pytest.fixture(autouse=True)
@@ -137,28 +138,117 @@ def test_inception_from_file(tmp_path):
         features.InceptionV3.from_file(tmp_path / "other.pth")
 
 
-def test_inception_features_shapes():
+def fid_inception_reference(p, x):
+    """pytorch-fid's FID network written out as plain functional calls on a state dict `p`, from
+    its documented layout: torchvision's Inception-v3 (BasicConv2d = conv without bias, batch norm
+    with eps 0.001, ReLU), 1008 classes, no aux head, with the FID blocks swapped in
+    (FIDInceptionA, FIDInceptionC and FIDInceptionE_1 average-pool without counting the padding,
+    FIDInceptionE_2 max-pools), pool_3 the 8x8 average. Also ADM's sFID features (mixed_6/conv:
+    Mixed_6d's 1x1 branch, first 7 channels, NHWC order) and its logits (pool_3 @ W.T)."""
+
+    def conv(name, x, stride=1, same=True):
+        w = p[f"{name}.conv.weight"]
+        pad = (w.shape[2] // 2, w.shape[3] // 2) if same and stride == 1 else 0
+        x = F.conv2d(x, w, stride=stride, padding=pad)
+        bn = {k: p[f"{name}.bn.{k}"] for k in ("running_mean", "running_var", "weight", "bias")}
+        return F.relu(F.batch_norm(x, bn["running_mean"], bn["running_var"], bn["weight"], bn["bias"], training=False, eps=0.001))
+
+    def chain(block, names, x):
+        for name in names:
+            x = conv(f"{block}.{name}", x)
+        return x
+
+    def avg(x):
+        return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+    def fid_a(b, x):
+        return torch.cat([conv(f"{b}.branch1x1", x), chain(b, ["branch5x5_1", "branch5x5_2"], x),
+                          chain(b, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], x), conv(f"{b}.branch_pool", avg(x))], 1)  # fmt: skip
+
+    def fid_c(b, x):
+        return torch.cat([conv(f"{b}.branch1x1", x), chain(b, [f"branch7x7_{i}" for i in (1, 2, 3)], x),
+                          chain(b, [f"branch7x7dbl_{i}" for i in (1, 2, 3, 4, 5)], x), conv(f"{b}.branch_pool", avg(x))], 1)  # fmt: skip
+
+    def fid_e(b, x, pool):
+        b3, dbl = conv(f"{b}.branch3x3_1", x), chain(b, ["branch3x3dbl_1", "branch3x3dbl_2"], x)
+        return torch.cat([conv(f"{b}.branch1x1", x), conv(f"{b}.branch3x3_2a", b3), conv(f"{b}.branch3x3_2b", b3),
+                          conv(f"{b}.branch3x3dbl_3a", dbl), conv(f"{b}.branch3x3dbl_3b", dbl), conv(f"{b}.branch_pool", pool(x))], 1)  # fmt: skip
+
+    x = conv("Conv2d_1a_3x3", x, stride=2)
+    x = conv("Conv2d_2a_3x3", x, same=False)
+    x = F.max_pool2d(conv("Conv2d_2b_3x3", x), 3, stride=2)
+    x = conv("Conv2d_3b_1x1", x)
+    x = F.max_pool2d(conv("Conv2d_4a_3x3", x, same=False), 3, stride=2)  # (N, 192, 35, 35)
+    for b in ("Mixed_5b", "Mixed_5c", "Mixed_5d"):
+        x = fid_a(b, x)
+    x = torch.cat([conv("Mixed_6a.branch3x3", x, stride=2), conv("Mixed_6a.branch3x3dbl_3", chain("Mixed_6a", ["branch3x3dbl_1", "branch3x3dbl_2"], x), stride=2),
+                   F.max_pool2d(x, 3, stride=2)], 1)  # torchvision's InceptionB  # fmt: skip
+    for b in ("Mixed_6b", "Mixed_6c"):
+        x = fid_c(b, x)
+    spatial = conv("Mixed_6d.branch1x1", x)[:, :7].permute(0, 2, 3, 1).flatten(1)
+    for b in ("Mixed_6d", "Mixed_6e"):
+        x = fid_c(b, x)
+    x = torch.cat([conv("Mixed_7a.branch3x3_2", conv("Mixed_7a.branch3x3_1", x), stride=2),
+                   conv("Mixed_7a.branch7x7x3_4", chain("Mixed_7a", ["branch7x7x3_1", "branch7x7x3_2", "branch7x7x3_3"], x), stride=2),
+                   F.max_pool2d(x, 3, stride=2)], 1)  # torchvision's InceptionD  # fmt: skip
+    x = fid_e("Mixed_7b", x, avg)  # FIDInceptionE_1
+    x = fid_e("Mixed_7c", x, lambda x: F.max_pool2d(x, 3, stride=1, padding=1))  # FIDInceptionE_2
+    pool = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (N, 2048)
+    return {"pool": pool, "spatial": spatial, "logits": pool @ p["fc.weight"].T}
+
+
+def test_inception_features_equal_an_independent_fid_network():
+    """The port against the reference above, with the same random weights (batch-norm statistics
+    and affine parameters random too, so eps and every pooling choice show) and pytorch-fid's
+    preprocessing (bilinear resize to 299, [-1, 1], gray repeated to RGB)."""
     torch.manual_seed(0)
     net = features.InceptionV3()
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.05 + 0.002)  # small: eps 1e-3 vs 1e-5 differs by percents
+            elif name.endswith(("running_mean", "bn.bias")):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+            elif name.endswith("bn.weight"):
+                t.copy_(torch.rand(t.shape, generator=g) * 0.1 + 0.05)  # keeps activations of order one through 90 layers
         net.fc.bias.fill_(5.0)  # ADM's logits ignore the bias
-    images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 32, 1), dtype=np.uint8)
-    out = features.InceptionFeatures(net)(images)  # gray, 32 px: broadcast to RGB, resized to 299
-    assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 7 * 17 * 17) and out["logits"].shape == (2, 1008)
-    assert all(np.isfinite(v).all() for v in out.values())
-    np.testing.assert_allclose(out["logits"], out["pool"] @ net.fc.weight.detach().numpy().T, rtol=1e-4, atol=1e-6)
-    assert (out["spatial"] >= 0).all()  # a ReLU output, as TF's mixed_6/conv
+    images = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 1), dtype=np.uint8)
+    got = features.InceptionFeatures(net)(images)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        ref = fid_inception_reference(net.state_dict(), 2 * x - 1)
+    assert ref["pool"].std() > 0.01 and ref["spatial"].std() > 0.001  # alive after 90 layers: the comparison means something
+    for k in ("pool", "spatial", "logits"):
+        assert got[k].shape == tuple(ref[k].shape), k
+        assert rel(torch.from_numpy(got[k]), ref[k]) < 1e-5, k
+
+
+def scipy_frechet(a, b):
+    """The Fréchet distance of two feature sets, straight from its formula."""
+    mu1, mu2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
 
 
 def test_effnet_fd_path():
+    """The real EfficientNet-Lite0 on 16 Fashion-MNIST images: its features against the package's
+    network called directly (64 px bilinear antialiased, ImageNet mean/std, pooled
+    extract_features), and the FD of two halves against the formula."""
     images = npz.fashion_mnist("test")[0][:16]
     net = features.EffNetFeatures()
     feats = net(images)["pool"]
-    assert feats.shape == (16, 1280) and np.isfinite(feats).all() and feats.std() > 0
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+    x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        direct = features.load_effnet().extract_features((x - mean) / std).mean((2, 3)).numpy()
+    assert feats.shape == (16, 1280) and feats.std() > 0.1
+    np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(net(images[:4])["pool"], feats[:4], rtol=1e-4, atol=1e-5)  # batch-independent
-    a, b = metrics.FeatureStats.fit(feats[:8, :64]), metrics.FeatureStats.fit(feats[8:, :64])  # 64 dims: fast on a CPU
-    assert metrics.frechet_distance(a, b) > 0
-    assert abs(metrics.frechet_distance(a, a)) < 1e-6 * np.trace(a.sigma)
+    a, b = feats[:8, :64].astype(np.float64), feats[8:, :64].astype(np.float64)  # 64 dims: fast on a CPU
+    fd = metrics.frechet_distance(metrics.FeatureStats.fit(a), metrics.FeatureStats.fit(b))
+    assert fd > 1.0 and fd == pytest.approx(scipy_frechet(a, b), rel=1e-6)
 
 
 # --- reference caching and the metric plumbing, with a tiny injected network ------------------
@@ -266,7 +356,16 @@ def sample_npz_args(ckpt, out, n=8):
             "--num-sampling-steps", "2", "--cfg-scale", "1", "--device", "cpu", "--seed", "3", "--out", str(out)]  # fmt: skip
 
 
-def test_sample_npz_end_to_end(tiny_ckpt, tmp_path):
+def seeded_batches(ckpt, labels, batch_size=2, seed=3):
+    """What sample-npz draws, computed directly: batch i with noise from a generator seeded by (seed, i)."""
+    pipe = pipeline.load_pipeline(config.SampleNpzConfig(ckpt=str(ckpt), sampler="ddim", num_sampling_steps=2, cfg_scale=1.0, device="cpu"))
+    return np.concatenate([
+        pipeline.to_uint8(pipe.images(torch.from_numpy(labels[i : i + batch_size]), generator=torch.Generator().manual_seed(seed * 1_000_003 + i // batch_size)))
+        for i in range(0, len(labels), batch_size)
+    ])  # fmt: skip
+
+
+def test_sample_npz_end_to_end(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "s.npz"
     assert main(sample_npz_args(tiny_ckpt, out, n=9)) == 0
     with np.load(out) as data:
@@ -275,17 +374,50 @@ def test_sample_npz_end_to_end(tiny_ckpt, tmp_path):
     assert images.shape == (9, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
     assert labels.dtype == np.int64 and labels.shape == (9,)
     np.testing.assert_array_equal(labels, np.random.default_rng(3).integers(0, 3, size=9))  # seeded uniform draw
+    np.testing.assert_array_equal(images, seeded_batches(tiny_ckpt, labels))
     assert npz.read_images(out).labels is not None
-    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no temporary files left
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]  # no shards or temporary files left
+    said = capsys.readouterr()
+    assert f"9 samples (ddim, 2 steps, cfg 1) on 1 process(es) into {out}" in said.out  # where, at the start
+    assert "the first batch of 2 took" in said.out and "to go" in said.out  # and how long, once it knows
+
+
+def test_sample_npz_resumes_after_a_kill(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Killed after 2 of 5 batches: the same command draws only the other 3 and writes what an
+    uninterrupted run writes; other settings meanwhile are refused, naming them."""
+    from ditkit import generate
+
+    out = tmp_path / "s.npz"
+    real, drawn = generate.to_uint8, []
+
+    def dying(x):
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        drawn.append(len(x))
+        return real(x)
+
+    monkeypatch.setattr(generate, "to_uint8", dying)
+    assert main(sample_npz_args(tiny_ckpt, out, n=9)) == 130
+    parts = tmp_path / ".s.npz.parts"
+    assert sorted(p.name for p in parts.iterdir()) == ["0000000.npz", "0000001.npz", "plan.json"] and not out.exists()
+    stale = [parts / ".0000002.npz.x1y2z3w4.tmp", tmp_path / ".s.npz.a1b2c3d4.tmp"]  # what kill -9 leaves mid-write
+    for path in stale:
+        path.write_bytes(b"\0" * 100)
+    assert main([*sample_npz_args(tiny_ckpt, out, n=9), "--num-sampling-steps", "3"]) == 2
+    assert "with other settings (--num-sampling-steps 2)" in capsys.readouterr().err
+    monkeypatch.setattr(generate, "to_uint8", lambda x: (drawn.append(len(x)), real(x))[1])
+    assert main(sample_npz_args(tiny_ckpt, out, n=9)) == 0
+    assert drawn == [2, 2, 2, 2, 1] and "resuming with 4 already in" in capsys.readouterr().out
+    with np.load(out) as data:
+        np.testing.assert_array_equal(data["arr_0"], seeded_batches(tiny_ckpt, data["labels"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
 
 
 def test_sample_npz_two_processes(tiny_ckpt, tmp_path):
-    """A 2-process gloo run as torchrun starts it: rank r samples its half with seed * 2 + r, and
-    rank 0 joins the halves in order; the labels do not depend on the number of processes."""
+    """A 2-process gloo run as torchrun starts it (each process draws every other batch, rank 0
+    joins them) writes exactly what one process writes."""
     out = tmp_path / "two.npz"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
@@ -298,14 +430,9 @@ def test_sample_npz_two_processes(tiny_ckpt, tmp_path):
     with np.load(out) as data:
         images, labels = data["arr_0"], data["labels"]
     np.testing.assert_array_equal(labels, np.random.default_rng(3).integers(0, 3, size=8))
-    gen = pipeline.load_pipeline(config.SampleNpzConfig(ckpt=str(tiny_ckpt), sampler="ddim", num_sampling_steps=2, cfg_scale=1.0, device="cpu"))
-    for rank in range(2):
-        torch.manual_seed(3 * 2 + rank)
-        y = torch.from_numpy(labels[4 * rank : 4 * rank + 4])
-        expected = np.concatenate([pipeline.to_uint8(gen.images(y[i : i + 2])) for i in (0, 2)])
-        np.testing.assert_array_equal(images[4 * rank : 4 * rank + 4], expected)
+    np.testing.assert_array_equal(images, seeded_batches(tiny_ckpt, labels))
     assert not np.array_equal(images[:4], images[4:])
-    assert [p.name for p in tmp_path.iterdir()] == ["two.npz"]  # the parts folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["two.npz"]  # the shards are gone
 
 
 # --- bad input: one sentence, non-zero exit --------------------------------------------------
@@ -352,7 +479,11 @@ def test_eval_cli_end_to_end(tmp_path, capsys, monkeypatch):
     result = json.loads(capsys.readouterr().out)
     assert result["num_samples"] == 300 and result["num_ref"] == 200
     metrics = result["metrics"]
-    assert sorted(metrics) == ["FD-EffNet", "accuracy"] and 0 < metrics["FD-EffNet"] < 1 and metrics["accuracy"] > 0.85
+    samples, ref = (next(npz.read_images(npz.resolve_images(name, kind, cache=tmp_path)).batches(1000))
+                    for name, kind in (("fashion-mnist-train:300", "samples"), ("fashion-mnist:200", "reference")))  # fmt: skip
+    expected = scipy_frechet(TinyNet()(samples)["pool"].astype(np.float64), TinyNet()(ref)["pool"].astype(np.float64))
+    assert sorted(metrics) == ["FD-EffNet", "accuracy"] and metrics["FD-EffNet"] == pytest.approx(expected, rel=1e-5)
+    assert metrics["accuracy"] > 0.85
     assert len(result["skipped"]) == 1 and features.INCEPTION_WEIGHTS in result["skipped"][0]
     assert main(args) == 0
     table = capsys.readouterr().out
