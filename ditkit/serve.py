@@ -55,7 +55,7 @@ class Busy(Exception):
 
 
 class Abandoned(Exception):
-    """Every request of a batch has gone (deadline passed): stop sampling it."""
+    """Every request of a batch has gone (deadline passed), or the server is closing: stop sampling it."""
 
 
 @dataclass(eq=False)
@@ -108,6 +108,7 @@ class Batcher:
         self.running: dict | None = None  # {"images", "step", "steps"} of the batch being sampled
         self.seconds_per_image: float | None = None  # recent model cost, for Retry-After
         self.served = {"requests": 0, "images": 0, "batches": 0}
+        self.closed = False
 
     # -- requests ---------------------------------------------------------------------------------
     def parse(self, body: bytes) -> tuple[Pipeline, torch.Tensor, int]:
@@ -174,7 +175,7 @@ class Batcher:
 
         def callback(info: dict) -> None:
             self.running = {"images": len(labels), "step": steps - int(info["i"]), "steps": steps}
-            if all(j.future.done() for j in batch):
+            if self.closed or all(j.future.done() for j in batch):
                 raise Abandoned
 
         start = time.perf_counter()
@@ -223,6 +224,7 @@ class Batcher:
                     self.served["images"] += len(urls)
 
     def close(self) -> None:
+        self.closed = True  # the running batch stops at its next step, so shutting down does not wait for it
         for job in self.queue:
             if not job.future.done():
                 job.future.set_exception(Busy("the server is shutting down; retry later.", 5))
