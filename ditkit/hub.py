@@ -33,13 +33,15 @@ import torch
 from safetensors.torch import load_file
 
 from .checkpoints import Checkpoint, describe, load_model, read_checkpoint, read_pt, save_pretrained
-from .config import DIFFUSERS_SAMPLERS, DiTConfig, ExportConfig
+from .config import DIFFUSERS_SAMPLERS, DiTConfig, ExportConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class, hard-coded there
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# DiTConfig fields whose paper values (their defaults) DiTTransformer2DModel has built in.
+PAPER_DESIGN = ("block", "mlp_ratio", "mlp", "norm", "qk_norm", "pos_embed")
 DIT_LAYERNORM_EPS = 1e-6  # the official DiT's LayerNorms (diffusers' default norm_eps is 1e-5)
 # What DiT.from_pretrained fetches of a Hub repository: a ditkit folder, or a diffusers one's transformer.
 HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "transformer/config.json",
@@ -68,12 +70,12 @@ LABEL_TABLE = ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.em
 
 
 def diffusers_config(c: DiTConfig, embeds: int) -> dict:
-    """DiTTransformer2DModel's config of a DiT (adaLN-Zero blocks, MLP ratio 4) with a label table of
+    """DiTTransformer2DModel's config of a DiT (the paper's design only) with a label table of
     `embeds` classes + the null row: DIFFUSERS_NULL_LABEL for a DiTPipeline, else the model's classes."""
-    if c.block != "adaln_zero":
-        raise ValueError(f"DiTTransformer2DModel has adaLN-Zero blocks only; this model's are {c.block}, so export it with --format ditkit.")
-    if c.mlp_ratio != 4.0:
-        raise ValueError(f"DiTTransformer2DModel has MLPs 4x as wide as the hidden size; this model's ratio is {c.mlp_ratio:g}, so export it with --format ditkit.")
+    differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]
+    if differs:
+        raise ValueError(f"DiTTransformer2DModel holds the paper's DiT only (adaLN-Zero blocks, 4x GELU MLPs, LayerNorm, sin-cos positions); "
+                         f"this model has {', '.join(differs)}, so export it with --format ditkit.")  # fmt: skip
     return dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
                 out_channels=c.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
                 num_embeds_ada_norm=embeds, norm_eps=DIT_LAYERNORM_EPS)  # fmt: skip

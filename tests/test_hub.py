@@ -202,9 +202,9 @@ def test_export_cli(tmp_path, exported, capsys):
     assert "already exists and is not empty" in capsys.readouterr().err
     assert cli.main(["export", "--ckpt", str(tmp_path / "src"), "--out", str(tmp_path / "novae")]) == 2
     assert "pass --vae" in capsys.readouterr().err and not (tmp_path / "novae").exists()
-    random_dit(block="in_context").save_pretrained(tmp_path / "ctx")
-    assert cli.main(["export", "--ckpt", str(tmp_path / "ctx"), "--vae", str(vae), "--out", str(tmp_path / "x")]) == 2
-    assert "adaLN-Zero blocks only" in capsys.readouterr().err
+    random_dit(block="in_context", mlp="swiglu").save_pretrained(tmp_path / "modern")
+    assert cli.main(["export", "--ckpt", str(tmp_path / "modern"), "--vae", str(vae), "--out", str(tmp_path / "x")]) == 2
+    assert "this model has block in_context, mlp swiglu, so export it with --format ditkit." in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))  # failed exports leave nothing behind
 
 
