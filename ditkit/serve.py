@@ -141,6 +141,7 @@ class Batcher:
         return max(1, math.ceil(images * (self.seconds_per_image or 0.0)))
 
     def submit(self, job: Job) -> None:
+        self.queue = deque(j for j in self.queue if not j.future.done())  # drop requests whose deadline passed
         if len(self.queue) >= self.cfg.queue_size:
             wait = self.retry_after()
             raise Busy(f"the server is busy: {len(self.queue)} requests are queued; retry in {wait} s.", wait)

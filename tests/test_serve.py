@@ -34,7 +34,8 @@ def pipe():
 
 @contextmanager
 def serving(pipe, **settings):
-    """A uvicorn server in a thread on a free port; yields its base URL."""
+    """A uvicorn server in a thread on a free port; yields an httpx client for it (shared by threads,
+    so concurrent requests leave at once, without each building a client)."""
     import uvicorn
 
     cfg = ServeConfig(device="cpu", port=free_port(), **settings)
@@ -46,22 +47,24 @@ def serving(pipe, **settings):
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{cfg.port}"
+        with httpx.Client(base_url=f"http://127.0.0.1:{cfg.port}", timeout=120, limits=httpx.Limits(max_connections=16)) as client:
+            client.get("/api/info")
+            yield client
     finally:
         server.should_exit = True
         thread.join(30)
 
 
 @pytest.fixture(scope="module")
-def url(pipe):
-    with serving(pipe) as base:
-        yield base
+def http(pipe):
+    with serving(pipe) as client:
+        yield client
 
 
-def post(base: str, body, timeout: float = 120) -> httpx.Response:
+def post(client: httpx.Client, body) -> httpx.Response:
     if isinstance(body, (bytes, str)):
-        return httpx.post(f"{base}/api/generate", content=body, headers={"Content-Type": "application/json"}, timeout=timeout)
-    return httpx.post(f"{base}/api/generate", json=body, timeout=timeout)
+        return client.post("/api/generate", content=body, headers={"Content-Type": "application/json"})
+    return client.post("/api/generate", json=body)
 
 
 def pixels(response: httpx.Response) -> np.ndarray:
@@ -79,41 +82,41 @@ def direct(pipe, labels, seed: int, **sampling) -> np.ndarray:
     return to_uint8(variant.images(torch.tensor(labels), generator=torch.Generator().manual_seed(seed)))
 
 
-def test_page_and_info(url):
-    page = httpx.get(url + "/").text
+def test_page_and_info(http):
+    page = http.get("/").text
     assert 'id="generate"' in page and "api/generate" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from the internet
-    info = httpx.get(url + "/api/info").json()
+    info = http.get("/api/info").json()
     assert info["num_classes"] == 10 and info["objective"] == "gaussian"
     assert info["samplers"] == [s for s, o in SAMPLER_OBJECTIVE.items() if o == "gaussian"]
     assert info["defaults"]["sampler"] == "ddim" and info["defaults"]["num_sampling_steps"] == 25  # the bundled model's
     assert info["batch_invariant"] == ["ddim", "dpm++2m", "unipc"]
 
 
-def test_generate_is_the_pipeline_with_that_seed(url, pipe):
+def test_generate_is_the_pipeline_with_that_seed(http, pipe):
     body = {"classes": [3, 5], "num_samples": 3, "seed": 11, "num_sampling_steps": 3, "cfg_scale": 2.5}
-    response = post(url, body)
+    response = post(http, body)
     assert response.status_code == 200, response.text
     data = response.json()
     assert data["labels"] == [3, 5, 3] and data["sampler"] == "ddim" and data["batch_images"] == 3
     images = pixels(response)
     assert images.shape == (3, 32, 32, 1) and images.std() > 10  # real pictures, not a flat fill
     np.testing.assert_array_equal(images, direct(pipe, [3, 5, 3], 11, steps=3, cfg_scale=2.5))
-    np.testing.assert_array_equal(pixels(post(url, body)), images)  # the same seed gives the same images
+    np.testing.assert_array_equal(pixels(post(http, body)), images)  # the same seed gives the same images
 
 
 def test_batched_requests_keep_their_seeds(pipe):
     """Requests that arrive together share one model batch, yet each gets its own seed's images; a
     request with other settings, or with a sampler that is not batch-invariant (ddpm), runs alone."""
-    bodies = [{"classes": [c], "num_samples": n, "seed": s, "num_sampling_steps": 3} for c, n, s in ((1, 1, 5), (7, 2, 6), (2, 1, 7), (9, 2, 8))]
-    bodies += [{"classes": [4], "seed": 9, "num_sampling_steps": 4}, {"classes": [4], "seed": 9, "num_sampling_steps": 3, "sampler": "ddpm"},
-               {"classes": [6], "num_samples": 2, "seed": 10, "num_sampling_steps": 3, "sampler": "ddpm"}]  # fmt: skip
-    with serving(pipe, batch_window=1.0) as base, ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda b: post(base, b), bodies))
+    bodies = [{"classes": [c], "num_samples": n, "seed": s, "num_sampling_steps": 2} for c, n, s in ((1, 1, 5), (7, 2, 6), (2, 1, 7), (9, 2, 8))]
+    bodies += [{"classes": [4], "seed": 9, "num_sampling_steps": 3}, {"classes": [4], "seed": 9, "num_sampling_steps": 2, "sampler": "ddpm"},
+               {"classes": [6], "num_samples": 2, "seed": 10, "num_sampling_steps": 2, "sampler": "ddpm"}]  # fmt: skip
+    with serving(pipe, batch_window=2.0) as client, ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: post(client, b), bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies), [r.text for r in responses]
     assert [r.json()["batch_images"] for r in responses] == [6, 6, 6, 6, 1, 1, 2]
     for body, response in zip(bodies[:4], responses):
-        alone = direct(pipe, body["classes"] * body["num_samples"], body["seed"], steps=3)
+        alone = direct(pipe, body["classes"] * body["num_samples"], body["seed"], steps=2)
         diff = np.abs(pixels(response).astype(int) - alone)
         # Batched matmuls round differently (~1e-5), which may move a pixel by one level.
         assert diff.max() <= 1 and (diff == 0).mean() > 0.99
@@ -140,47 +143,47 @@ BAD = [
 
 
 @pytest.mark.parametrize("body,message", BAD, ids=[m.split(" ")[0] + str(i) for i, (_, m) in enumerate(BAD)])
-def test_bad_parameters_get_one_sentence(url, body, message):
-    response = post(url, body)
+def test_bad_parameters_get_one_sentence(http, body, message):
+    response = post(http, body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert message in error and error.endswith(".") and "\n" not in error and "Traceback" not in error
 
 
-def test_server_serves_after_bad_requests(url):
+def test_server_serves_after_bad_requests(http):
     for body, _ in BAD:
-        post(url, body)
-    assert post(url, {"classes": [0], "num_sampling_steps": 1}).status_code == 200
-    assert httpx.get(url + "/api/status").json()["running"] is None
+        post(http, body)
+    assert post(http, {"classes": [0], "num_sampling_steps": 1}).status_code == 200
+    assert http.get("/api/status").json()["running"] is None
 
 
 def test_full_queue_answers_503_with_retry_after(pipe):
-    with serving(pipe, queue_size=1, max_batch_size=1, batch_window=0) as base, ThreadPoolExecutor(6) as pool:
-        responses = list(pool.map(lambda seed: post(base, {"classes": [1], "seed": seed, "num_sampling_steps": 40}), range(6)))
+    with serving(pipe, queue_size=1, max_batch_size=1, batch_window=0) as client, ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda seed: post(client, {"classes": [1], "seed": seed, "num_sampling_steps": 40}), range(6)))
         codes = [r.status_code for r in responses]
         assert set(codes) == {200, 503} and codes.count(200) >= 2  # one sampling, one queued; the rest turned away
         for r in responses:
             if r.status_code == 503:
                 assert int(r.headers["Retry-After"]) >= 1 and "the server is busy: 1 requests are queued" in r.json()["error"]
-        assert post(base, {"classes": [1], "num_sampling_steps": 1}).status_code == 200  # and it recovers
+        assert post(client, {"classes": [1], "num_sampling_steps": 1}).status_code == 200  # and it recovers
 
 
 def test_deadline_answers_503_and_abandons_the_batch(pipe):
-    with serving(pipe, timeout=1.0, batch_window=0) as base:
+    with serving(pipe, timeout=1.0, batch_window=0) as client:
         start = time.monotonic()
-        slow = post(base, {"classes": [2], "num_sampling_steps": 250})
+        slow = post(client, {"classes": [2], "num_sampling_steps": 250})
         assert slow.status_code == 503 and time.monotonic() - start < 10
         assert "not ready within the server's 1 s deadline" in slow.json()["error"] and int(slow.headers["Retry-After"]) >= 1
         deadline = time.monotonic() + 10  # the worker stops the abandoned batch at its next step, not after 250
-        while httpx.get(base + "/api/status").json()["running"] is not None:
+        while client.get("/api/status").json()["running"] is not None:
             assert time.monotonic() < deadline, "the abandoned batch kept sampling"
             time.sleep(0.05)
-        assert httpx.get(base + "/api/status").json()["served"]["requests"] == 0
-        assert post(base, {"classes": [2], "num_sampling_steps": 1}).status_code == 200
+        assert client.get("/api/status").json()["served"]["requests"] == 0
+        assert post(client, {"classes": [2], "num_sampling_steps": 1}).status_code == 200
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run installs it)")
-def test_page_in_headless_chromium(url, tmp_path):
+def test_page_in_headless_chromium(http, tmp_path):
     """Click Generate, wait for the images, check they decoded; a bad value shows the server's sentence."""
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'ditkit[test]')")
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -189,7 +192,7 @@ def test_page_in_headless_chromium(url, tmp_path):
         browser = p.chromium.launch_persistent_context(tempfile.mkdtemp(dir=tmp_path), executable_path=CHROMIUM, headless=True, args=args)
         try:
             page = browser.new_page()
-            page.goto(url + "/")
+            page.goto(str(http.base_url))  # ends in /
             page.wait_for_selector("#generate:not([disabled])")
             page.select_option("#classes", "7")
             page.fill("#num_sampling_steps", "2")
