@@ -1,11 +1,39 @@
-"""ditkit: Diffusion Transformers (Peebles & Xie, 2023), faithful to the official release."""
+"""ditkit: Diffusion Transformers (Peebles & Xie, 2023), faithful to the official release.
 
-from .config import DiTConfig, ObjectiveConfig
-from .models import PRESETS, DiT
-from .objectives import FlowMatching, GaussianDiffusion
-from .objectives.gaussian import space_timesteps
-from .samplers import SAMPLERS, cfg_model, sample
+The names below load on first use, so `import ditkit` and the command line's --help stay
+instant; `ditkit.DiT` imports torch then.
+"""
 
-__all__ = ["DiT", "DiTConfig", "PRESETS", "GaussianDiffusion", "FlowMatching", "ObjectiveConfig", "space_timesteps", "sample",
-           "cfg_model", "SAMPLERS"]  # fmt: skip
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "DiT": "models", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
+    "GaussianDiffusion": "objectives", "FlowMatching": "objectives", "space_timesteps": "objectives.gaussian",
+    "sample": "samplers", "SAMPLERS": "samplers", "cfg_model": "samplers",
+}  # fmt: skip
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # what a type checker sees: the same names, imported
+    from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, ObjectiveConfig as ObjectiveConfig
+    from .models import DiT as DiT
+    from .objectives import FlowMatching as FlowMatching, GaussianDiffusion as GaussianDiffusion
+    from .objectives.gaussian import space_timesteps as space_timesteps
+    from .samplers import SAMPLERS as SAMPLERS, cfg_model as cfg_model, sample as sample
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ditkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,7 +1,8 @@
 """The `ditkit` command. Each subcommand's flags map one-to-one onto the fields of a frozen
 config dataclass in ditkit.config (the field's `help` metadata is its --help text);
-`--config FILE.toml` or `.json` supplies the same fields from a file, and flags given on the
-command line win. Configs are imported at parse time, the code that runs them only when it runs."""
+`--config FILE.toml` or `.json` (or, for train, a shipped recipe) supplies the same fields from a
+file, and flags given on the command line win. Only ditkit.config is imported at parse time (no
+torch), so --help and argument errors answer at once; the code that runs a command loads when it runs."""
 
 from __future__ import annotations
 
@@ -55,16 +56,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 RECIPES = Path(__file__).parent / "recipes"
+RECIPE_COMMAND = "train"  # the shipped recipes are training settings
 
 
-def load_config_file(path: str | Path) -> dict:
-    """Settings from a TOML/JSON file, or from a recipe shipped with ditkit by name (e.g. fmnist-cpu)."""
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def load_config_file(path: str | Path, command: str = RECIPE_COMMAND) -> dict:
+    """Settings from a TOML/JSON file, or (for `ditkit train`) a recipe shipped with ditkit by name."""
     path = Path(path)
-    if not path.exists() and (RECIPES / f"{path}.toml").exists():
-        path = RECIPES / f"{path}.toml"
+    recipe = RECIPES / f"{path}.toml"
+    if not path.exists() and recipe.exists():
+        if command != RECIPE_COMMAND:
+            raise ValueError(f"{path} is a training recipe: use it with ditkit {RECIPE_COMMAND} --config {path}, and give ditkit {command} "
+                             "its flags or a .toml file of its own settings.")  # fmt: skip
+        path = recipe
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.toml")))
-        raise FileNotFoundError(f"config file {path} does not exist; pass a .toml or .json file or a recipe name ({known}).")
+        known = f" or a recipe name ({', '.join(recipe_names())})" if command == RECIPE_COMMAND else ""
+        raise FileNotFoundError(f"config file {path} does not exist; pass a .toml or .json file{known}.")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
@@ -83,7 +93,7 @@ def build_config(cls: type, values: dict) -> Any:
 
 
 def parse_config(cls: type, args: argparse.Namespace) -> Any:
-    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values = load_config_file(args.config, args.command) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     return build_config(cls, values)
 
@@ -100,12 +110,16 @@ def _runner(command: str) -> Callable:
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
+    parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, _, _, help_text) in COMMANDS.items():
         cls = _config_class(name)
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
-        p.add_argument("--config", help="TOML or JSON file with the same settings, or a recipe name (flags win)")
+        recipes = f", or a recipe name ({', '.join(recipe_names())})" if name == RECIPE_COMMAND else ""
+        p.add_argument("--config", help=f"TOML or JSON file with the same settings{recipes} (flags win)")
         add_config_arguments(p, cls)
     return parser
 

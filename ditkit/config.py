@@ -38,7 +38,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 BAD_IMAGE_ACTIONS = ("skip", "stop")
 SPLITS = ("train", "test")
 STORE_DTYPES = ("float32", "float16")
+METRICS = ("FD-EffNet", "accuracy", "FID", "sFID", "IS", "precision", "recall")  # what `ditkit eval` reports
 SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
+FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the setting of the paper's Table 1
 
 
 def option(text: str, **kw) -> dict:
@@ -285,7 +287,7 @@ class ObjectiveConfig(Config):
 # ================================================================================================
 # Commands
 
-_CKPT = "checkpoint: official .pt (DiT or SiT), a ditkit model folder or training checkpoint (default: the bundled model)"
+_CKPT = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"
 _VAE = "AutoencoderKL folder or hub id; 'ema'/'mse' = stabilityai/sd-vae-ft-*"
 _DEVICE = "cpu, cuda, cuda:N, or auto"
 
@@ -327,7 +329,13 @@ class SampleConfig(SamplingOptions):
     num_samples: int | None = field(default=None, metadata=option("number of samples (default: 4 per class for up to 16 classes, else one per class)", gt=0, le=100_000))
     seed: int = field(default=0, metadata=option("global seed for the initial and per-step noise"))
     batch_size: int = field(default=64, metadata=positive("samples per model batch"))
-    out: str = field(default="samples", metadata=option("output folder: grid.png and one PNG per sample"))
+    out: str = field(default="samples", metadata=option("output folder (grid.png and one PNG per sample), or an image file such as grid.png for the grid alone"))
+    save_images: bool | None = field(default=None, metadata=option("also write one PNG per sample (default: yes into an --out folder; beside an --out image file as NAME-000000.png only when asked)"))
+
+    def check(self) -> None:
+        super().check()
+        if self.out.endswith(".npz"):
+            raise ValueError(f"--out {self.out}: ditkit sample writes PNG images; for an .npz use ditkit sample-npz.")
 
 
 @dataclass(frozen=True)
@@ -348,14 +356,17 @@ class SampleNpzConfig(SamplingOptions):
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
-    """Evaluate samples against a reference set: FD-EffNet (offline) and Fashion-MNIST class
-    accuracy always; FID, sFID, Inception Score, precision and recall (ADM's definitions) when the
-    FID Inception weights are available."""
+    """Evaluate samples against a reference set and report every metric that can be computed here,
+    saying why any other is skipped: class accuracy (labelled 32x32x1 Fashion-MNIST samples, with
+    the bundled classifier), FD-EffNet (offline; more samples and reference images than its 1280
+    feature dimensions), and FID, sFID, Inception Score, precision and recall (ADM's definitions)
+    when the FID Inception weights are available. --metrics asks for some by name: then one that
+    cannot be computed is an error."""
 
     samples: str | None = field(default=None, metadata=option("samples .npz (arr_0 uint8 N×H×W×C, optional labels), or a dataset name such as fashion-mnist-train:10000"))
-    ref: str | None = field(default=None, metadata=option("reference .npz in the same format, or fashion-mnist (its test split)"))
+    ref: str | None = field(default=None, metadata=option("reference .npz in the same format, or fashion-mnist (its test split); not needed for --metrics accuracy"))
+    metrics: tuple[str, ...] = field(default=(), metadata=option(f"metrics to report: {', '.join(METRICS)} (default: every one that can be computed)", choices=METRICS))
     inception: str | None = field(default=None, metadata=option("FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: look in ~/.cache/ditkit and torch hub's checkpoints; skip FID etc. if absent)"))
-    accuracy: bool = field(default=True, metadata=option("report the class accuracy under the bundled Fashion-MNIST classifier (32x32 gray samples with labels)"))
     batch_size: int = field(default=64, metadata=positive("images per feature-network batch"))
     device: str = field(default="auto", metadata=option(_DEVICE))
     cache_dir: str | None = field(default=None, metadata=option("where reference statistics and dataset .npz files are kept (default: $XDG_CACHE_HOME/ditkit or ~/.cache/ditkit)"))
@@ -364,8 +375,8 @@ class EvalConfig(Config):
     def check(self) -> None:
         if not self.samples:
             raise ValueError("--samples is required; pass the .npz written by ditkit sample-npz.")
-        if not self.ref:
-            raise ValueError("--ref is required; pass a reference .npz or fashion-mnist.")
+        if not self.ref and set(self.metrics) != {"accuracy"}:
+            raise ValueError("--ref is required; pass a reference .npz or fashion-mnist (or ask for --metrics accuracy alone).")
 
 
 @dataclass(frozen=True)
@@ -400,6 +411,7 @@ class TrainConfig(Config):
     vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
     epochs: int = field(default=1400, metadata=positive("number of epochs"))
     max_steps: int | None = field(default=None, metadata=positive("stop after this many steps"))
+    max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes of training"))
     global_batch_size: int = field(default=256, metadata=positive("batch size summed over all processes"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
     lr: float = field(default=1e-4, metadata=positive("AdamW learning rate"))
@@ -421,6 +433,10 @@ class TrainConfig(Config):
     keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
     sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
     resume: str | None = field(default=None, metadata=option("checkpoint path, or 'latest' in RESULTS_DIR"))
+    default_sampler: str | None = field(default=None, metadata=option("the sampler the trained model records for `ditkit sample` (default: dpm++2m or heun2)", choices=SAMPLERS))
+    default_steps: int | None = field(default=None, metadata=option("the sampling steps it records", gt=0, le=10_000))
+    default_cfg_scale: float | None = field(default=None, metadata=option("the guidance scale it records", ge=0))
+    default_cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval it records (t = 0 noise, 1 data)", ge=0, le=1))
     precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
     compile: bool = field(default=False, metadata=option("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
@@ -428,7 +444,12 @@ class TrainConfig(Config):
     device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
 
     def check(self) -> None:
-        self.objective_config()  # flow-only settings on a gaussian run fail here
+        objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
+        if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
+            raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
+                             f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+        if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):
+            raise ValueError("--default-cfg-interval takes two numbers LO <= HI in [0, 1].")
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
@@ -467,37 +488,42 @@ class ExtractConfig(Config):
 
 @dataclass(frozen=True)
 class FlopsConfig(Config):
-    """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs."""
+    """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs: the paper's
+    presets, resized with the model flags if you like, or the model of a checkpoint (--ckpt bundled
+    for the bundled one)."""
 
-    model: tuple[str, ...] = field(default=PRESETS, metadata=option("presets to count", aliases=("--models",), choices=PRESETS))
-    image_size: int = field(default=256, metadata=positive("image size in pixels; 4-channel latent models see image_size/8"))
+    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt)", aliases=("--models",), choices=PRESETS))
+    ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
+    block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
+    depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))
+    hidden_size: int | None = field(default=None, metadata=positive("override the hidden size"))
+    num_heads: int | None = field(default=None, metadata=positive("override the head count"))
+    patch_size: int | None = field(default=None, metadata=positive("override the patch size"))
+    image_size: int | None = field(default=None, metadata=positive(f"image size in pixels; 4-channel latent models see image_size/{SD_VAE_FACTOR} (default: {FLOPS_IMAGE_SIZE}, or the checkpoint's)"))
     input_size: int | None = field(default=None, metadata=positive("the model's input size (latent or pixels), overriding --image-size"))
-    in_channels: int = field(default=4, metadata=positive("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models"))
-    num_classes: int = field(default=1000, metadata=positive("number of classes"))
-    block: tuple[str, ...] = field(default=("adaln_zero",), metadata=option(f"block design(s): {', '.join(BLOCKS)}", choices=BLOCKS + tuple(BLOCK_ALIASES)))
+    in_channels: int | None = field(default=None, metadata=positive("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models (default: 4, or the checkpoint's)"))
+    num_classes: int | None = field(default=None, metadata=positive("number of classes (default: 1000, or the checkpoint's)"))
     json: bool = field(default=False, metadata=option("print a JSON list instead of the table"))
 
     def check(self) -> None:
-        if not self.model:
-            raise ValueError(f"--model needs at least one preset; choose from {', '.join(PRESETS)}.")
-        if not self.block:
-            raise ValueError(f"--block needs at least one design; choose from {', '.join(BLOCKS)}.")
         object.__setattr__(self, "block", tuple(BLOCK_ALIASES.get(b, b) for b in self.block))
-        if self.input_size is None and self.latent and self.image_size % SD_VAE_FACTOR:
+        if self.ckpt is not None and self.model:
+            raise ValueError("--ckpt counts the checkpoint's model; drop --model (or drop --ckpt to count presets).")
+        if self.ckpt is None:
+            self.input_size_for(self.in_channels or FLOPS_IN_CHANNELS)  # a bad --image-size fails before anything is built
+
+    def input_size_for(self, in_channels: int) -> int | None:
+        """--input-size, else --image-size in the model's units (latent models: /8); None if neither is given."""
+        if self.input_size is not None or self.image_size is None:
+            return self.input_size
+        if in_channels in (1, 3):
+            return self.image_size
+        if self.image_size % SD_VAE_FACTOR:
             raise ValueError(
                 f"image size {self.image_size} is not divisible by the VAE's factor {SD_VAE_FACTOR}; "
                 f"use a multiple of {SD_VAE_FACTOR} or give --input-size."
             )
-
-    @property
-    def latent(self) -> bool:
-        return self.in_channels not in (1, 3)
-
-    @property
-    def resolved_input_size(self) -> int:
-        if self.input_size is not None:
-            return self.input_size
-        return self.image_size // SD_VAE_FACTOR if self.latent else self.image_size
+        return self.image_size // SD_VAE_FACTOR
 
 
 def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:

@@ -11,15 +11,15 @@ work (norms, softmax, modulation, gates) is not counted; the counts sit a hair u
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .config import FlopsConfig
-from .models import DiT, DiTConfig
+from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, SD_VAE_FACTOR, FlopsConfig
+from .models import PRESETS, DiT, DiTConfig
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -28,9 +28,9 @@ PAPER_GFLOPS = {
     "DiT-L/2": 80.71, "DiT-L/4": 19.70, "DiT-L/8": 5.01,
     "DiT-XL/2": 118.64, "DiT-XL/4": 29.05, "DiT-XL/8": 7.39,
 }  # fmt: skip
-# Figure 5 of the paper: the four block designs, each on DiT-XL/2 at 256 px.
+# Figure 5 of the paper: the four block designs, each on DiT-XL/2 at 256 px (printed to one decimal there).
 PAPER_BLOCK_GFLOPS = {"in_context": 119.4, "cross_attn": 137.6, "adaln": 118.6, "adaln_zero": 118.6}
-PAPER_INPUT_SIZE, PAPER_IN_CHANNELS = 32, 4
+PAPER_INPUT_SIZE = FLOPS_IMAGE_SIZE // SD_VAE_FACTOR
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -68,11 +68,14 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
 class Cost:
     """Size and compute of one DiT; `gflops` is the paper's unit, G multiply-adds per image."""
 
-    model: str
+    model: str  # the paper's name of the config's size ("DiT-S/4"), or "custom"
     block: str
     input_size: int
     in_channels: int
     patch_size: int
+    depth: int
+    hidden_size: int
+    num_heads: int
     tokens: int  # image tokens; in-context conditioning adds 2 more inside the blocks
     params: int  # every parameter, the fixed pos_embed included (the official count)
     trainable_params: int
@@ -87,17 +90,25 @@ class Cost:
         return {**asdict(self), "gflops": self.gflops}
 
 
+def preset_name(config: DiTConfig) -> str:
+    """The paper's name of a config ("DiT-S/4") when it is that preset at some data shape, else "custom"."""
+    data = {f: getattr(config, f) for f in ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block")}
+    same = (n for n in PRESETS if n.endswith(f"/{config.patch_size}") and DiTConfig.from_preset(n, **data) == config)
+    return next(same, "custom")
+
+
 def paper_gflops(name: str, config: DiTConfig) -> float | None:
     """The paper's Gflops for a preset, where Table 1 or Figure 5 reports it."""
-    if (config.input_size, config.in_channels, config.learn_sigma) != (PAPER_INPUT_SIZE, PAPER_IN_CHANNELS, True):
+    if preset_name(config) != name or (config.input_size, config.in_channels, config.learn_sigma) != (PAPER_INPUT_SIZE, FLOPS_IN_CHANNELS, True):
         return None
     if config.block == "adaln_zero":
         return PAPER_GFLOPS.get(name)
     return PAPER_BLOCK_GFLOPS[config.block] if name == "DiT-XL/2" else None
 
 
-def measure(config: DiTConfig, name: str = "custom") -> Cost:
+def measure(config: DiTConfig, name: str | None = None) -> Cost:
     """Parameters and multiply-adds of the DiT `config` describes, built on "meta" (no memory)."""
+    name = name or preset_name(config)
     with torch.device("meta"):
         model = DiT(config)
     params = list(model.parameters())
@@ -107,6 +118,9 @@ def measure(config: DiTConfig, name: str = "custom") -> Cost:
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,
+        depth=config.depth,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
         tokens=model.num_patches,
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
@@ -117,21 +131,48 @@ def measure(config: DiTConfig, name: str = "custom") -> Cost:
 
 def measure_preset(name: str, **overrides) -> Cost:
     """`measure` of a paper preset ("DiT-XL/2") with any config field overridden."""
-    return measure(DiTConfig.from_preset(name, **overrides), name)
+    return measure(DiTConfig.from_preset(name, **overrides))
+
+
+def checkpoint_config(ckpt: str) -> DiTConfig:
+    """The DiTConfig of a checkpoint (what it records, or what its shapes say)."""
+    from .checkpoints import infer_config, read_checkpoint
+    from .pipeline import find_checkpoint
+
+    ck = read_checkpoint(find_checkpoint(ckpt))
+    config = ck.config or infer_config(ck.state)
+    if config is None:
+        raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
+    return config
+
+
+def model_configs(cfg: FlopsConfig) -> list[DiTConfig]:
+    """Every config to count: each preset (or the checkpoint's model) with the overrides, times each
+    block design, presets outermost."""
+    sizes = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes") if getattr(cfg, k) is not None}
+    if cfg.ckpt is not None:
+        base = checkpoint_config(cfg.ckpt)
+        in_channels = cfg.in_channels or base.in_channels
+        bases = [replace(base, input_size=cfg.input_size_for(in_channels) or base.input_size, in_channels=in_channels, **sizes)]
+    else:
+        in_channels = cfg.in_channels or FLOPS_IN_CHANNELS
+        input_size = cfg.input_size_for(in_channels) or (PAPER_INPUT_SIZE if in_channels not in (1, 3) else FLOPS_IMAGE_SIZE)
+        common = dict(input_size=input_size, in_channels=in_channels, num_classes=FLOPS_NUM_CLASSES)
+        bases = [DiTConfig.from_preset(name, **{**common, **sizes}) for name in cfg.model or PRESETS]
+    return [replace(c, block=block) for c in bases for block in cfg.block or (c.block,)]
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:
-    """One `Cost` per (preset, block design), presets outermost."""
-    common = dict(input_size=cfg.resolved_input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
-    return [measure_preset(name, block=block, **common) for name in cfg.model for block in cfg.block]
+    return [measure(c) for c in model_configs(cfg)]
 
 
 def format_table(costs: list[Cost]) -> str:
-    rows = [("model", "block", "input", "tokens", "params (M)", "Gflops", "paper")]
+    rows = [("model", "block", "input", "patch", "depth", "hidden", "heads", "tokens", "params (M)", "Gflops", "paper")]
     for c in costs:
-        paper = f"{c.paper_gflops:g}" if c.paper_gflops is not None else "-"
+        paper = f"{c.paper_gflops:.2f}" if c.paper_gflops is not None else "-"
         size = f"{c.input_size}x{c.input_size}x{c.in_channels}"
-        rows.append((c.model, c.block, size, str(c.tokens), f"{c.params / 1e6:.2f}", f"{c.gflops:.2f}", paper))
+        rows.append((c.model, c.block, size, *map(str, (c.patch_size, c.depth, c.hidden_size, c.num_heads, c.tokens)),
+                     f"{c.params / 1e6:.2f}", f"{c.gflops:.2f}", paper))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
     return "\n".join(lines)

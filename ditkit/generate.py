@@ -21,27 +21,33 @@ from .samplers import check_labels
 def run_sample(cfg: SampleConfig) -> Path:
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample.py
     torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.out)
+    to_file = out.suffix.lower() in Image.registered_extensions()  # --out grid.png: the grid is that file
+    grid_path = out if to_file else out / "grid.png"
+    save_images = cfg.save_images if cfg.save_images is not None else not to_file
     pipe = load_pipeline(cfg)
     c = pipe.config
     classes = cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES)
     check_labels(torch.tensor(classes), c.num_classes)
     n = cfg.num_samples or (4 * len(classes) if len(classes) <= 16 else len(classes))
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    print(f"sampling {n} images from {pipe.source} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     chunks = []
     for i in range(0, n, cfg.batch_size):
         chunks.append(to_uint8(pipe.images(labels[i : i + cfg.batch_size], progress=True)))
         print(f"sampled {min(i + cfg.batch_size, n)}/{n} ({time.perf_counter() - start:.1f}s)", flush=True)
     images = np.concatenate(chunks)
-    for i, img in enumerate(images):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / f"{i:06d}.png")
+    if save_images:  # into the --out folder, or beside an --out file as NAME-000000.png
+        name = f"{out.stem}-{{:06d}}.png" if to_file else "{:06d}.png"
+        for i, img in enumerate(images):
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(grid_path.parent / name.format(i))
     ncol = len(classes) if len(classes) <= 16 else min(8, n)
-    save_grid(images, out / "grid.png", ncol=ncol)
-    print(f"wrote {out / 'grid.png'} and {n} images ({pipe.sampling.describe()}) in {time.perf_counter() - start:.1f}s")
-    return out / "grid.png"
+    save_grid(images, grid_path, ncol=ncol)
+    print(f"wrote {grid_path}{f' and {n} images' if save_images else ''} in {time.perf_counter() - start:.1f}s")
+    return grid_path
 
 
 def run_sample_npz(cfg: SampleNpzConfig) -> Path:

@@ -9,6 +9,8 @@ objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4).
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from .objectives import FlowMatching, GaussianDiffusion, build_objective, object
 from .samplers import DEFAULT_SAMPLER, check_guidance, check_sampler, sample
 
 BUNDLED = Path(__file__).parent / "assets" / "fashion-mnist"
+BUNDLED_NAME = "bundled"  # what --ckpt calls it
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The official sample.py's demo classes (ImageNet): used for 1000-class models when none are given.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -59,6 +62,12 @@ class Sampling:
             text += f" on t in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
         if self.cfg_channels is not None:
             text += f" ({self.cfg_channels} channels)"
+        if self.sampler == "ddim" and self.eta:
+            text += f", eta {self.eta:g}"
+        if self.time_shift not in (None, 1.0):
+            text += f", time shift {self.time_shift:g}"
+        if self.precision != "fp32":
+            text += f", {self.precision}"
         return text
 
 
@@ -76,25 +85,80 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_vae(name: str, device: torch.device):
-    """diffusers' AutoencoderKL from a local folder or (when online) a hub id."""
+# A hub id is ORG/NAME; anything else (or an ORG/NAME folder that exists) is a local folder.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class VaeSource:
+    """Where an AutoencoderKL comes from, found before any weights are read: a local folder, the
+    hub's local cache, or the hub itself; `config` is its config.json."""
+
+    name: str  # folder path or hub id
+    config: dict
+    local_only: bool  # a folder or the hub cache: load with no network access
+
+
+def _quietly(fn, repo: str, **kwargs):
+    """A diffusers loading call without huggingface_hub's deprecation warnings (it passes old arguments)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
+        return fn(repo, **kwargs)
+
+
+def find_vae(name: str) -> VaeSource:
+    """The VAE `name` stands for ('ema'/'mse' shorthands, a folder, a hub id) with its config, in one
+    sentence when it is not there: a missing folder is named as such, an unreachable hub is said
+    once (no retries), so the image size and channels can be checked before any weights load."""
     from diffusers import AutoencoderKL
 
     repo = VAE_SHORTHANDS.get(name, name)
-    try:
-        vae = AutoencoderKL.from_pretrained(repo)
+    folder = Path(repo).expanduser()
+    if folder.is_file():
+        raise ValueError(f"--vae {folder} is a file; pass the AutoencoderKL folder that holds config.json and the weights.")
+    if folder.is_dir() or not HUB_ID.match(repo):
+        if not folder.is_dir():
+            raise ValueError(f"VAE folder {folder} does not exist; pass --vae with an AutoencoderKL folder (config.json + weights), a hub id (ORG/NAME) or ema / mse.")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"VAE folder {folder} has no config.json; pass a folder written by AutoencoderKL.save_pretrained.")
+        return VaeSource(str(folder), AutoencoderKL.load_config(folder), local_only=True)
+    try:  # downloaded before: the hub cache, with no network access
+        return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo, local_files_only=True), local_only=True)
+    except OSError:
+        pass
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
+
+    try:  # one request, no retries: an offline machine answers at once
+        get_hf_file_metadata(hf_hub_url(repo, "config.json"))
+    except (RepositoryNotFoundError, EntryNotFoundError):
+        raise ValueError(f"the Hugging Face hub has no AutoencoderKL {repo!r} (and there is no folder of that name); check the id or pass a local folder.") from None
     except Exception as e:
-        where = "folder" if Path(repo).exists() else "hub id"
         raise ValueError(
-            f"cannot load the VAE from {where} {repo!r} ({type(e).__name__}); pass --vae with a local "
-            "AutoencoderKL folder (config.json + weights) or a hub id while online."
+            f"cannot reach the Hugging Face hub for VAE {repo!r} ({type(e).__name__}), and it is not in the local cache or a folder of "
+            f"that name; download it where you are online (huggingface-cli download {repo} --local-dir DIR) and pass --vae DIR."
         ) from None
-    return vae.to(device).eval()
+    return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo), local_only=False)
+
+
+def load_vae(vae: str | VaeSource, device: torch.device | str = "cpu"):
+    """diffusers' AutoencoderKL from a local folder or a hub id (the local cache first), in eval mode."""
+    from diffusers import AutoencoderKL
+    from diffusers.utils import is_accelerate_available
+
+    source = vae if isinstance(vae, VaeSource) else find_vae(vae)
+    try:
+        model = _quietly(AutoencoderKL.from_pretrained, source.name, local_files_only=source.local_only,
+                          low_cpu_mem_usage=is_accelerate_available())  # fmt: skip
+    except Exception as e:
+        raise ValueError(f"cannot load the VAE weights from {source.name!r} ({type(e).__name__}); pass --vae with a complete AutoencoderKL folder (config.json + weights).") from None
+    return model.to(device).eval()
 
 
 def vae_factor(vae) -> int:
-    """Pixels per latent cell: one halving per encoder block after the first."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    """Pixels per latent cell of a VAE (or of its config): one halving per encoder block after the first."""
+    config = getattr(vae, "config", vae)
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 @torch.no_grad()
@@ -128,6 +192,7 @@ class Pipeline:
     sampling: Sampling
     vae: object | None = None
     device: torch.device = torch.device("cpu")
+    source: Path | None = None  # the checkpoint it was loaded from
 
     def __post_init__(self):
         check_sampler(self.sampling.sampler, objective_name(self.objective))
@@ -174,27 +239,54 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     )  # fmt: skip
 
 
+def find_checkpoint(ckpt: str | None) -> Path:
+    """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
+    model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
+    checkpoints/ folder; None (or "bundled") is the bundled model. Only looks at the file system."""
+    from .checkpoints import WEIGHTS_NAME
+    from .train import checkpoint_steps
+
+    if ckpt is None or (ckpt == BUNDLED_NAME and not Path(ckpt).exists()):
+        if not (BUNDLED / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"this install has no bundled model at {BUNDLED}; pass --ckpt with a checkpoint.")
+        return BUNDLED
+    path = Path(ckpt).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder or a run folder (RESULTS/NNN-MODEL).")
+    if not path.is_dir() or (path / WEIGHTS_NAME).exists():
+        return path
+    if (path / "model" / WEIGHTS_NAME).exists():
+        return path / "model"
+    for folder in (path / "checkpoints", path):
+        steps = checkpoint_steps(folder)
+        if steps:
+            return folder / f"{steps[-1]:07d}.pt"
+    raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}, model/ or checkpoints/*.pt; point --ckpt at a .pt file, a ditkit model folder or a run folder (RESULTS/NNN-MODEL).")
+
+
 def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = None) -> Pipeline:
-    """Model, objective, sampling settings and VAE from the SamplingOptions fields (cheap checks first)."""
+    """Model, objective, sampling settings and VAE from the SamplingOptions fields. The cheap checks
+    come first (files, arguments, the VAE's config.json), then the checkpoint; the VAE's weights last."""
     from .checkpoints import infer_config, load_model, read_checkpoint
 
     device = resolve_device(opts.device) if device is None else torch.device(device)
-    ckpt = opts.ckpt
-    if ckpt is None:
-        if not (BUNDLED / "model.safetensors").exists():
-            raise FileNotFoundError(f"this install has no bundled model at {BUNDLED}; pass --ckpt with a checkpoint.")
-        ckpt = str(BUNDLED)
+    path = find_checkpoint(opts.ckpt)
     if opts.sampler is not None and opts.objective is not None:
         check_sampler(opts.sampler, opts.objective)
     check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
-    ck = read_checkpoint(ckpt)
+    vae = find_vae(opts.vae) if opts.vae else None
+    factor = vae_factor(vae.config) if vae is not None else 1
+    if opts.image_size is not None and opts.image_size % factor:
+        raise ValueError(f"image size {opts.image_size} is not divisible by the VAE's downsampling factor {factor}; use a multiple of {factor}.")
+
+    ck = read_checkpoint(path)
     recorded = ck.meta.get("objective")
     if recorded is not None:
         objective_config = ObjectiveConfig(**recorded)
         if opts.objective is not None and opts.objective != objective_config.objective:
-            raise ValueError(f"{ckpt} records a {objective_config.objective} model; drop --objective {opts.objective} (or pass --objective {objective_config.objective}).")
+            raise ValueError(f"{path} records a {objective_config.objective} model; drop --objective {opts.objective} (or pass --objective {objective_config.objective}).")
         if opts.path is not None and opts.path != objective_config.path:
-            raise ValueError(f"{ckpt} records the {objective_config.path} path; drop --path {opts.path}.")
+            raise ValueError(f"{path} records the {objective_config.path} path; drop --path {opts.path}.")
     else:  # official files and older ditkit models: the paper's diffusion unless told otherwise
         kind = opts.objective or "gaussian"
         if opts.path is not None and kind != "flow":
@@ -202,11 +294,6 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         objective_config = ObjectiveConfig(objective=kind, **({"path": opts.path} if opts.path else {}))
     if opts.sampler is not None:
         check_sampler(opts.sampler, objective_config.objective)
-
-    vae = load_vae(opts.vae, device) if opts.vae else None
-    factor = vae_factor(vae) if vae is not None else 1
-    if opts.image_size is not None and opts.image_size % factor:
-        raise ValueError(f"image size {opts.image_size} is not divisible by the VAE's downsampling factor {factor}; use a multiple of {factor}.")
     requested = None
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
@@ -221,8 +308,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if c.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
     if vae is not None:
-        if vae.config.latent_channels != c.in_channels:
-            raise ValueError(f"the VAE makes {vae.config.latent_channels}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
+        if vae.config["latent_channels"] != c.in_channels:
+            raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
         if opts.image_size is not None and opts.image_size != c.input_size * factor:
             raise ValueError(f"image size {opts.image_size} needs a latent of {opts.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
     elif opts.image_size is not None and opts.image_size != c.input_size:
@@ -231,7 +318,10 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
-    return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae, device=device)
+    pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path)  # checks the guidance settings
+    if vae is not None:
+        pipe.vae = load_vae(vae, device)
+    return pipe
 
 
 def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = "fp32", device=None) -> Pipeline:
@@ -244,8 +334,10 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
 
-def default_sampling(objective) -> Sampling:
-    """What a model trained by ditkit records for `ditkit sample` to use with no flags."""
-    if objective_name(objective) == "flow":
-        return Sampling(sampler="heun2", steps=5, cfg_scale=4.0)
-    return Sampling(sampler="dpm++2m", steps=10, cfg_scale=4.0)
+def default_sampling(objective, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
+                     cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
+    """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
+    sampler unless the run says otherwise (TrainConfig's default_* settings)."""
+    flow = objective_name(objective) == "flow"
+    return Sampling(sampler=sampler or ("heun2" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
+                    cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip

@@ -31,8 +31,9 @@ import csv
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -172,13 +173,14 @@ def describe_run(run: Run, info: DataInfo) -> dict:
     c = dit_config(run.train, info)
     if run.unet is not None:
         params, macs = unet_cost(run.unet)
+        trainable = params
         sizes = {"unet": asdict(run.unet), "block_out_channels": list(run.unet.block_out_channels)}
     else:
         cost = measure(c, run.model)
-        params, macs = cost.params, cost.macs
+        params, trainable, macs = cost.params, cost.trainable_params, cost.macs
         sizes = {"hidden_size": c.hidden_size, "depth": c.depth, "num_heads": c.num_heads}
     return {"run": run.name, "model": run.model, "block": run.block, "patch": run.patch, "params": params,
-            "gflops": macs / 1e9, **sizes, "train": asdict(run.train)}  # fmt: skip
+            "trainable_params": trainable, "gflops": macs / 1e9, **sizes, "train": asdict(run.train)}  # fmt: skip
 
 
 def read_json(path: Path):
@@ -202,6 +204,18 @@ def check_settings(cfg: StudyConfig) -> None:
             diff = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
             raise ValueError(f"{cfg.out} was started with other settings ({diff}); use the same settings to continue it, or a new --out.")
     write_json(path, now)
+
+
+def ema_warning(cfg: StudyConfig, left: float = 0.1) -> str | None:
+    """A warning when the initial weights still make up more than `left` of the EMA weights that are
+    scored at the end of a run (decay ** steps): then every run scores like its initialisation."""
+    share = cfg.ema_decay**cfg.steps
+    if share <= left:
+        return None
+    suggest = 0.01 ** (1 / cfg.steps)  # leaves 1% of the initial weights after the budget
+    return (f"--ema-decay {cfg.ema_decay:g} averages about {1 / (1 - cfg.ema_decay):.0f} steps, but each run trains {cfg.steps}: "
+            f"{share:.0%} of the scored EMA weights are still the initial ones, which flattens every run's scores; "
+            f"use --ema-decay {math.floor(suggest * 1000) / 1000:g} or less (0 scores the raw weights), or more --steps.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +326,9 @@ class Study:
             raise ValueError("ditkit study runs in one process; start it without torchrun (each run uses the whole device).")
         self.out.mkdir(parents=True, exist_ok=True)
         check_settings(cfg)
+        warning = ema_warning(cfg)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         self.info = data_info(cfg)
         runs = plan_runs(cfg, self.info)
         for run in runs:  # every config is built before any training, so a bad one fails at once
@@ -335,7 +352,8 @@ class Study:
         evals = {int(k): v for k, v in (read_json(run_dir / "evals.json") or {}).items()}
         latest = latest_checkpoint(run_dir)
         at = checkpoint_steps(latest.parent)[-1] if latest else 0
-        print(f"{tag} {run.name}: {meta['params'] / 1e6:.3g}M params, {meta['gflops']:.3g} Gflops, step {at} of {cfg.steps}", flush=True)
+        trainable = f" ({meta['trainable_params']:,} trainable)" if "trainable_params" in meta else ""  # as the Trainer counts
+        print(f"{tag} {run.name}: {meta['params']:,} parameters{trainable}, {meta['gflops']:.3g} Gflops, step {at} of {cfg.steps}", flush=True)
         if at < cfg.steps:
             evals = {s: m for s, m in evals.items() if s <= at}  # later checkpoints are being rewritten
             write_json(run_dir / "evals.json", evals)

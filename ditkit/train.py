@@ -244,7 +244,9 @@ class Trainer:
         model, ema, opt = self._full_state()  # collective under FSDP: every rank takes part
         path = self.exp_dir / "checkpoints" / f"{self.step:07d}.pt"
         if self.d.main:
-            recorded = {"objective": self.objective.config.to_dict(), "sampling": default_sampling(self.objective).to_dict()}
+            c = self.cfg
+            sampling = default_sampling(self.objective, c.default_sampler, c.default_steps, c.default_cfg_scale, c.default_cfg_interval)
+            recorded = {"objective": self.objective.config.to_dict(), "sampling": sampling.to_dict()}
             state = {
                 "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step,
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "model_config": asdict(self.model_config), **recorded,
@@ -307,6 +309,7 @@ class Trainer:
         log = RunLog(self.exp_dir, d.main, total, self.step)
         running = torch.zeros((), device=d.device)
         n_running = 0
+        start = time.perf_counter()
         while self.step < total and self.epoch < cfg.epochs:
             sampler.set_epoch(self.epoch, self.batch_in_epoch)
             self.dataset.set_epoch(self.epoch)
@@ -319,6 +322,8 @@ class Trainer:
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if self._out_of_time(start):
+                    total = self.step  # ends both loops, with the checkpoint of the last step
                 last = self.step >= total
                 if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
                     avg = self._reduce(running / n_running)
@@ -340,6 +345,13 @@ class Trainer:
         if d.started:
             dist.destroy_process_group()
         return self.exp_dir
+
+    def _out_of_time(self, start: float) -> bool:
+        """--max-minutes is up: every step in one process; under torchrun rank 0's clock decides at
+        log steps, so that every rank stops at the same step."""
+        if self.cfg.max_minutes is None or (self.d.world > 1 and self.step % self.cfg.log_every):
+            return False
+        return broadcast_object(time.perf_counter() - start > 60 * self.cfg.max_minutes, self.d)
 
     def _reduce(self, value: torch.Tensor) -> float:
         if self.d.world > 1:

@@ -1,5 +1,7 @@
-"""Helpers shared by the tests: the reference data, relative error, a tiny real VAE, a free port."""
+"""Helpers shared by the tests: the reference data, relative error, a tiny real VAE, a free port,
+one compute thread."""
 
+import contextlib
 import json
 import socket
 from pathlib import Path
@@ -56,3 +58,18 @@ def official_ref():
 @pytest.fixture(scope="module")
 def sit_ref():
     return load_reference("sit")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch / BLAS thread: on two busy cores, two OpenMP threads spin-wait each other (tiny
+    models sampled 8x slower, FD-EffNet's 1280x1280 eigendecompositions 7x), and tiny models need one."""
+    try:
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn (the digits)
+    except ImportError:
+        threadpool_limits = contextlib.nullcontext
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)

@@ -1,5 +1,8 @@
-"""`ditkit sample` end to end, offline: tiny checkpoints, a tiny real AutoencoderKL, bad input."""
+"""`ditkit sample` end to end, offline: tiny checkpoints, a tiny real AutoencoderKL, bad input;
+what --ckpt accepts, the settings it prints, and the order of its checks."""
 
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +12,9 @@ from PIL import Image
 import ditkit
 from ditkit.checkpoints import save_pretrained
 from ditkit.cli import main
+from ditkit.config import TrainConfig
+from ditkit.pipeline import default_sampling, find_checkpoint
+from ditkit.train import Trainer
 from conftest import tiny_vae
 
 
@@ -75,14 +81,6 @@ def test_latent_model_without_vae_and_unreadable_ckpt(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_image_size_the_vae_cannot_take(tmp_path, capsys):
-    tiny_vae(tmp_path / "vae")
-    model = ditkit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=4)
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    assert main(["sample", "--ckpt", str(tmp_path / "m.pt"), "--vae", str(tmp_path / "vae"), "--image-size", "15"]) == 2
-    assert "not divisible by the VAE" in capsys.readouterr().err
-
-
 def test_full_size_xl2_runs_on_cpu(tmp_path):
     """DiT-XL/2 at 256 px (random weights, official .pt layout) through a tiny 8x VAE: 1 step."""
     tiny_vae(tmp_path / "vae", levels=4)  # three halvings: 256 px <-> 32x32 latents, as sd-vae
@@ -97,16 +95,121 @@ def test_full_size_xl2_runs_on_cpu(tmp_path):
     assert np.array(Image.open(out / "000000.png")).shape == (256, 256, 3)
 
 
-def test_default_job_samples_the_bundled_model(tmp_path, monkeypatch):
-    """`ditkit sample` with no arguments: the shipped model, every class, and the shipped
-    classifier recognises most of what it draws (0.943 on 10 000 samples; README)."""
-    from ditkit.eval.classifier import classifier_accuracy, load_classifier
+# --- models written by training: fast sampling by default, and every way to name them ----------
 
-    monkeypatch.chdir(tmp_path)
-    assert main(["sample"]) == 0
-    out = tmp_path / "samples"
-    grid = np.array(Image.open(out / "grid.png"))
-    assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)  # 4 rows of the 10 classes at 32 px, 2 px padding
-    images = np.stack([np.array(Image.open(out / f"{i:06d}.png")) for i in range(40)])[..., None]
-    classifier, _ = load_classifier()
-    assert classifier_accuracy(classifier, images, np.arange(40) % 10) >= 0.7
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run folder as `ditkit train` writes it: two checkpoints and the EMA model folder."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = TrainConfig(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,
+                      max_steps=2, ckpt_every=1, global_batch_size=8, results_dir=str(root / "results"))  # fmt: skip
+    Trainer(cfg).run()
+    return root / "results" / "000-DiT-S-2"
+
+
+def grid_of(ckpt, out, *extra) -> np.ndarray:
+    assert main(["sample", "--ckpt", str(ckpt), "--num-samples", "3", "--out", str(out), *extra]) == 0
+    return np.array(Image.open(out / "grid.png"))
+
+
+def test_trained_model_samples_fast_and_says_how(trained_run, tmp_path, capsys):
+    recorded = json.loads((trained_run / "model" / "config.json").read_text())["sampling"]
+    assert recorded == default_sampling(ditkit.GaussianDiffusion()).to_dict() == {"sampler": "dpm++2m", "num_sampling_steps": 10, "cfg_scale": 4.0}
+    grid_of(trained_run, tmp_path / "a")
+    out = capsys.readouterr().out
+    assert f"sampling 3 images from {trained_run / 'model'} with dpm++2m, 10 steps, cfg 4, seed 0" in out
+    grid_of(trained_run, tmp_path / "b", "--sampler", "ddim", "--num-sampling-steps", "3", "--cfg-scale", "1.5", "--eta", "0.5", "--seed", "7")
+    assert "with ddim, 3 steps, cfg 1.5, eta 0.5, seed 7" in capsys.readouterr().out
+
+
+def test_ckpt_takes_a_run_folder_model_folder_or_pt(trained_run, tmp_path):
+    ckpts = trained_run / "checkpoints"
+    assert find_checkpoint(str(trained_run)) == trained_run / "model"
+    assert find_checkpoint(str(ckpts)) == ckpts / "0000002.pt"
+    copy = tmp_path / "000-DiT-S-2"  # a run folder without its model/: the newest checkpoint
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("model"))
+    assert find_checkpoint(str(copy)) == copy / "checkpoints" / "0000002.pt"
+    # The model folder holds the EMA weights of the newest checkpoint, which records the same sampling.
+    grids = [grid_of(ckpt, tmp_path / f"o{i}") for i, ckpt in enumerate((trained_run, trained_run / "model", ckpts / "0000002.pt", copy))]
+    for grid in grids[1:]:
+        np.testing.assert_array_equal(grid, grids[0])
+    assert main(["sample-npz", "--ckpt", str(trained_run), "--num-samples", "2", "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as data:
+        assert data["arr_0"].shape == (2, 8, 8, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no model.safetensors, model/ or checkpoints/"):
+        find_checkpoint(str(tmp_path / "empty"))
+
+
+# --- cheap checks first, one sentence each --------------------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # the hub answers nothing
+
+
+def error_of(capsys, *argv) -> str:
+    assert main(["sample", *argv]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditkit sample: error: "), captured.err
+    assert "Retrying" not in captured.out + captured.err
+    return lines[0]
+
+
+def test_checks_come_before_anything_is_loaded(tmp_path, capsys, offline):
+    """Each bad argument below is reported as itself: had the VAE (a folder with its config.json
+    but no weights) been loaded first, every case would end in 'cannot load the VAE weights'."""
+    vae = tmp_path / "vae"
+    tiny_vae(vae)  # factor 2
+    (vae / "diffusion_pytorch_model.safetensors").unlink()
+    model = ditkit.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=4)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    ckpt = ["--ckpt", str(tmp_path / "m.pt")]
+    assert f"checkpoint {tmp_path / 'missing.pt'} does not exist" in error_of(capsys, "--ckpt", str(tmp_path / "missing.pt"), "--vae", "ema")
+    assert "VAE folder nowhere does not exist" in error_of(capsys, *ckpt, "--vae", "./nowhere")
+    assert "VAE folder vae-dir does not exist" in error_of(capsys, *ckpt, "--vae", "vae-dir")
+    assert "is a file; pass the AutoencoderKL folder" in error_of(capsys, *ckpt, "--vae", str(tmp_path / "m.pt"))
+    assert "cannot reach the Hugging Face hub for VAE 'no-such-org/no-such-vae'" in error_of(capsys, *ckpt, "--vae", "no-such-org/no-such-vae")
+    with_vae = [*ckpt, "--vae", str(vae)]
+    assert "not divisible by the VAE's downsampling factor 2" in error_of(capsys, *with_vae, "--image-size", "15")
+    assert "use --image-size 16" in error_of(capsys, *with_vae, "--image-size", "24")
+    assert "not divisible by patch size 8" in error_of(capsys, *with_vae, "--model", "DiT-S/8", "--image-size", "20")
+    assert "cfg_channels must lie in 1..4" in error_of(capsys, *with_vae, "--cfg-channels", "99")
+    assert "cannot load the VAE weights" in error_of(capsys, *with_vae)  # the folder really has none
+
+
+@pytest.mark.parametrize("command", ["sample", "sample-npz"])
+@pytest.mark.parametrize("flag, value", [("--cfg-scale", "nan"), ("--cfg-scale", "inf"), ("--cfg-scale", "-inf"), ("--eta", "nan")])
+def test_non_finite_sampling_settings_are_refused(capsys, command, flag, value):
+    assert main([command, f"{flag}={value}"]) == 2
+    assert f"{flag} must be a finite number" in capsys.readouterr().err
+
+
+def test_cfg_channels_beyond_the_model(pixel_ckpt, capsys):
+    assert "cfg_channels must lie in 1..1" in error_of(capsys, "--ckpt", str(pixel_ckpt), "--cfg-channels", "99")
+
+
+# --- where the images go ----------------------------------------------------------------------
+
+
+def test_out_names_the_grid_file(pixel_ckpt, tmp_path, capsys):
+    base = ["sample", "--ckpt", str(pixel_ckpt), "--num-sampling-steps", "2"]
+    assert main([*base, "--out", str(tmp_path / "a" / "grid.png")]) == 0
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["grid.png"]  # a file, and nothing beside it
+    grid = np.array(Image.open(tmp_path / "a" / "grid.png"))
+    assert grid.shape == (4 * 10 + 2, 3 * 10 + 2)
+    assert main([*base, "--out", str(tmp_path / "b" / "g.jpg"), "--save-images"]) == 0
+    written = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert written == ["g-000000.png", "g-000001.png", *(f"g-{i:06d}.png" for i in range(2, 12)), "g.jpg"]
+    assert Image.open(tmp_path / "b" / "g.jpg").format == "JPEG"
+    cell = np.array(Image.open(tmp_path / "b" / "g-000000.png"))
+    np.testing.assert_array_equal(cell, grid[2:10, 2:10])  # same seed, same first sample
+    assert main([*base, "--out", str(tmp_path / "c"), "--no-save-images"]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["grid.png"]
+    assert main([*base, "--out", str(tmp_path / "x.npz")]) == 2
+    assert "for an .npz use ditkit sample-npz" in capsys.readouterr().err

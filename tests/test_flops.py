@@ -2,14 +2,17 @@
 
 import functools
 import json
-from pathlib import Path
+import re
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ditkit.cli import main
 from ditkit.flops import PAPER_BLOCK_GFLOPS, PAPER_GFLOPS, count_macs, measure, measure_preset
 from ditkit.models import BLOCKS, PRESETS, DiT, DiTConfig
+from ditkit.pipeline import BUNDLED
 from conftest import REFERENCE
 
 MANIFEST = REFERENCE / "official" / "official_state_dict_manifest.json"
@@ -145,8 +148,54 @@ def test_cli_table_and_pixel_models(capsys):
     assert main(["flops", "--model", "DiT-S/8", "--in-channels", "1", "--image-size", "32", "--num-classes", "10"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:2] == ["model", "block"] and len(table) == 2
-    assert table[1].split()[:4] == ["DiT-S/8", "adaln_zero", "32x32x1", "16"]
+    assert table[1].split()[:8] == ["DiT-S/8", "adaln_zero", "32x32x1", "8", "12", "384", "6", "16"]
     assert table[1].split()[-1] == "-"  # the paper reports no figure for this config
+
+
+def test_cli_table_prints_the_papers_figures_like_its_own(capsys):
+    assert main(["flops", "--model", "DiT-L/4", "DiT-XL/2", "--block", "adaln_zero", "in_context"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[-1] for r in rows] == ["19.70", "-", "118.64", "119.40"]  # Table 1 and Figure 5, two decimals
+    assert all(re.fullmatch(r"\d+\.\d\d", r[-2]) for r in rows)
+
+
+def test_cli_block_aliases(capsys):
+    assert main(["flops", "--json", "--model", "DiT-S/8", "--block", "adaLN-Zero", "adaLN", "cross-attention", "in-context"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["block"] for r in rows] == ["adaln_zero", "adaln", "cross_attn", "in_context"]
+    assert [r["macs"] for r in rows] == [cost("DiT-S/8", b).macs for b in BLOCKS]
+
+
+def test_cli_counts_any_model(capsys):
+    """Model flags resize a preset; the result is no longer the paper's config, so no paper figure."""
+    assert main(["flops", "--json", "--model", "DiT-S/2", "--depth", "3", "--hidden-size", "96", "--num-heads", "3", "--patch-size", "4"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    config = DiTConfig.from_preset("DiT-S/2", depth=3, hidden_size=96, num_heads=3, patch_size=4)
+    assert (row["model"], row["depth"], row["hidden_size"], row["num_heads"], row["patch_size"]) == ("custom", 3, 96, 3, 4)
+    assert row["macs"] == expected_macs(config) and row["params"] == measure(config).params and row["paper_gflops"] is None
+    for modern in (dict(mlp="swiglu"), dict(norm="rmsnorm"), dict(qk_norm=True), dict(pos_embed="rope")):  # not the paper's blocks
+        assert measure(DiTConfig.from_preset("DiT-S/8", **modern)).model == "custom"
+    assert measure(DiTConfig.from_preset("DiT-S/8", input_size=8, in_channels=1, num_classes=3, block="adaln")).model == "DiT-S/8"
+
+
+def test_cli_counts_a_checkpoint(tmp_path, capsys):
+    """--ckpt bundled, a .pt or a model folder: the model it holds (and flags on top of it)."""
+    bundled = BUNDLED / "model.safetensors"
+    config = DiTConfig(**{k: v for k, v in json.loads((BUNDLED / "config.json").read_text()).items() if k in DiTConfig.__dataclass_fields__})
+    assert main(["flops", "--json", "--ckpt", "bundled"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["params"] == sum(t.numel() for t in load_file(str(bundled)).values()) == 5_515_808
+    assert row["macs"] == expected_macs(config) and row["tokens"] == 64 and row["model"] == "custom"
+    assert main(["flops", "--json", "--ckpt", "bundled", "--patch-size", "2", "--block", "adaLN"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["macs"] == expected_macs(replace(config, patch_size=2, block="adaln")) and row["tokens"] == 256
+
+    model = DiT(DiTConfig(**TINY))
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")  # official layout: the config is read off the shapes
+    assert main(["flops", "--json", "--ckpt", str(tmp_path / "tiny.pt")]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["macs"] == expected_macs(DiTConfig(**TINY))
+    assert main(["flops", "--ckpt", "bundled", "--model", "DiT-S/2"]) == 2
+    assert "drop --model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

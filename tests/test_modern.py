@@ -162,3 +162,20 @@ def test_gradient_clipping_and_options_recorded(tmp_path):
     model = load_model(exp / "model")
     c = model.config
     assert (c.mlp, c.norm, c.qk_norm, c.pos_embed) == ("swiglu", "rmsnorm", True, "rope")
+
+
+def test_time_budget_and_recorded_sampling(tmp_path):
+    """--max-minutes stops (with a checkpoint) once the time is up; the default_* settings are what
+    the model folder records for `ditkit sample`."""
+    import json
+
+    cfg = TrainConfig(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, results_dir=str(tmp_path),
+                      global_batch_size=16, max_steps=1000, max_minutes=1e-9, objective="flow", default_sampler="euler",
+                      default_steps=7, default_cfg_scale=2.5, default_cfg_interval=(0.25, 1.0))  # fmt: skip
+    trainer = Trainer(cfg)
+    exp = trainer.run()
+    assert trainer.step == 1 and read_pt(latest_checkpoint(exp.parent))["step"] == 1
+    recorded = json.loads((exp / "model" / "config.json").read_text())["sampling"]
+    assert recorded == {"sampler": "euler", "num_sampling_steps": 7, "cfg_scale": 2.5, "cfg_interval": [0.25, 1.0]}
+    with pytest.raises(ValueError, match="does not sample flow models"):
+        TrainConfig(objective="flow", default_sampler="ddim")

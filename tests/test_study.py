@@ -1,7 +1,6 @@
 """`ditkit study` end to end on 8x8 digits: results, plots, no retraining, kill and resume; the
 U-Net baseline's interface and its sizing by multiply-adds."""
 
-import contextlib
 import csv
 import json
 import math
@@ -28,19 +27,7 @@ TINY = dict(data_path="digits", models=("DiT-S/2", "DiT-S/4"), blocks=("adaln", 
 RUNS = ("DiT-S-2-adaln_zero", "DiT-S-4-adaln_zero", "DiT-S-2-adaln", "DiT-S-2-cross_attn", "unet")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On two busy cores, two OpenMP / BLAS threads spin-wait each other (FD-EffNet's 1280x1280
-    # eigendecompositions ran 7x slower); tiny models need one thread.
-    try:
-        from threadpoolctl import threadpool_limits  # comes with scikit-learn (the digits)
-    except ImportError:
-        threadpool_limits = contextlib.nullcontext
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
 
 
 class CountingTrainer(study.Trainer):
@@ -60,7 +47,7 @@ def checkpoint_times(out: Path) -> dict[str, int]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob("runs/*/*/checkpoints/*.pt"))}
 
 
-def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
+def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"
     monkeypatch.setattr(study, "Trainer", CountingTrainer)
     CountingTrainer.made = []
@@ -70,6 +57,7 @@ def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
         args += [flag, *v] if isinstance(v, tuple) else [flag, str(v)]
     assert main(args) == 0
     assert sorted(name for name, *_ in CountingTrainer.made) == sorted(RUNS)
+    log = capsys.readouterr().out
 
     rows = read_rows(out)
     assert [(r["run"], int(r["step"])) for r in rows] == [(run, s) for run in RUNS for s in (2, 4)]
@@ -78,6 +66,9 @@ def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch):
     cost = measure(DiTConfig.from_preset("DiT-S/4", hidden_size=12, depth=1, input_size=8, in_channels=1, num_classes=10))
     assert (by["DiT-S-4-adaln_zero", 4]["patch"], int(by["DiT-S-4-adaln_zero", 4]["params"])) == ("4", cost.params)
     assert float(by["DiT-S-4-adaln_zero", 4]["gflops"]) == pytest.approx(cost.gflops)
+    # The study and the Trainer print the same counts, the same way (the Trainer's: the trainable ones).
+    assert f"DiT-S-4-adaln_zero: {cost.params:,} parameters ({cost.trainable_params:,} trainable)" in log
+    assert f"| {cost.trainable_params:,} parameters |" in log
     assert by["unet", 2]["model"] == "U-Net" and by["unet", 2]["patch"] == "" and float(by["unet", 2]["gflops"]) > 0
     assert (info.input_size, info.in_channels, info.num_classes, info.fashion_mnist) == (8, 1, 10, False)
     for r in rows:
@@ -174,3 +165,15 @@ def test_unet_macs_are_counted_and_sized_to_a_target():
 def test_fashion_mnist_is_scored_with_the_classifier():
     info = study.data_info(StudyConfig())
     assert (info.input_size, info.in_channels, info.num_classes, info.fashion_mnist) == (32, 1, 10, True)
+
+
+def test_ema_longer_than_the_budget_is_warned(tmp_path, capsys):
+    """EMA 0.999 over 20 steps keeps 98% of the initial weights: every run would score alike."""
+    warning = study.ema_warning(StudyConfig(ema_decay=0.999, steps=20, eval_every=10))
+    assert warning.startswith("--ema-decay 0.999 averages about 1000 steps, but each run trains 20: 98% of the scored EMA weights")
+    assert "use --ema-decay 0.794 or less" in warning and 0.794**20 == pytest.approx(0.01, rel=0.02)
+    assert study.ema_warning(StudyConfig(ema_decay=0.999, steps=5000)) is None
+    assert study.ema_warning(StudyConfig(**TINY)) is None  # EMA 0: the raw weights are scored
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # the warning comes first, before any data is read
+        study.run_study(StudyConfig(**{**TINY, "ema_decay": 0.999, "data_path": str(tmp_path / "missing")}, out=str(tmp_path / "s")))
+    assert capsys.readouterr().err.strip() == f"warning: {study.ema_warning(StudyConfig(**{**TINY, 'ema_decay': 0.999}))}"

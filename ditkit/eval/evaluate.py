@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
-from ..config import EvalConfig
+from ..config import METRICS, EvalConfig
 from ..pipeline import resolve_device
 from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, load_classifier
 from .features import (
@@ -54,68 +55,120 @@ METRIC_NOTES = {
 FRECHET_NAMES = {("effnet", "pool"): "FD-EffNet", ("inception", "pool"): "FID", ("inception", "spatial"): "sFID"}
 
 
-def check_counts(samples: ImageArray, ref: ImageArray, nets: dict[str, FeatureNet]) -> None:
-    """A Fréchet distance in d dimensions needs more than d images on each side: with fewer the
-    covariance is singular and the number is meaningless. Checked before any feature is computed."""
+INCEPTION_METRICS = ("FID", "sFID", "IS", "precision", "recall")
+REFERENCE_METRICS = ("FD-EffNet", "FID", "sFID", "precision", "recall")  # those that compare with the reference set
+assert set(METRIC_NOTES) == set(METRICS)
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def too_few(samples: ImageArray, ref: ImageArray, nets: dict[str, FeatureNet]) -> dict[str, str]:
+    """metric -> why there are too few images for it: a Fréchet distance in d dimensions needs more
+    than d images on each side; with fewer the covariance is singular and the number meaningless."""
+    problems: dict[str, str] = {}
     for role, net in nets.items():
         for feature, dim in net.dims.items():
             metric = FRECHET_NAMES.get((role, feature), f"{net.name} {feature}")
             for n, what in ((len(samples), "samples"), (len(ref), "reference images")):
-                if n <= dim:
-                    raise ValueError(f"{metric} needs at least {dim + 1} {what} ({dim}-d features; fewer make the covariance singular), "
-                                     f"got {n}; use {dim + 1} or more (50000 samples is the standard).")  # fmt: skip
+                if n <= dim and metric not in problems:
+                    problems[metric] = (f"{metric} needs at least {dim + 1} {what} ({dim}-d features; fewer make the covariance singular), "
+                                        f"got {n}; use {dim + 1} or more (50000 samples is the standard)")  # fmt: skip
+    return problems
 
 
 def compute_metrics(samples: ImageArray, ref: ImageArray, nets: dict[str, FeatureNet], classifier: nn.Module | None = None,
-                    cache: str | Path | None = None, batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:  # fmt: skip
+                    cache: str | Path | None = None, batch_size: int = 64, device: torch.device | str = "cpu",
+                    wanted: set[str] | None = None) -> dict[str, float]:  # fmt: skip
     """The metrics for each injected network: "effnet" (FD-EffNet) and "inception" (FID, sFID, IS,
-    precision, recall), and accuracy when a classifier is given and the samples have labels."""
-    check_counts(samples, ref, nets)
+    precision, recall), and accuracy when a classifier is given and the samples have labels;
+    only those in `wanted` when it is given. Too few images for a Fréchet distance is an error."""
+    want = lambda metric: wanted is None or metric in wanted  # noqa: E731
+    for metric, reason in too_few(samples, ref, nets).items():  # checked before any feature is computed
+        if want(metric):
+            raise ValueError(f"{reason}.")
     metrics: dict[str, float] = {}
     for role, net in nets.items():
-        keep = ("pool",) if role == "inception" else ()
-        ref_stats, ref_feats = reference_features(net, ref, cache, keep=keep, batch_size=batch_size)
+        names = {feature: FRECHET_NAMES.get((role, feature), f"{net.name} {feature}") for feature in net.dims}
+        frechet = [feature for feature, name in names.items() if want(name)]
+        pr = role == "inception" and (want("precision") or want("recall"))
+        if frechet or pr:
+            keep = ("pool",) if role == "inception" else ()
+            ref_stats, ref_feats = reference_features(net, ref, cache, keep=keep, batch_size=batch_size)
         feats = extract(net, samples, batch_size, desc=f"samples {net.name}")
-        for feature in net.dims:
-            name = FRECHET_NAMES.get((role, feature), f"{net.name} {feature}")
-            metrics[name] = frechet_distance(FeatureStats.fit(feats[feature]), ref_stats[feature])
-        if role == "inception":
+        for feature in frechet:
+            metrics[names[feature]] = frechet_distance(FeatureStats.fit(feats[feature]), ref_stats[feature])
+        if role == "inception" and want("IS"):
             metrics["IS"] = inception_score(feats["logits"])
-            metrics["precision"], metrics["recall"] = precision_recall(ref_feats["pool"], feats["pool"], device=device)
-    if classifier is not None and samples.labels is not None:
+        if pr:
+            precision, recall = precision_recall(ref_feats["pool"], feats["pool"], device=device)
+            metrics.update({k: v for k, v in (("precision", precision), ("recall", recall)) if want(k)})
+    if classifier is not None and samples.labels is not None and want("accuracy"):
         metrics["accuracy"] = classifier_accuracy(classifier, samples, samples.labels, device=device)
     return metrics
 
 
+def _shape(images: ImageArray) -> str:
+    return "x".join(map(str, images.shape[1:]))
+
+
 def evaluate(cfg: EvalConfig) -> dict:
-    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config."""
+    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config: every metric
+    of --metrics (default: all) that can be computed here; "skipped" says why each other one is not."""
+    wanted = list(cfg.metrics or METRICS)
+    skipped: list[str] = []
+
+    def cannot(names, reason: str) -> None:
+        """Metrics that cannot be computed here: an error when asked for by name, otherwise noted."""
+        names = [m for m in names if m in wanted]
+        if names and cfg.metrics:
+            raise ValueError(f"{reason}.")
+        if names:
+            skipped.append(reason)
+            wanted[:] = [m for m in wanted if m not in names]
+
     samples = read_images(resolve_images(cfg.samples, "samples", cfg.cache_dir), "samples")
-    ref = read_images(resolve_images(cfg.ref, "reference", cfg.cache_dir), "reference")
+    if samples.labels is None:
+        cannot(["accuracy"], "accuracy needs the samples' labels (a labels array in the .npz)")
+    elif samples.shape[1:] != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
+        cannot(["accuracy"], f"accuracy needs 32x32x1 Fashion-MNIST samples (class ids 0-9), the samples are {_shape(samples)} "
+                             f"with class ids up to {samples.labels.max()}")  # fmt: skip
+    ref = None
+    if any(m != "accuracy" for m in wanted):
+        ref = read_images(resolve_images(cfg.ref, "reference", cfg.cache_dir), "reference")
+        names = [m for m in REFERENCE_METRICS if m in wanted]
+        if names and samples.shape[1:] != ref.shape[1:]:
+            cannot(names, f"{_and(names)} would compare {_shape(samples)} samples with {_shape(ref)} reference images, "
+                          f"which measures the resizing, not the model; sample at {_shape(ref)} or pass a reference of {_shape(samples)}")  # fmt: skip
     device = resolve_device(cfg.device)
-    weights = find_inception_weights(cfg.inception, cfg.cache_dir)
-    skipped = []
-    nets: dict[str, FeatureNet] = {"effnet": EffNetFeatures(device=device)}
-    if weights is not None:
-        nets["inception"] = InceptionFeatures(InceptionV3.from_file(weights), device)
-    else:
-        where = " or ".join(str(d) for d in inception_search_dirs(cfg.cache_dir))
-        skipped.append(f"FID, sFID, IS, precision and recall: no {INCEPTION_WEIGHTS} in {where}; put it there or pass --inception PATH")
-    classifier = None
-    if cfg.accuracy:
-        if samples.labels is None:
-            skipped.append("accuracy: the samples have no labels")
-        elif samples.shape[1:] != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
-            got = f"{'x'.join(map(str, samples.shape[1:]))} with class ids up to {samples.labels.max()}"
-            skipped.append(f"accuracy: the classifier takes 32x32x1 Fashion-MNIST images (class ids 0-9), the samples are {got}")
+    nets: dict[str, FeatureNet] = {}
+    if any(m in wanted for m in INCEPTION_METRICS):
+        weights = find_inception_weights(cfg.inception, cfg.cache_dir)
+        names = [m for m in INCEPTION_METRICS if m in wanted]
+        if weights is None:
+            where = " or ".join(str(d) for d in inception_search_dirs(cfg.cache_dir))
+            cannot(names, f"{_and(names)} {'needs' if len(names) == 1 else 'need'} {INCEPTION_WEIGHTS} in {where}; put it there or pass --inception PATH")
         else:
-            classifier, _ = load_classifier()
-    metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device)
-    return {"samples": str(samples.path), "ref": str(ref.path), "num_samples": len(samples), "num_ref": len(ref),
-            "metrics": metrics, "skipped": skipped}  # fmt: skip
+            nets["inception"] = InceptionFeatures(InceptionV3.from_file(weights), device)
+    if "FD-EffNet" in wanted:
+        nets["effnet"] = EffNetFeatures(device=device)
+    if nets:
+        for metric, reason in too_few(samples, ref, nets).items():
+            cannot([metric], reason)
+        if "FD-EffNet" not in wanted:
+            nets.pop("effnet", None)
+    if not wanted:
+        raise ValueError(f"none of the metrics can be computed: {'; '.join(skipped)}.")
+    classifier = load_classifier()[0] if "accuracy" in wanted else None
+    metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device, wanted=set(wanted))
+    return {"samples": str(samples.path), "ref": str(ref.path) if ref is not None else None, "num_samples": len(samples),
+            "num_ref": len(ref) if ref is not None else 0, "metrics": metrics, "skipped": skipped}  # fmt: skip
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['num_samples']} samples ({result['samples']}) vs {result['num_ref']} reference images ({result['ref']})"]
+    against = f" vs {result['num_ref']} reference images ({result['ref']})" if result["ref"] is not None else ""
+    lines = [f"{result['num_samples']} samples ({result['samples']}){against}"]
     order = [k for k in METRIC_NOTES if k in result["metrics"]] + [k for k in result["metrics"] if k not in METRIC_NOTES]
     for name in order:
         lines.append(f"  {name:<10} {result['metrics'][name]:>10.4f}   {METRIC_NOTES.get(name, '')}")

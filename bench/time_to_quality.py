@@ -1,0 +1,152 @@
+"""Time to quality on this machine: train recipes one after the other from scratch for the same
+wall-clock budget, then sample each (its recorded default sampling) and score the samples with
+`ditkit eval` against the Fashion-MNIST test set: FD-EffNet (beside the real-vs-real distance at
+the same sample count) and class accuracy (beside the classifier's own test accuracy).
+
+    python bench/time_to_quality.py --minutes 15                          # paper, fmnist-cpu, fmnist-fast
+    python bench/time_to_quality.py --minutes 5 --ablate                  # fmnist-fast, each ingredient off in turn
+    python bench/time_to_quality.py --recipe fmnist-fast --set lr=2e-3    # one recipe with a change
+
+Model evaluations per sample are counted at the network (a guided step is two, cond and null;
+an unguided step outside the guidance interval is one). Results go to OUT/NAME/ and OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ditkit.cli import load_config_file  # noqa: E402
+from ditkit.config import EvalConfig, SampleNpzConfig, TrainConfig  # noqa: E402
+from ditkit.eval.classifier import load_classifier  # noqa: E402
+from ditkit.eval.evaluate import evaluate  # noqa: E402
+from ditkit.eval.npz import save_npz  # noqa: E402
+from ditkit.pipeline import load_pipeline, to_uint8  # noqa: E402
+from ditkit.train import Trainer  # noqa: E402
+
+# The paper's recipe (AdamW 1e-4, batch 256, EMA 0.9999, uniform t, eps + VB loss, no warm-up)
+# at the model size of fmnist-cpu and the bundled model: DiT-S/4 at width 192, depth 8.
+PAPER = dict(data_path="fashion-mnist", model="DiT-S/4", hidden_size=192, depth=8, num_heads=4, global_batch_size=256,
+             lr=1e-4, ema_decay=0.9999, default_sampler="ddpm", default_steps=250, default_cfg_scale=1.5)  # fmt: skip
+RECIPES = {"paper": PAPER, "fmnist-cpu": "fmnist-cpu", "fmnist-fast": "fmnist-fast"}
+# fmnist-fast with one ingredient switched back to the paper's choice (or off), for --ablate.
+ABLATIONS = {
+    "fmnist-fast": {},
+    "- flow (eps diffusion + VB, DDIM)": dict(objective="gaussian", t_sampling="uniform", cos_loss=0.0, learn_sigma=True,
+                                              default_sampler="ddim", default_steps=10, default_cfg_interval=()),  # fmt: skip
+    "- logit-normal t (uniform)": dict(t_sampling="uniform"),
+    "- cosine loss term": dict(cos_loss=0.0),
+    "- SwiGLU (GELU MLP)": dict(mlp="gelu"),
+    "- RMSNorm (LayerNorm)": dict(norm="layernorm"),
+    "- RoPE (sin-cos table)": dict(pos_embed="sincos"),
+    "- QK-norm": dict(qk_norm=False),
+    "- high lr (1e-4, no warm-up, constant)": dict(lr=1e-4, warmup_steps=0, lr_schedule="constant"),
+    "- power EMA (constant 0.9999)": dict(ema_schedule="constant", ema_decay=0.9999),
+    "- guidance interval": dict(default_cfg_interval=()),
+}
+
+
+def recipe_values(spec) -> dict:
+    values = load_config_file(spec) if isinstance(spec, str) else dict(spec)
+    values.pop("results_dir", None)
+    return values
+
+
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            out[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = raw
+    return out
+
+
+@torch.no_grad()
+def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int) -> dict:
+    """Sample n images with uniform seeded labels and the model's recorded sampling; evaluate them."""
+    pipe = load_pipeline(SampleNpzConfig(ckpt=str(model_dir), device="cpu"))
+    rows = [0]
+    pipe.model.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
+    labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    images = np.concatenate([to_uint8(pipe.images(torch.from_numpy(labels[i : i + batch]))) for i in range(0, n, batch)])
+    seconds = time.perf_counter() - start
+    path = save_npz(out / "samples.npz", arr_0=images, labels=labels)
+    metrics = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
+    return {"sampling": pipe.sampling.describe(), "evals_per_sample": rows[0] / n, "sample_s": seconds, **metrics}
+
+
+def train(name: str, values: dict, out: Path, minutes: float | None, steps: int | None) -> tuple[Path, dict]:
+    values = {**values, "results_dir": str(out / "runs"), "sample_every": None, "num_workers": 0}
+    if minutes is not None:
+        values["max_minutes"] = minutes
+        values.setdefault("max_steps", 10**9)
+    if steps is not None:
+        values["max_steps"] = steps
+        values.pop("max_minutes", None)
+    values.setdefault("ckpt_every", 10**9)  # one checkpoint, at the end
+    cfg = TrainConfig(**values)
+    start = time.perf_counter()
+    trainer = Trainer(cfg)
+    exp = trainer.run()
+    return exp, {"steps": trainer.step, "images": trainer.step * cfg.global_batch_size, "train_s": time.perf_counter() - start}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", action="append", help=f"recipes to run (default: {', '.join(RECIPES)}); a name or a TOML file")
+    p.add_argument("--ablate", action="store_true", help="run fmnist-fast with each ingredient switched off in turn")
+    p.add_argument("--only", action="append", help="with --ablate: run only the named variants (substring match)")
+    p.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget per recipe")
+    p.add_argument("--steps", type=int, help="a step budget instead of minutes (exploration)")
+    p.add_argument("--set", action="append", default=[], help="KEY=VALUE overriding every recipe (JSON values)")
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--batch", type=int, default=250, help="samples per model batch")
+    p.add_argument("--out", default="results/ttq")
+    args = p.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ablate:
+        base = recipe_values("fmnist-fast")
+        runs = {k: {**base, **v} for k, v in ABLATIONS.items() if not args.only or any(o in k for o in args.only)}
+    else:
+        names = args.recipe or list(RECIPES)
+        runs = {n: recipe_values(RECIPES.get(n, n)) for n in names}
+    overrides = parse_sets(args.set)
+    budget = None if args.steps else args.minutes
+    real = evaluate(EvalConfig(samples=f"fashion-mnist-train:{args.num_samples}", ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
+    classifier_acc = float(load_classifier()[1].get("test_accuracy", "nan"))
+    results_file = out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for name, values in runs.items():
+        folder = out / name.replace(" ", "_").replace("/", "_")
+        exp, stats = train(name, {**values, **overrides}, folder, budget, args.steps)
+        scores = sample_and_score(exp / "model", folder, args.num_samples, args.seed, args.batch)
+        results[name] = {**stats, **scores, "settings": {**values, **overrides}, "budget_minutes": budget, "date": time.strftime("%Y-%m-%d")}
+        results_file.write_text(json.dumps(results, indent=2, default=str))
+        print(json.dumps({name: results[name]}, default=str), flush=True)
+    print(f"\n{args.num_samples} samples vs the Fashion-MNIST test set; real vs real: FD-EffNet {real['FD-EffNet']:.1f}, "
+          f"accuracy {real['accuracy']:.3f}; the classifier's test accuracy {classifier_acc:.3f}")  # fmt: skip
+    print(f"{'recipe':<42} {'steps':>6} {'train s':>8} {'img/s':>6} {'evals':>6} {'FD-EffNet':>9} {'x real':>6} {'acc':>6} {'acc/clf':>7}")
+    for name in runs:
+        r = results[name]
+        print(f"{name:<42} {r['steps']:>6} {r['train_s']:>8.0f} {r['images'] / r['train_s']:>6.0f} {r['evals_per_sample']:>6.1f} "
+              f"{r['FD-EffNet']:>9.1f} {r['FD-EffNet'] / real['FD-EffNet']:>6.1f} {r['accuracy']:>6.3f} {r['accuracy'] / classifier_acc:>7.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

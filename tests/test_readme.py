@@ -1,0 +1,272 @@
+"""The README as a newcomer follows it: every command of its bash blocks and its Python blocks
+run here as written, offline. Each command has one entry in CHECKS saying how the suite checks
+it; a README command without an entry (or an entry the README lost) fails the first test."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ditkit
+from ditkit.cli import _config_class, main, make_parser, parse_config
+from ditkit.config import TrainConfig
+from ditkit.eval.classifier import classifier_accuracy, load_classifier
+from ditkit.train import Trainer
+from conftest import tiny_vae
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
+README = Path(__file__).parent.parent / "README.md"
+FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.M | re.S)
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return [m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == lang]
+
+
+def readme_commands() -> list[str]:
+    """Every command of the bash blocks, in order: comments dropped, `a && b` split."""
+    commands = []
+    for block in readme_blocks("bash"):
+        for line in block.splitlines():
+            words = shlex.split(line, comments=True)
+            while words:
+                head, words = (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
+                commands.append(" ".join(head))
+    return commands
+
+
+# -- what each command must do ---------------------------------------------------------------
+
+
+def grid_images(path: Path, n: int, size: int = 32, ncol: int = 10) -> np.ndarray:
+    """The first n cells of a save_grid PNG (2 px padding) as (n, size, size, 1)."""
+    grid = np.array(Image.open(path))
+    cells = [grid[2 + r * (size + 2) : 2 + r * (size + 2) + size, 2 + c * (size + 2) : 2 + c * (size + 2) + size]
+             for r, c in (divmod(i, ncol) for i in range(n))]  # fmt: skip
+    return np.stack(cells)[..., None]
+
+
+def bundled_grid(out: str, err: str) -> None:
+    """The default job: every class of the bundled model, 4 rows, and the shipped classifier
+    recognises most of what it draws (0.943 on 10 000 samples; README)."""
+    assert "from " in out and "ddim, 25 steps, cfg 4" in out  # the settings it used
+    grid = np.array(Image.open("samples/grid.png"))
+    assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)
+    images = np.stack([np.array(Image.open(f"samples/{i:06d}.png")) for i in range(40)])[..., None]
+    np.testing.assert_array_equal(grid_images(Path("samples/grid.png"), 40), images)
+    assert classifier_accuracy(load_classifier()[0], images, np.arange(40) % 10) >= 0.7
+
+
+def one_png(out: str, err: str) -> None:
+    grid = np.array(Image.open("shirts.png"))
+    assert grid.shape == (2 * 34 + 2, 2 * 34 + 2)  # classes 0 and 6, two rows
+    assert not list(Path().glob("shirts-*.png")) and not Path("shirts.png").is_dir()
+    labels = np.array([0, 6, 0, 6])
+    assert classifier_accuracy(load_classifier()[0], grid_images(Path("shirts.png"), 4, ncol=2), labels) >= 0.75
+
+
+def trained_model_fast(out: str, err: str) -> None:
+    assert f"from {Path('results/000-DiT-S-4/model')} with dpm++2m, 10 steps, cfg 4" in out
+    assert np.array(Image.open("samples/grid.png")).shape == (4 * 10 + 2, 10 * 10 + 2)  # 8x8 digits, 4 per class
+
+
+def npz_samples(out: str, err: str) -> None:
+    with np.load("samples.npz") as data:
+        assert data["arr_0"].shape == (10, 32, 32, 1) and data["labels"].shape == (10,)
+
+
+def eval_default(out: str, err: str) -> None:
+    assert re.search(r"accuracy\s+(0\.[789]\d*|1\.0+)\s", out), out
+    assert "skipped FD-EffNet needs at least 1281 samples" in out and "got 10" in out
+
+
+def eval_accuracy(out: str, err: str) -> None:
+    assert out.splitlines()[0] == "10 samples (samples.npz)"
+    assert float(out.splitlines()[1].split()[1]) >= 0.7 and len(out.splitlines()) == 2
+
+
+def flops_table(out: str, err: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[0] for r in rows] == list(ditkit.PRESETS)
+    for r in rows:  # Gflops and the paper's figure printed alike, and within 0.6%
+        assert re.fullmatch(r"\d+\.\d\d", r[-2]) and re.fullmatch(r"\d+\.\d\d", r[-1]), r
+        assert abs(float(r[-2]) / float(r[-1]) - 1) < 6e-3 or abs(float(r[-2]) - float(r[-1])) <= 0.005
+
+
+def flops_blocks(out: str, err: str) -> None:
+    rows = json.loads(out)
+    assert [r["block"] for r in rows] == ["in_context", "cross_attn", "adaln", "adaln_zero"]
+    for r in rows:
+        assert r["gflops"] == pytest.approx(r["paper_gflops"], rel=5e-3)
+
+
+def flops_bundled(out: str, err: str) -> None:
+    row = out.splitlines()[1].split()
+    assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "192", "4", "64"] and row[8] == "5.52"
+
+
+# How the suite checks each README command:
+#   ("run", check)           as written, then check(stdout, stderr)
+#   ("scaled", extra, check) as written plus flags that only shrink the job (the last flag wins)
+#   ("fails", words)         needs files that cannot exist offline: one sentence with these words, at once
+#   ("parsed",)              a training longer than the suite: its flags and values build the config
+#   ("not run", why)         installs, downloads, the suite itself
+CHECKS = {
+    "pip install torch==2.13.0": ("not run", "installs"),
+    "pip install -e .": ("not run", "installs"),
+    "ditkit sample": ("run", bundled_grid),
+    "apt-get install -y dataset-fashion-mnist": ("not run", "installs"),
+    "pip install -e .[test]": ("not run", "installs"),
+    "python -m pytest -q": ("not run", "the suite itself"),
+    "ditkit sample --classes 0 6 --num-samples 4 --out shirts.png": ("run", one_png),
+    "ditkit sample --ckpt results/000-DiT-S-4": ("run", trained_model_fast),
+    "ditkit sample --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256 --classes 207 360 --cfg-scale 4":
+        ("fails", "checkpoint DiT-XL-2-256x256.pt does not exist"),
+    "ditkit train --config fmnist-cpu": ("parsed",),
+    "ditkit train --data-path fashion-mnist --model DiT-S/2 --max-steps 1000": ("parsed",),
+    "ditkit train --data-path ./my_images --model DiT-B/4 --image-size 64": ("parsed",),
+    "ditkit extract --data-path ./imagenet/train --vae ema --image-size 256 --out latents/":
+        ("fails", "data path ./imagenet/train does not exist"),
+    "torchrun --nproc_per_node 8 -m ditkit train --data-path latents/ --model DiT-XL/2 --precision bf16 --compile": ("parsed",),
+    "ditkit train --resume latest": ("parsed",),
+    "ditkit sample-npz --num-samples 10000 --out samples.npz": ("scaled", ["--num-samples", "10"], npz_samples),
+    "ditkit eval --samples samples.npz --ref fashion-mnist": ("run", eval_default),
+    "ditkit eval --samples samples.npz --metrics accuracy": ("run", eval_accuracy),
+    "ditkit eval --samples samples.npz --ref VIRTUAL_imagenet256.npz --inception pt_inception-2015-12-05-6726825d.pth":
+        ("fails", "reference file VIRTUAL_imagenet256.npz does not exist"),
+    "ditkit flops": ("run", flops_table),
+    "ditkit flops --block in-context cross-attention adaLN adaLN-Zero --model DiT-XL/2 --json": ("run", flops_blocks),
+    "ditkit flops --ckpt bundled": ("run", flops_bundled),
+    "ditkit train --config fmnist-cpu --max-steps 1500": ("parsed",),
+    "ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile": ("parsed",),
+    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt": ("not run", "needs the bundled model's 6 300-step checkpoint"),
+}  # fmt: skip
+NEEDS = {"ditkit eval": "ditkit sample-npz --num-samples 10000 --out samples.npz"}  # made by an earlier command
+
+
+def ditkit_argv(command: str) -> list[str]:
+    words = shlex.split(command)
+    start = 1 if words[0] == "ditkit" else words.index("ditkit") + 1  # `torchrun ... -m ditkit ...`
+    return words[start:]
+
+
+@contextlib.contextmanager
+def cwd(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+class Workspace:
+    """One folder where the README's commands run in order, each at most once."""
+
+    def __init__(self, root: Path):
+        self.root, self.done = root, set()
+
+    def run(self, command: str, extra: tuple[str, ...] = ()) -> tuple[int, str, str, float]:
+        out, err = io.StringIO(), io.StringIO()
+        with cwd(self.root), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            start = time.perf_counter()
+            rc = main([*ditkit_argv(command), *extra])
+        return rc, out.getvalue(), err.getvalue(), time.perf_counter() - start
+
+    def check(self, command: str) -> None:
+        if command in self.done:
+            return
+        for prefix, needed in NEEDS.items():
+            if command.startswith(prefix):
+                self.check(needed)
+        how = CHECKS[command]
+        if how[0] in ("run", "scaled"):
+            extra, check = (how[1], how[2]) if how[0] == "scaled" else ((), how[1])
+            rc, out, err, _ = self.run(command, tuple(extra))
+            assert rc == 0, err
+            with cwd(self.root):
+                check(out, err)
+        elif how[0] == "fails":
+            rc, out, err, seconds = self.run(command)
+            lines = err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and lines[0].startswith("ditkit "), err
+            assert how[1] in lines[0] and "Retrying" not in out + err
+            assert seconds < 5  # file checks come before anything is loaded
+        elif how[0] == "parsed":
+            args = make_parser().parse_args(ditkit_argv(command))
+            with cwd(self.root):
+                assert isinstance(parse_config(_config_class(args.command), args), TrainConfig)
+        self.done.add(command)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A folder with what the README's reader would have made by then: a trained run (a tiny
+    stand-in for results/000-DiT-S-4 of `ditkit train --config fmnist-cpu`)."""
+    root = tmp_path_factory.mktemp("readme")
+    with cwd(root):
+        Trainer(TrainConfig(model="DiT-S/4", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,
+                            max_steps=1, global_batch_size=8)).run()  # fmt: skip
+    assert (root / "results" / "000-DiT-S-4" / "model" / "config.json").exists()
+    return Workspace(root)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def offline_cache(tmp_path_factory):
+    """Dataset and statistics caches in a fresh folder; the hub answers nothing (as offline)."""
+    import huggingface_hub.constants
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    yield
+    mp.undo()
+
+
+def test_every_command_is_checked():
+    commands = readme_commands()
+    assert sorted(set(commands)) == sorted(CHECKS)
+    assert {c for c in commands if c.startswith(("ditkit", "torchrun"))} <= {c for c, how in CHECKS.items() if how[0] != "not run"}
+
+
+@pytest.mark.parametrize("command", [c for c, how in CHECKS.items() if how[0] != "not run"])
+def test_command(workspace, command):
+    workspace.check(command)
+
+
+def test_python_blocks(tmp_path, monkeypatch):
+    """The README's Python, in order in one namespace: the bundled model samples and saves a grid
+    offline; the official example fails in one sentence without the released checkpoint, and runs
+    as written with stand-ins of the same format (a small latent DiT as a raw state dict, a tiny
+    AutoencoderKL folder with the SD-VAE's 8x downsampling)."""
+    bundled, official = readme_blocks("python")
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(bundled, "README.md", "exec"), namespace)
+    x = namespace["x"]
+    assert x.shape == (10, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
+    np.testing.assert_array_equal(grid_images(tmp_path / "classes.png", 10), namespace["to_uint8"](x))
+    assert classifier_accuracy(load_classifier()[0], namespace["to_uint8"](x), np.arange(10)) >= 0.7
+
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint DiT-XL-2-256x256.pt does not exist; pass"):
+        exec(compile(official, "README.md", "exec"), dict(namespace))
+
+    torch.manual_seed(0)
+    stand_in = ditkit.DiT(input_size=32, patch_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=1000)
+    torch.save(stand_in.state_dict(), tmp_path / "DiT-XL-2-256x256.pt")  # the official layout: a raw state dict
+    with pytest.raises(ValueError, match=r"^VAE folder sd-vae-ft-ema does not exist"):
+        exec(compile(official, "README.md", "exec"), dict(namespace))
+    tiny_vae(tmp_path / "sd-vae-ft-ema", levels=4)
+    exec(compile(official, "README.md", "exec"), namespace)
+    assert namespace["latents"].shape == (2, 4, 32, 32) and namespace["images"].shape == (2, 3, 256, 256)
+    assert np.array(Image.open(tmp_path / "official.png")).shape == (2 + 256 + 2, 2 * 258 + 2, 3)
+
