@@ -14,6 +14,7 @@ from ditkit.hub import diffusers_config, export_diffusers, scheduler, to_diffuse
 from ditkit.pipeline import BUNDLED, Pipeline, Sampling, decode
 
 LABELS = [1, 3, 7]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
 
 
 def random_dit(**overrides) -> ditkit.DiT:

@@ -25,6 +25,7 @@ from ditkit.pipeline import load_pipeline, to_uint8
 from ditkit.serve import make_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
 
 
 @pytest.fixture(scope="module")
