@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "extract": ("ExtractConfig", "ditkit.data", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
     "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
+    "serve": ("ServeConfig", "ditkit.serve", "run_serve", "a web page and JSON API over a checkpoint, batching requests that arrive together"),
+    "export": ("ExportConfig", "ditkit.hub", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
 }
 
 

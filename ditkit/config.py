@@ -579,3 +579,59 @@ class StudyConfig(Config):
             raise ValueError("the study has no runs; give --models, --blocks or --unet.")
         for preset in {*self.models, self.block_model, self.unet_match}:
             scaled_sizes(preset, self.width_divisor, self.depth_divisor)  # raises on sizes that do not divide
+
+
+# ================================================================================================
+# Serving and formats
+
+
+@dataclass(frozen=True)
+class ServeConfig(SamplingOptions):
+    """Serve a web page and a JSON API (POST /api/generate) over a checkpoint (the bundled model by
+    default, offline). Requests that share sampler, steps and guidance scale are sampled as one model
+    batch; the sampling flags set the defaults a request may override. A full queue and a missed
+    deadline answer HTTP 503 with Retry-After."""
+
+    host: str = field(default="127.0.0.1", metadata=option("address to listen on (0.0.0.0: every interface)"))
+    port: int = field(default=7860, metadata=option("port to listen on", ge=1, le=65535))
+    max_batch_size: int = field(default=64, metadata=positive("most images in one model batch"))
+    batch_window: float = field(default=0.05, metadata=option("seconds the first request of a batch waits for others to join", ge=0, le=10))
+    queue_size: int = field(default=256, metadata=positive("most requests waiting; beyond it the server answers 503 with Retry-After"))
+    timeout: float = field(default=300.0, metadata=positive("deadline of a request in seconds; one not answered by then gets 503 with Retry-After"))
+    max_samples: int = field(default=16, metadata=option("most images one request may ask for", gt=0, le=1024))
+    max_steps: int = field(default=250, metadata=option("most sampling steps one request may ask for", gt=0, le=1000))
+
+
+@dataclass(frozen=True)
+class GenerateRequest(Config):
+    """The JSON body of `ditkit serve`'s POST /api/generate; unset fields take the server's defaults."""
+
+    classes: tuple[int, ...] = field(default=(), metadata=option("class ids, cycled over the images", ge=0))
+    num_samples: int = field(default=1, metadata=positive("number of images"))
+    seed: int = field(default=0, metadata=option("seed of the request's noise: the same seed gives the same images", ge=0, lt=2**63))
+    sampler: str | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["sampler"].metadata)
+    num_sampling_steps: int | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["num_sampling_steps"].metadata)
+    cfg_scale: float | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["cfg_scale"].metadata)
+
+
+EXPORT_FORMATS = ("diffusers", "ditkit")
+# Samplers with a diffusers scheduler that DiTPipeline can run (ddpm's learned variance has none).
+DIFFUSERS_SAMPLERS = ("ddim", "dpm++2m", "unipc")
+
+
+@dataclass(frozen=True)
+class ExportConfig(Config):
+    """Convert a checkpoint. --format diffusers writes a folder that diffusers.DiTPipeline.from_pretrained
+    loads (DiTTransformer2DModel, scheduler, VAE, model_index.json); --format ditkit writes ditkit's own
+    folder (model.safetensors + config.json) from any checkpoint ditkit reads, a diffusers folder
+    (facebook/DiT-XL-2-256's layout included) or a Hugging Face Hub id."""
+
+    ckpt: str | None = field(default=None, metadata=option("checkpoint: official .pt, ditkit model folder or training checkpoint, diffusers folder, or Hugging Face Hub id (default: the bundled model)"))
+    out: str | None = field(default=None, metadata=option("output folder; must not exist yet, or be empty"))
+    format: str = field(default="diffusers", metadata=option("diffusers (DiTPipeline) or ditkit", choices=EXPORT_FORMATS))
+    vae: str | None = field(default=None, metadata=option(_VAE + "; copied into the diffusers folder (latent models need one)"))
+    sampler: str | None = field(default=None, metadata=option("scheduler of the diffusers folder (default: the model's sampler where it is one of these, else ddim)", choices=DIFFUSERS_SAMPLERS))
+
+    def check(self) -> None:
+        if not self.out:
+            raise ValueError("--out is required; pass the folder to write.")

@@ -207,20 +207,21 @@ class Pipeline:
         return torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=generator, device=self.device)
 
     def latents(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                progress: bool = False) -> torch.Tensor:  # fmt: skip
+                progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip
         """Samples in the model's input space for labels y; noise from `generator` (or the global RNG)
-        unless given, and the per-step noise of stochastic samplers from the same source."""
+        unless given, and the per-step noise of stochastic samplers from the same source. `callback`
+        gets the sampler's {"i": steps left, "x", ...} after every step."""
         s = self.sampling
         noise = self.noise(len(y), generator) if noise is None else noise
         options = {"time_shift": s.time_shift} if isinstance(self.objective, FlowMatching) and s.time_shift is not None else {}
         return sample(self.model, self.objective, noise, y.to(self.device), sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
                       cfg_channels=s.cfg_channels, cfg_interval=s.cfg_interval, eta=s.eta, generator=generator,
-                      precision=s.precision, progress=progress, clip_denoised=self.vae is None, **options)  # fmt: skip
+                      precision=s.precision, progress=progress, callback=callback, clip_denoised=self.vae is None, **options)  # fmt: skip
 
     def images(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               progress: bool = False) -> torch.Tensor:  # fmt: skip
+               progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip
         """Images in [-1, 1] (decoded by the VAE for latent models)."""
-        z = self.latents(y, noise, generator, progress)
+        z = self.latents(y, noise, generator, progress, callback)
         return decode(self.vae, z) if self.vae is not None else z
 
 

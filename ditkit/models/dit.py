@@ -6,7 +6,9 @@ strict=True. The model knows nothing of losses, guidance or distribution: forwar
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -115,6 +117,20 @@ class DiT(nn.Module):
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "DiT":
         return cls(DiTConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> "DiT":
+        """A DiT in eval mode from a ditkit folder, an official .pt, a diffusers DiTPipeline or
+        DiTTransformer2DModel folder, or the Hugging Face Hub id of any of these (fetched while online)."""
+        from ..hub import load_pretrained
+
+        return load_pretrained(name)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """folder/model.safetensors + folder/config.json (the DiTConfig), which from_pretrained reads."""
+        from ..checkpoints import save_pretrained
+
+        return save_pretrained(self, self.config, folder)
 
     def initialize_weights(self) -> None:
         """Initialisation of the official code; adaLN-Zero's zeros written out."""

@@ -84,19 +84,22 @@ def _scheduler_kwargs(diffusion: GaussianDiffusion) -> dict:
                 timestep_spacing="linspace", lower_order_final=True, final_sigmas_type="zero")  # fmt: skip
 
 
+def multistep_scheduler(sampler: str, diffusion: GaussianDiffusion):
+    """The diffusers scheduler behind dpm++2m or unipc over `diffusion`'s betas (also what `ditkit export` writes)."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    if sampler == "dpm++2m":
+        return DPMSolverMultistepScheduler(**_scheduler_kwargs(diffusion), algorithm_type="dpmsolver++", solver_order=2)
+    return UniPCMultistepScheduler(**_scheduler_kwargs(diffusion), solver_order=2, solver_type="bh2", predict_x0=True)
+
+
 def dpmpp_2m(model_fn, diffusion: GaussianDiffusion, x, steps, extra_args=None, callback=None, generator=None, progress=False,
              clip_denoised=False):  # fmt: skip
     """DPM-Solver++(2M) (Lu et al. 2022), diffusers' DPMSolverMultistepScheduler: one model call per step."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    scheduler = DPMSolverMultistepScheduler(**_scheduler_kwargs(diffusion), algorithm_type="dpmsolver++", solver_order=2)
-    return _multistep(scheduler, model_fn, diffusion, x, steps, extra_args or {}, callback, progress, clip_denoised)
+    return _multistep(multistep_scheduler("dpm++2m", diffusion), model_fn, diffusion, x, steps, extra_args or {}, callback, progress, clip_denoised)
 
 
 def unipc(model_fn, diffusion: GaussianDiffusion, x, steps, extra_args=None, callback=None, generator=None, progress=False,
           clip_denoised=False):  # fmt: skip
     """UniPC (Zhao et al. 2023), bh2 with the corrector, diffusers' UniPCMultistepScheduler: one model call per step."""
-    from diffusers import UniPCMultistepScheduler
-
-    scheduler = UniPCMultistepScheduler(**_scheduler_kwargs(diffusion), solver_order=2, solver_type="bh2", predict_x0=True)
-    return _multistep(scheduler, model_fn, diffusion, x, steps, extra_args or {}, callback, progress, clip_denoised)
+    return _multistep(multistep_scheduler("unipc", diffusion), model_fn, diffusion, x, steps, extra_args or {}, callback, progress, clip_denoised)
