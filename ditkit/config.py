@@ -457,7 +457,7 @@ class ExtractConfig(Config):
 class FlopsConfig(Config):
     """Parameters and G multiply-adds per forward (the paper's "Gflops") of DiT configs."""
 
-    model: tuple[str, ...] = field(default=PRESETS, metadata=option("presets to count", aliases=("--models",), choices=PRESETS))
+    model: tuple[str, ...] = field(default=PRESETS, metadata=option("presets to count (MMDiT-*: the text at 77 tokens)", aliases=("--models",), choices=PRESETS + MMDIT_PRESETS))
     image_size: int = field(default=256, metadata=positive("image size in pixels; 4-channel latent models see image_size/8"))
     input_size: int | None = field(default=None, metadata=positive("the model's input size (latent or pixels), overriding --image-size"))
     in_channels: int = field(default=4, metadata=positive("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models"))
@@ -467,7 +467,7 @@ class FlopsConfig(Config):
 
     def check(self) -> None:
         if not self.model:
-            raise ValueError(f"--model needs at least one preset; choose from {', '.join(PRESETS)}.")
+            raise ValueError(f"--model needs at least one preset; choose from {', '.join(PRESETS + MMDIT_PRESETS)}.")
         if not self.block:
             raise ValueError(f"--block needs at least one design; choose from {', '.join(BLOCKS)}.")
         object.__setattr__(self, "block", tuple(BLOCK_ALIASES.get(b, b) for b in self.block))

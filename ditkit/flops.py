@@ -18,8 +18,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .config import FlopsConfig
+from .config import MMDIT_PRESETS, FlopsConfig, MMDiTConfig
 from .models import DiT, DiTConfig
+from .models.mmdit import MMDiT, TextCondition
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -31,6 +32,7 @@ PAPER_GFLOPS = {
 # Figure 5 of the paper: the four block designs, each on DiT-XL/2 at 256 px.
 PAPER_BLOCK_GFLOPS = {"in_context": 119.4, "cross_attn": 137.6, "adaln": 118.6, "adaln_zero": 118.6}
 PAPER_INPUT_SIZE, PAPER_IN_CHANNELS = 32, 4
+FLOPS_TEXT_TOKENS = 77  # prompt length MMDiT is counted at (one CLIP context)
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -58,7 +60,12 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         x = torch.empty(batch_size, c.in_channels, c.input_size, c.input_size, device=device)
         t = torch.empty(batch_size, device=device)
-        y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if isinstance(c, MMDiTConfig):
+            y = TextCondition(torch.empty(batch_size, FLOPS_TEXT_TOKENS, c.context_dim, device=device),
+                              torch.ones(batch_size, FLOPS_TEXT_TOKENS, dtype=torch.bool, device=device),
+                              torch.empty(batch_size, c.pooled_dim, device=device))  # fmt: skip
+        else:
+            y = torch.zeros(batch_size, dtype=torch.long, device=device)
         with counter:
             model(x, t, y)
     return counter.get_total_flops() // 2
@@ -96,14 +103,15 @@ def paper_gflops(name: str, config: DiTConfig) -> float | None:
     return PAPER_BLOCK_GFLOPS[config.block] if name == "DiT-XL/2" else None
 
 
-def measure(config: DiTConfig, name: str = "custom") -> Cost:
-    """Parameters and multiply-adds of the DiT `config` describes, built on "meta" (no memory)."""
+def measure(config: DiTConfig | MMDiTConfig, name: str = "custom") -> Cost:
+    """Parameters and multiply-adds of the DiT (or MMDiT) `config` describes, built on "meta" (no memory)."""
+    text = isinstance(config, MMDiTConfig)
     with torch.device("meta"):
-        model = DiT(config)
+        model = MMDiT(config) if text else DiT(config)
     params = list(model.parameters())
     return Cost(
         model=name,
-        block=config.block,
+        block="joint" if text else config.block,
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,
@@ -111,7 +119,7 @@ def measure(config: DiTConfig, name: str = "custom") -> Cost:
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(model),
-        paper_gflops=paper_gflops(name, config),
+        paper_gflops=None if text else paper_gflops(name, config),
     )
 
 
@@ -121,9 +129,16 @@ def measure_preset(name: str, **overrides) -> Cost:
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:
-    """One `Cost` per (preset, block design), presets outermost."""
-    common = dict(input_size=cfg.resolved_input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
-    return [measure_preset(name, block=block, **common) for name in cfg.model for block in cfg.block]
+    """One `Cost` per (preset, block design), presets outermost; MMDiT presets once each (joint blocks,
+    the text at FLOPS_TEXT_TOKENS tokens of all-MiniLM-L6-v2's width)."""
+    common = dict(input_size=cfg.resolved_input_size, in_channels=cfg.in_channels)
+    costs = []
+    for name in cfg.model:
+        if name in MMDIT_PRESETS:
+            costs.append(measure(MMDiTConfig.from_preset(name, **common), name))
+        else:
+            costs += [measure_preset(name, block=block, num_classes=cfg.num_classes, **common) for block in cfg.block]
+    return costs
 
 
 def format_table(costs: list[Cost]) -> str:
