@@ -17,6 +17,7 @@ from typing import Any
 
 # -- names shared by configs and the modules that implement them --------------------------------
 BLOCKS = ("adaln_zero", "adaln", "cross_attn", "in_context")
+MLPS, NORMS, POS_EMBEDS = ("gelu", "swiglu"), ("layernorm", "rmsnorm"), ("sincos", "rope", "sincos+rope")
 # The paper's spellings of the block designs, accepted wherever a block is named.
 BLOCK_ALIASES = {"adaLN-Zero": "adaln_zero", "adaLN": "adaln", "cross-attention": "cross_attn", "in-context": "in_context"}
 # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix.
@@ -29,6 +30,8 @@ TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are c
 OBJECTIVES = ("gaussian", "flow")
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+EMA_SCHEDULES = ("constant", "warmup", "power")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
@@ -178,6 +181,11 @@ class DiTConfig(Config, DataShape):
     num_classes: int = field(default=1000, metadata=positive("number of classes"))
     learn_sigma: bool = field(default=True, metadata=option("output the variance too"))
     block: str = field(default="adaln_zero", metadata=option("conditioning design"))
+    # Options of the modern DiT (LightningDiT, SD3); the defaults are the paper's.
+    mlp: str = field(default="gelu", metadata=option("block MLP: gelu (the paper) or swiglu (2/3 width, same parameters)", choices=MLPS))
+    norm: str = field(default="layernorm", metadata=option("block norm: layernorm (the paper) or rmsnorm", choices=NORMS))
+    qk_norm: bool = field(default=False, metadata=option("RMSNorm on each head's queries and keys (SD3)"))
+    pos_embed: str = field(default="sincos", metadata=option("positions: the sin-cos table (the paper), 2-D rope, or both", choices=POS_EMBEDS))
 
     def __post_init__(self):
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
@@ -186,6 +194,10 @@ class DiTConfig(Config, DataShape):
     def check(self) -> None:
         if self.block not in BLOCKS:
             raise ValueError(f"block {self.block!r} is not one of {', '.join(BLOCKS)}; pick one of those.")
+        if "rope" in self.pos_embed and self.block == "in_context":
+            raise ValueError("2-D RoPE rotates a grid of image tokens; in_context blocks prepend other tokens, so use --pos-embed sincos with them.")
+        if "rope" in self.pos_embed and (self.hidden_size // max(self.num_heads, 1)) % 4:
+            raise ValueError(f"2-D RoPE needs a head width divisible by 4; hidden {self.hidden_size} over {self.num_heads} heads is not.")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
@@ -260,6 +272,7 @@ class ObjectiveConfig(Config):
     t_std: float = field(default=1.0, metadata=positive("standard deviation of the logit-normal times (SD3: 1)"))
     time_shift: float = field(default=1.0, metadata=positive("SD3 time shift s: t -> t / (t + s (1 - t)), more time near noise for s > 1; training times and the default sampling grid"))
     time_scale: float = field(default=1.0, metadata=positive("the network sees t * time_scale (SiT: 1; 1000 puts flow times on the diffusion's scale)"))
+    cos_loss: float = field(default=0.0, metadata=nonnegative("weight of LightningDiT's velocity-direction term 1 - cos(v, u_t) added to the loss"))
 
     def check(self) -> None:
         if self.objective == "gaussian":
@@ -382,6 +395,11 @@ class TrainConfig(Config):
     t_std: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["t_std"].metadata)
     time_shift: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_shift"].metadata)
     time_scale: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_scale"].metadata)
+    cos_loss: float = field(default=0.0, metadata=ObjectiveConfig.__dataclass_fields__["cos_loss"].metadata)
+    mlp: str = field(default="gelu", metadata=DiTConfig.__dataclass_fields__["mlp"].metadata)
+    norm: str = field(default="layernorm", metadata=DiTConfig.__dataclass_fields__["norm"].metadata)
+    qk_norm: bool = field(default=False, metadata=DiTConfig.__dataclass_fields__["qk_norm"].metadata)
+    pos_embed: str = field(default="sincos", metadata=DiTConfig.__dataclass_fields__["pos_embed"].metadata)
     image_size: int | None = field(default=None, metadata=positive("image size in pixels (default: the dataset's own)"))
     channels: int | None = field(default=None, metadata=option("1 or 3 image channels (default: the dataset's own)", choices=(1, 3)))
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
@@ -393,7 +411,13 @@ class TrainConfig(Config):
     lr: float = field(default=1e-4, metadata=positive("AdamW learning rate"))
     weight_decay: float = field(default=0.0, metadata=nonnegative("AdamW weight decay"))
     warmup_steps: int = field(default=0, metadata=nonnegative("linear learning-rate warm-up steps (the paper: none)"))
+    lr_schedule: str = field(default="constant", metadata=option("after warm-up: constant (the paper), or cosine / linear decay to --min-lr at the last step", choices=LR_SCHEDULES))
+    min_lr: float = field(default=0.0, metadata=nonnegative("learning rate at the last step of a cosine or linear schedule"))
+    adam_beta2: float = field(default=0.999, metadata=option("AdamW beta2 (0.95 steadies high learning rates)", gt=0, lt=1))
+    grad_clip: float | None = field(default=None, metadata=positive("clip the gradient norm to this (default: no clipping)"))
     ema_decay: float = field(default=0.9999, metadata=option("EMA decay, applied every step", ge=0, lt=1))
+    ema_schedule: str = field(default="constant", metadata=option("constant decay (the paper); warmup: min(decay, (1 + step) / (10 + step)); power: EDM2's (1 - 1/step)^(gamma + 1), an average over a fixed fraction of the run", choices=EMA_SCHEDULES))
+    ema_gamma: float = field(default=6.94, metadata=positive("exponent of the power EMA (6.94: a relative width of 0.10; 16.97: 0.05)"))
     flip: bool = field(default=True, metadata=option("random horizontal flips"))
     num_workers: int = field(default=4, metadata=nonnegative("data loader processes per rank"))
     on_bad_image: str = field(default="skip", metadata=option("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
@@ -427,6 +451,7 @@ class TrainConfig(Config):
         return DiTConfig.from_preset(
             self.model, **overrides, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
             learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
+            mlp=self.mlp, norm=self.norm, qk_norm=self.qk_norm, pos_embed=self.pos_embed,
         )  # fmt: skip
 
 

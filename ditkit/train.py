@@ -73,6 +73,27 @@ def step_randomness(seed: int, step: int, global_batch: int, shape: tuple, objec
     return t, noise, drop
 
 
+def learning_rate(cfg: TrainConfig, step: int, total: float) -> float:
+    """The lr of 0-based `step`: linear warm-up, then constant or a cosine / linear decay that
+    reaches min_lr at the last of `total` steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant" or not math.isfinite(total):
+        return cfg.lr
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1.0, total - cfg.warmup_steps - 1))
+    shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """The EMA decay after 1-based optimizer step `step`."""
+    if cfg.ema_schedule == "warmup":
+        return min(cfg.ema_decay, (1 + step) / (10 + step))
+    if cfg.ema_schedule == "power":  # EDM2: the average over a fixed fraction of the steps so far
+        return (1 - 1 / step) ** (cfg.ema_gamma + 1)
+    return cfg.ema_decay
+
+
 @torch.no_grad()
 def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
     torch._foreach_mul_(ema_params, decay)
@@ -137,7 +158,9 @@ class Trainer:
             shard(self.model)
             shard(self.ema)
         fused = self.d.device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                                     fused=fused or None)  # fmt: skip
+        self.total_steps = float(cfg.max_steps or math.inf)  # the schedule's length; run() knows the epochs too
         torch.manual_seed(cfg.global_seed * self.d.world + self.d.rank)  # per-rank seed (VAE sampling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.exp_dir = self._experiment_dir()
@@ -251,15 +274,17 @@ class Trainer:
                                          self.objective, cfg.class_dropout_prob, d.device)  # fmt: skip
         mine = slice(d.rank, None, d.world)  # rank r holds global batch positions r, r + world, ... (see sampler)
         y = self.condition(y, drop[mine])
-        if cfg.warmup_steps:
+        if cfg.warmup_steps or cfg.lr_schedule != "constant":
             for group in self.opt.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+                group["lr"] = learning_rate(cfg, self.step, self.total_steps)
         with self.autocast():
             loss = self.objective.training_losses(self.model_fn, x, t[mine], noise=noise[mine], y=y)["loss"].mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
-        update_ema(self.ema_params, self.params, cfg.ema_decay)
+        update_ema(self.ema_params, self.params, ema_decay(cfg, self.step + 1))
         return loss.detach()
 
     def loader(self) -> tuple[DataLoader, ResumableSampler]:
@@ -273,7 +298,7 @@ class Trainer:
         cfg, d = self.cfg, self.d
         loader, sampler = self.loader()
         per_epoch = sampler.batches_per_epoch()
-        total = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
+        total = self.total_steps = min(cfg.max_steps or math.inf, cfg.epochs * per_epoch)
         self.net.train()
         if d.main:
             print(f"{self.model.config} | {self.dataset} | {sum(p.numel() for p in self.params):,} parameters | "

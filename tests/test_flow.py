@@ -113,7 +113,7 @@ def test_time_sampling_and_shift():
 def test_flow_config_is_recorded_and_validated():
     flow = ditkit.FlowMatching(path="gvp", t_sampling="logit-normal", time_shift=2.0)
     assert flow.config.to_dict() == {"objective": "flow", "path": "gvp", "t_sampling": "logit-normal", "t_mean": 0.0,
-                                     "t_std": 1.0, "time_shift": 2.0, "time_scale": 1.0}  # fmt: skip
+                                     "t_std": 1.0, "time_shift": 2.0, "time_scale": 1.0, "cos_loss": 0.0}  # fmt: skip
     with pytest.raises(ValueError, match="--path is 'vp', not one of"):
         ditkit.FlowMatching(path="vp")
     with pytest.raises(ValueError, match="--time-shift must be positive"):
@@ -159,7 +159,7 @@ def test_flow_run_records_its_objective_and_samples_without_flags(tmp_path, caps
     exp = Trainer(cfg).run()
     ck = read_pt(latest_checkpoint(exp.parent))
     assert ck["objective"] == {"objective": "flow", "path": "gvp", "t_sampling": "logit-normal", "t_mean": 0.0, "t_std": 1.0,
-                               "time_shift": 2.0, "time_scale": 1.0}  # fmt: skip
+                               "time_shift": 2.0, "time_scale": 1.0, "cos_loss": 0.0}  # fmt: skip
     assert (exp / "samples" / "0000002.png").exists()
     pipe = load_pipeline(SampleConfig(ckpt=str(exp / "model"), device="cpu"))
     assert isinstance(pipe.objective, ditkit.FlowMatching) and pipe.objective.path == "gvp" and pipe.objective.time_shift == 2.0

@@ -17,12 +17,13 @@ from .layers import (
     Attention,
     CrossAttention,
     LabelEmbedder,
-    Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    _norm,
     get_2d_sincos_pos_embed,
+    make_mlp,
+    make_norm,
     modulate,
+    rope_2d,
 )
 
 __all__ = ["BLOCKS", "PRESET_SIZES", "PRESETS", "DataShape", "DiTConfig", "DiT"]
@@ -36,39 +37,40 @@ class DiTBlock(nn.Module):
     in_context: c already sits in the sequence as tokens, so the block is a plain ViT block.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, block: str):
+    def __init__(self, c: DiTConfig):
         super().__init__()
-        self.block = block
-        self.norm1 = _norm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = _norm(hidden_size)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.block = block = c.block
+        hidden_size, num_heads = c.hidden_size, c.num_heads
+        self.norm1 = make_norm(c.norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=c.qk_norm)
+        self.norm2 = make_norm(c.norm, hidden_size)
+        self.mlp = make_mlp(c.mlp, hidden_size, c.mlp_ratio)
         if block == "cross_attn":
-            self.norm_cross = _norm(hidden_size)
+            self.norm_cross = make_norm(c.norm, hidden_size)
             self.cross_attn = CrossAttention(hidden_size, num_heads)
         n_mod = {"adaln_zero": 6, "adaln": 4}.get(block)
         if n_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, n_mod * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope=None) -> torch.Tensor:
         if self.block == "adaln_zero":
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
             return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         if self.block == "adaln":
             shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
-            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+            x = x + self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
             return x + self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        x = x + self.attn(self.norm1(x))
+        x = x + self.attn(self.norm1(x), rope)
         if self.block == "cross_attn":
             x = x + self.cross_attn(self.norm_cross(x), c)  # c: (N, 2, D)
         return x + self.mlp(self.norm2(x))
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, modulated: bool, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = _norm(hidden_size)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         if modulated:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
@@ -100,10 +102,14 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         self.num_patches = (c.input_size // c.patch_size) ** 2
-        # Fixed sin-cos embedding, a frozen parameter so official checkpoints carry it.
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.block) for _ in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, c.block.startswith("adaln"))
+        if "sincos" in c.pos_embed:  # fixed sin-cos table, a frozen parameter so official checkpoints carry it
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
+        if "rope" in c.pos_embed:  # 2-D rotary angles of the token grid, rebuilt (not saved) on load
+            cos, sin = rope_2d(c.input_size // c.patch_size, c.hidden_size // c.num_heads)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(c) for _ in range(c.depth))
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, c.block.startswith("adaln"), c.norm)
         self.initialize_weights()
 
     @classmethod
@@ -120,8 +126,9 @@ class DiT(nn.Module):
                     nn.init.zeros_(m.bias)
 
         self.apply(_basic_init)
-        grid = int(self.num_patches**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
+        if hasattr(self, "pos_embed"):
+            grid = int(self.num_patches**0.5)
+            self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on flattened patches
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -148,7 +155,10 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) noisy input; t: (N,) timesteps; y: (N,) labels, num_classes = null."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        if hasattr(self, "pos_embed"):
+            x = x + self.pos_embed
+        rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
         t_emb = self.t_embedder(t)  # (N, D)
         y_emb = self.y_embedder(y)  # (N, D)
         block = self.config.block
@@ -160,9 +170,9 @@ class DiT(nn.Module):
                 x = torch.cat([c, x], dim=1)  # (N, 2 + T, D)
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(blk, x, c, use_reentrant=False)
+                x = checkpoint(blk, x, c, rope, use_reentrant=False)
             else:
-                x = blk(x, c)
+                x = blk(x, c, rope)
         if block == "in_context":
             x = x[:, 2:]  # drop the conditioning tokens before decoding
         x = self.final_layer(x, c if block.startswith("adaln") else None)  # (N, T, p*p*C_out)

@@ -66,18 +66,26 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA (flash / memory-efficient kernels on GPU)."""
+    """Multi-head self-attention through SDPA (flash / memory-efficient kernels on GPU), with
+    optional QK-norm (RMSNorm of each head's queries and keys, SD3) and 2-D RoPE on q and k."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+            self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, H, T, D/H)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
@@ -112,8 +120,54 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def _norm(dim: int) -> nn.LayerNorm:
+class SwiGLU(nn.Module):
+    """SwiGLU MLP (Shazeer 2020): silu(x W1) * (x W2) W3; `hidden` is the width of one gate."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)  # each (N, T, hidden)
+        return self.w3(F.silu(a) * b)
+
+
+def make_mlp(kind: str, dim: int, mlp_ratio: float) -> nn.Module:
+    """The block MLP: GELU (tanh) as the paper, or SwiGLU at 2/3 the width (about the same parameters)."""
+    hidden = int(dim * mlp_ratio)
+    return Mlp(dim, hidden) if kind == "gelu" else SwiGLU(dim, int(2 * hidden / 3))
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The pre-norm of a block, without affine parameters (adaLN supplies scale and shift)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+
+def rope_2d(grid_size: int, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (T, head_dim), of axial 2-D rotary embeddings on a grid_size^2 token grid
+    (row-major, as PatchEmbed flattens): the first half of each head turns with the row, the
+    second half with the column, each half split into rotated pairs (i, i + d/4)."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim}; change hidden size or heads.")
+    quarter = head_dim // 4
+    inv = 1.0 / theta ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (d/4,)
+    pos = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = pos.repeat_interleave(grid_size), pos.repeat(grid_size)  # (T,) each
+    angles = torch.stack([rows[:, None] * inv, cols[:, None] * inv], dim=1)  # (T, 2 axes, d/4)
+    angles = angles[:, :, None, :].expand(-1, 2, 2, quarter).reshape(len(rows), head_dim)  # (T, d): axis, half, pair
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, H, T, d) queries or keys by the angles of `rope_2d`."""
+    d = x.shape[-1]
+    parts = x.unflatten(-1, (2, 2, d // 4))  # (N, H, T, axis, half, d/4)
+    x1, x2 = parts[..., 0, :], parts[..., 1, :]
+    rotated = torch.stack([-x2, x1], dim=-2).flatten(-3)  # (N, H, T, d)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

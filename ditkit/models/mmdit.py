@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from .dit import DiT, FinalLayer
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, _norm, get_2d_sincos_pos_embed, modulate
+from .layers import Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_norm, modulate
 
 __all__ = ["MMDIT_PRESETS", "MMDiTConfig", "MMDiT", "TextCondition"]
 
@@ -80,14 +80,14 @@ class Stream(nn.Module):
         super().__init__()
         self.num_heads, self.pre_only = num_heads, pre_only
         head_dim = hidden_size // num_heads
-        self.norm1 = _norm(hidden_size)
+        self.norm1 = make_norm("layernorm", hidden_size)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if pre_only else 6) * hidden_size))
         if not pre_only:
             self.proj = nn.Linear(hidden_size, hidden_size)
-            self.norm2 = _norm(hidden_size)
+            self.norm2 = make_norm("layernorm", hidden_size)
             self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
 
     def pre(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:

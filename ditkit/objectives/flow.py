@@ -40,19 +40,21 @@ class FlowMatching:
     name = "flow"
 
     def __init__(self, path: str = "linear", prediction: str = "velocity", t_sampling: str = "uniform",
-                 t_mean: float = 0.0, t_std: float = 1.0, time_shift: float = 1.0, time_scale: float = 1.0):  # fmt: skip
+                 t_mean: float = 0.0, t_std: float = 1.0, time_shift: float = 1.0, time_scale: float = 1.0,
+                 cos_loss: float = 0.0):  # fmt: skip
         if prediction != "velocity":
             raise ValueError(f"prediction {prediction!r} is not supported; ditkit's flow models predict the velocity (prediction='velocity').")
         self.config = ObjectiveConfig(objective="flow", path=path, t_sampling=t_sampling, t_mean=t_mean, t_std=t_std,
-                                      time_shift=time_shift, time_scale=time_scale)  # fmt: skip
+                                      time_shift=time_shift, time_scale=time_scale, cos_loss=cos_loss)  # fmt: skip
         self.path, self.prediction = path, prediction
         self.t_sampling, self.t_mean, self.t_std = t_sampling, t_mean, t_std
-        self.time_shift, self.time_scale = time_shift, time_scale
+        self.time_shift, self.time_scale, self.cos_loss = time_shift, time_scale, cos_loss
         assert path in FLOW_PATHS and t_sampling in T_SAMPLINGS
 
     @classmethod
     def from_config(cls, c: ObjectiveConfig) -> "FlowMatching":
-        return cls(path=c.path, t_sampling=c.t_sampling, t_mean=c.t_mean, t_std=c.t_std, time_shift=c.time_shift, time_scale=c.time_scale)
+        return cls(path=c.path, t_sampling=c.t_sampling, t_mean=c.t_mean, t_std=c.t_std, time_shift=c.time_shift,
+                   time_scale=c.time_scale, cos_loss=c.cos_loss)  # fmt: skip
 
     def __repr__(self) -> str:
         return f"FlowMatching({', '.join(f'{k}={v!r}' for k, v in self.config.to_dict().items() if k != 'objective')})"
@@ -84,14 +86,21 @@ class FlowMatching:
         return model_fn(x, t * self.time_scale, **model_kwargs)[:, : x.shape[1]]
 
     def training_losses(self, model, data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, **model_kwargs):
-        """{"loss": (N,)}: the per-sample mean of (v - u_t)^2, SiT's velocity loss."""
+        """{"loss": (N,), "mse": (N,)[, "cos"]}: the per-sample mean of (v - u_t)^2, SiT's velocity loss,
+        plus cos_loss * (1 - cos(v, u_t)) per sample when that weight is set (LightningDiT)."""
         if noise is None:
             noise = torch.randn_like(data)
         xt, ut = self.interpolate(data, noise, t)
         out = model(xt, t * self.time_scale, **model_kwargs)
         C = data.shape[1]
         assert out.shape[0] == data.shape[0] and out.shape[1] in (C, 2 * C) and out.shape[2:] == data.shape[2:], out.shape
-        return {"loss": mean_flat((out[:, :C].float() - ut) ** 2)}
+        v = out[:, :C].float()
+        terms = {"mse": mean_flat((v - ut) ** 2)}
+        terms["loss"] = terms["mse"]
+        if self.cos_loss:
+            terms["cos"] = 1 - torch.nn.functional.cosine_similarity(v.flatten(1), ut.flatten(1), dim=1)
+            terms["loss"] = terms["mse"] + self.cos_loss * terms["cos"]
+        return terms
 
     # -- sampling ---------------------------------------------------------------------------
     def unit_time(self, t_net: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,164 @@
+"""Options of the modern DiT (SwiGLU, RMSNorm, QK-norm, 2-D RoPE) and the training options
+(cosine loss term, lr schedules, EMA schedules, gradient clipping): each does what it says, and
+the defaults leave the paper's model untouched (test_equivalence)."""
+
+import math
+
+import pytest
+import torch
+
+import ditkit
+from ditkit.checkpoints import load_model, read_pt
+from ditkit.config import TrainConfig
+from ditkit.flops import measure
+from ditkit.models.layers import SwiGLU, apply_rope_2d, rope_2d
+from ditkit.train import Trainer, ema_decay, latest_checkpoint, learning_rate
+
+SMALL = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+
+
+def inputs(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.rand(n, generator=g) * 999, torch.arange(n) % 10
+
+
+def randomised(model, seed=1):
+    """Every parameter random (the init zeros adaLN-Zero's gates and the output layer)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_defaults_are_the_paper():
+    c = ditkit.DiTConfig()
+    assert (c.mlp, c.norm, c.qk_norm, c.pos_embed) == ("gelu", "layernorm", False, "sincos")
+
+
+def test_swiglu_forward_and_size():
+    m = randomised(ditkit.DiT(**SMALL, mlp="swiglu"))
+    block = m.blocks[0]
+    assert isinstance(block.mlp, SwiGLU) and block.mlp.w12.out_features == 2 * int(2 * 64 * 4 / 3)
+    x = torch.randn(2, 5, 64)
+    a, b = (x @ block.mlp.w12.weight.T + block.mlp.w12.bias).chunk(2, -1)
+    torch.testing.assert_close(block.mlp(x), (torch.nn.functional.silu(a) * b) @ block.mlp.w3.weight.T + block.mlp.w3.bias)
+    gelu = ditkit.DiT(**SMALL)
+    n = lambda model: sum(p.numel() for p in model.blocks[0].mlp.parameters())  # noqa: E731
+    assert abs(n(m) / n(gelu) - 1) < 0.01  # 2/3 of the width keeps the parameters
+    assert abs(measure(m.config).macs / measure(gelu.config).macs - 1) < 0.01  # and the multiply-adds (ditkit flops)
+
+
+def test_rmsnorm_normalises_without_centring():
+    m = ditkit.DiT(**SMALL, norm="rmsnorm")
+    norm = m.blocks[0].norm1
+    x = torch.randn(2, 5, 64) + 3.0
+    torch.testing.assert_close(norm(x), x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    assert not hasattr(norm, "weight") or norm.weight is None  # adaLN supplies scale and shift
+
+
+def test_qk_norm_makes_attention_blind_to_query_key_scale():
+    x, t, y = inputs()
+    for qk_norm in (True, False):
+        m = randomised(ditkit.DiT(**SMALL, qk_norm=qk_norm))
+        before = m(x, t, y)
+        with torch.no_grad():
+            for blk in m.blocks:  # scale the query and key projections of every head by 5
+                blk.attn.qkv.weight[: 2 * 64] *= 5
+                blk.attn.qkv.bias[: 2 * 64] *= 5
+        after = m(x, t, y)
+        assert torch.allclose(before, after, atol=1e-5) == qk_norm
+
+
+def test_rope_depends_only_on_relative_position():
+    cos, sin = rope_2d(4, 16)  # 4x4 grid, head width 16
+    q, k = torch.randn(1, 1, 16, 16), torch.randn(1, 1, 16, 16)
+    same = torch.randn(1, 16)
+    q[0, 0, :] = same  # the same vector at every position
+    k[0, 0, :] = same
+    rq, rk = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+    dots = (rq[0, 0] @ rk[0, 0].T)  # (16, 16): position i against position j
+    pos = lambda i: divmod(i, 4)  # noqa: E731  (row, col), row-major as PatchEmbed flattens
+    a, b = (0 * 4 + 0, 1 * 4 + 2), (2 * 4 + 1, 3 * 4 + 3)  # both pairs are 1 row, 2 columns apart
+    assert pos(a[1])[0] - pos(a[0])[0] == pos(b[1])[0] - pos(b[0])[0]
+    torch.testing.assert_close(dots[a], dots[b])
+    assert not torch.allclose(dots[0, 1], dots[0, 4])  # one column apart is not one row apart
+    torch.testing.assert_close(apply_rope_2d(q, cos, sin).norm(dim=-1), q.norm(dim=-1))  # a rotation
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos+rope"])
+def test_rope_models(pos_embed):
+    m = randomised(ditkit.DiT(**SMALL, pos_embed=pos_embed))
+    assert hasattr(m, "pos_embed") == (pos_embed == "sincos+rope") and "rope_cos" not in m.state_dict()
+    x, t, y = inputs()
+    out = m(x, t, y)
+    sincos_only = ditkit.DiT(**SMALL)
+    sincos_only.load_state_dict(m.state_dict(), strict=False)
+    assert not torch.allclose(out, randomised(sincos_only)(x, t, y))
+    with pytest.raises(ValueError, match="in_context"):
+        ditkit.DiT(**SMALL, pos_embed="rope", block="in_context")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ditkit.DiTConfig(**{**SMALL, "hidden_size": 24, "num_heads": 4}, pos_embed="rope")
+
+
+def test_cosine_loss_term():
+    g = torch.Generator().manual_seed(0)
+    data, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.rand(4, generator=g)
+    m = randomised(ditkit.DiT(**SMALL))
+    y = torch.zeros(4, dtype=torch.long)
+    plain = ditkit.FlowMatching().training_losses(m, data, t, noise=noise, y=y)
+    terms = ditkit.FlowMatching(cos_loss=0.5).training_losses(m, data, t, noise=noise, y=y)
+    v = m(ditkit.FlowMatching().interpolate(data, noise, t)[0], t, y)[:, :1]
+    u = data - noise
+    cos = (v * u).flatten(1).sum(1) / (v.flatten(1).norm(dim=1) * u.flatten(1).norm(dim=1))
+    torch.testing.assert_close(terms["cos"], 1 - cos)
+    torch.testing.assert_close(terms["loss"], plain["loss"] + 0.5 * (1 - cos))
+
+
+def test_learning_rate_schedules():
+    cfg = lambda **kw: TrainConfig(lr=1e-3, warmup_steps=10, **kw)  # noqa: E731
+    assert learning_rate(cfg(), 0, 100) == pytest.approx(1e-4) and learning_rate(cfg(), 9, 100) == pytest.approx(1e-3)
+    assert learning_rate(cfg(), 99, 100) == 1e-3  # constant after warm-up, the paper's
+    cos = cfg(lr_schedule="cosine", min_lr=1e-5)
+    assert learning_rate(cos, 10, 100) == pytest.approx(1e-3) and learning_rate(cos, 99, 100) == pytest.approx(1e-5)
+    assert learning_rate(cos, 10 + 89 // 2, 100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    lin = cfg(lr_schedule="linear")
+    assert learning_rate(lin, 99, 100) == 0 and learning_rate(lin, 10 + 89 // 2, 100) == pytest.approx(1e-3 * (1 - 44 / 89))
+
+
+def test_ema_schedules():
+    assert ema_decay(TrainConfig(ema_decay=0.999), 5) == 0.999
+    warm = TrainConfig(ema_decay=0.999, ema_schedule="warmup")
+    assert ema_decay(warm, 1) == pytest.approx(2 / 11) and ema_decay(warm, 100_000) == 0.999
+    power = TrainConfig(ema_schedule="power", ema_gamma=6.94)
+    assert ema_decay(power, 1) == 0.0  # the first average is the weights themselves
+    assert ema_decay(power, 1000) == pytest.approx((1 - 1 / 1000) ** 7.94)
+    # The power EMA's average weight sits at a fixed fraction of the run: (gamma + 1) / (gamma + 2).
+    steps = 2000
+    weights, decay_after = [], 1.0
+    for s in range(steps, 0, -1):
+        weights.append((1 - ema_decay(power, s)) * decay_after)
+        decay_after *= ema_decay(power, s)
+    centre = sum(w * s for w, s in zip(weights, range(steps, 0, -1))) / sum(weights)
+    assert centre / steps == pytest.approx(7.94 / 8.94, rel=0.01)
+
+
+def test_gradient_clipping_and_options_recorded(tmp_path):
+    cfg = TrainConfig(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,
+                      results_dir=str(tmp_path), global_batch_size=16, max_steps=2, ckpt_every=2, grad_clip=1e-3,
+                      objective="flow", t_sampling="logit-normal", cos_loss=0.1, mlp="swiglu", norm="rmsnorm",
+                      qk_norm=True, pos_embed="rope", lr_schedule="cosine", ema_schedule="power")  # fmt: skip
+    trainer = Trainer(cfg)
+    loader, _ = trainer.loader()
+    x, y = next(iter(loader))
+    trainer.train_step(x, y)
+    norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.params]))
+    assert norm <= 1e-3 * 1.0001
+    exp = trainer.run()
+    ck = read_pt(latest_checkpoint(exp.parent))
+    assert ck["args"]["grad_clip"] == 1e-3 and ck["args"]["lr_schedule"] == "cosine" and ck["objective"]["cos_loss"] == 0.1
+    model = load_model(exp / "model")
+    c = model.config
+    assert (c.mlp, c.norm, c.qk_norm, c.pos_embed) == ("swiglu", "rmsnorm", True, "rope")
