@@ -83,15 +83,16 @@ def held_out(cls: int, words: dict[str, str | None]) -> bool:
     return any(cls == c and words.get(name) == word for c, name, word in HELD_OUT)
 
 
-@functools.lru_cache(maxsize=1)
-def caption_vocabulary() -> tuple[str, ...]:
-    """Every training caption of fashion-mnist-captions, after the empty prompt (id 0)."""
+@functools.lru_cache(maxsize=2)
+def caption_vocabulary(with_held_out: bool = False) -> tuple[str, ...]:
+    """Every training caption of fashion-mnist-captions (and those of the held-out pairs, which
+    only the test split has), after the empty prompt (id 0)."""
     found = {""}
     for cls in range(len(NOUNS)):
         for size in (None, *ATTRIBUTES["size"]):
             for bright in (None, *ATTRIBUTES["brightness"]):
                 words = {"size": size, "brightness": bright}
-                if not held_out(cls, words):
+                if with_held_out or not held_out(cls, words):
                     found.update(caption(cls, words, p) for p in SEEN_PHRASINGS)
     return ("", *sorted(found - {""}))
 
@@ -124,7 +125,7 @@ class FashionCaptions(NamedDataset):
         if split == "train":  # the held-out pairs are absent from training, present in the test split
             self.images, self.classes = self.images[keep], self.classes[keep]
             self.words = {n: w[keep] for n, w in self.words.items()}
-        self.captions = caption_vocabulary()
+        self.captions = caption_vocabulary(with_held_out=split != "train")
         self._ids = {text: i for i, text in enumerate(self.captions)}
         self.labels = np.zeros(len(self.classes), dtype=np.int64)  # caption ids are drawn per item
         self.num_classes = len(self.captions)

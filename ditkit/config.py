@@ -47,7 +47,8 @@ SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent siz
 
 def option(text: str, **kw) -> dict:
     """Metadata of a config field: --help text; choices, aliases (argparse); gt, ge, lt, le (bounds);
-    finite=False to allow inf; cli=False to keep it off the command line."""
+    finite=False to allow inf; cli=False to keep it off the command line; repeat=True for a list
+    given by repeating its flag (--prompt A --prompt B)."""
     return {"help": text, **kw}
 
 
@@ -315,12 +316,23 @@ class SamplingOptions(Config):
     eta: float = field(default=0.0, metadata=option("DDIM eta", ge=0))
     device: str = field(default="auto", metadata=option(_DEVICE))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
+    prompt: tuple[str, ...] = field(default=(), metadata=option("text-to-image models: a prompt; repeat the flag for more (default checkpoint: the bundled text model)", repeat=True))
+    prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
+    text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
 
     def check(self) -> None:
         if self.cfg_interval and (len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]):
             raise ValueError(f"--cfg-interval takes two numbers LO <= HI in [0, 1], got {' '.join(map(str, self.cfg_interval))}.")
-        if self.model is not None and self.model not in PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS)}.")
+        if self.model is not None and self.model not in PRESETS + MMDIT_PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + MMDIT_PRESETS)}.")
+        for i, text in enumerate(self.prompt, 1):
+            if not text.strip():
+                raise ValueError(f"prompt {i} is empty; write what the image should show (the empty prompt is the null condition of guidance).")
+
+    @property
+    def text(self) -> bool:
+        """Whether prompts were given (and so a text-to-image model is wanted)."""
+        return bool(self.prompt or self.prompts)
 
 
 @dataclass(frozen=True)

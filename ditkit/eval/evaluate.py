@@ -21,11 +21,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch.nn as nn
 
 from ..config import EvalConfig
 from ..pipeline import resolve_device
-from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, load_classifier
+from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, classifier_predictions, load_classifier
 from .features import (
     EFFNET_SIZE,
     INCEPTION_WEIGHTS,
@@ -40,6 +41,7 @@ from .features import (
 )
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, precision_recall
 from .npz import ImageArray, read_images, resolve_images
+from .prompts import format_prompt_following, prompt_following
 
 METRIC_NOTES = {
     "FD-EffNet": f"Fréchet distance, EfficientNet-Lite0 features at {EFFNET_SIZE} px (not FID)",
@@ -88,7 +90,8 @@ def compute_metrics(samples: ImageArray, ref: ImageArray, nets: dict[str, Featur
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config."""
+    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config, and
+    "prompt_following" when the samples carry the prompts they were made from."""
     samples = read_images(resolve_images(cfg.samples, "samples", cfg.cache_dir), "samples")
     ref = read_images(resolve_images(cfg.ref, "reference", cfg.cache_dir), "reference")
     device = resolve_device(cfg.device)
@@ -110,8 +113,29 @@ def evaluate(cfg: EvalConfig) -> dict:
         else:
             classifier, _ = load_classifier()
     metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device)
-    return {"samples": str(samples.path), "ref": str(ref.path), "num_samples": len(samples), "num_ref": len(ref),
-            "metrics": metrics, "skipped": skipped}  # fmt: skip
+    result = {"samples": str(samples.path), "ref": str(ref.path), "num_samples": len(samples), "num_ref": len(ref),
+              "metrics": metrics, "skipped": skipped}  # fmt: skip
+    prompts = read_sample_prompts(samples)
+    if prompts is not None and cfg.accuracy:
+        if samples.shape[1:] != CLASSIFIER_IMAGE:
+            skipped.append(f"prompt following: it is measured on 32x32x1 Fashion-MNIST images, the samples are {'x'.join(map(str, samples.shape[1:]))}")
+        else:
+            classifier, _ = load_classifier()
+            images = np.concatenate(list(samples.batches(1024)))
+            predicted = classifier_predictions(classifier, images, device=device)
+            result["prompt_following"] = prompt_following(images, prompts, predicted)
+    return result
+
+
+def read_sample_prompts(samples: ImageArray) -> np.ndarray | None:
+    """The `prompts` array a text-to-image .npz carries (one string per image), or None."""
+    with np.load(samples.path) as data:
+        if "prompts" not in data.files:
+            return None
+        prompts = data["prompts"]
+    if prompts.shape != (len(samples),) or prompts.dtype.kind != "U":
+        raise ValueError(f"prompts in {samples.path} must be one string per image, got {prompts.dtype} of shape {prompts.shape}; store them as np.array(list_of_str).")
+    return prompts
 
 
 def format_table(result: dict) -> str:
@@ -119,6 +143,8 @@ def format_table(result: dict) -> str:
     order = [k for k in METRIC_NOTES if k in result["metrics"]] + [k for k in result["metrics"] if k not in METRIC_NOTES]
     for name in order:
         lines.append(f"  {name:<10} {result['metrics'][name]:>10.4f}   {METRIC_NOTES.get(name, '')}")
+    if "prompt_following" in result:
+        lines += format_prompt_following(result["prompt_following"])
     lines += [f"  skipped {s}." for s in result["skipped"]]
     return "\n".join(lines)
 
