@@ -449,6 +449,8 @@ class TrainConfig(Config):
         self.objective_config()  # flow-only settings on a gaussian run fail here
         if self.text and self.objective != "flow":
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
+        if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
+            raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
 
     @property
     def text(self) -> bool:

@@ -124,3 +124,5 @@ def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsy
     capsys.readouterr()
     assert main(["train", "--model", "MMDiT-S/8", "--data-path", str(data), "--results-dir", str(tmp_path / "x")]) == 2
     assert "add --objective flow" in capsys.readouterr().err
+    assert main(["train", "--model", "DiT-S/8", "--data-path", "fashion-mnist-captions", "--results-dir", str(tmp_path / "x")]) == 2
+    assert "use --model MMDiT-S/8" in capsys.readouterr().err
