@@ -52,8 +52,11 @@ class TextEncoder:
     """A frozen Hugging Face text model: `encode(prompts)` -> TextCondition (float32, on `device`)."""
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, device: torch.device | str = "cpu", max_length: int = TEXT_MAX_LENGTH):
-        from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
-        from transformers.utils import logging as hf_logging
+        try:
+            from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise ValueError("text-to-image models need the transformers package; pip install 'ditkit[text]'.") from None
 
         where = resolve_encoder(name)
         hf_logging.set_verbosity_error()  # unused pooler / decoder weights are not the user's concern
