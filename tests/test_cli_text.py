@@ -126,3 +126,19 @@ def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsy
     assert "add --objective flow" in capsys.readouterr().err
     assert main(["train", "--model", "DiT-S/8", "--data-path", "fashion-mnist-captions", "--results-dir", str(tmp_path / "x")]) == 2
     assert "use --model MMDiT-S/8" in capsys.readouterr().err
+
+
+def test_prompt_alone_samples_the_bundled_text_model(tmp_path, monkeypatch):
+    """`ditkit sample --prompt ...` with no other argument: the shipped MMDiT and encoder, offline;
+    the shipped classifier recognises the classes it draws and the pixels show the brightness asked."""
+    from ditkit.captions import measure_attributes
+    from ditkit.eval.classifier import classifier_predictions, load_classifier
+
+    monkeypatch.chdir(tmp_path)
+    prompts = ["a dark ankle boot", "a light pair of trousers", "a light bag", "a dark t-shirt"]
+    assert main(["sample", *[a for p in prompts for a in ("--prompt", p)]]) == 0
+    images = np.stack([np.array(Image.open(tmp_path / "samples" / f"{i:06d}.png")) for i in range(16)])[..., None]
+    classes = np.array([9, 1, 8, 0] * 4)
+    predicted = classifier_predictions(load_classifier()[0], images)
+    brightness = measure_attributes(images, classes)["brightness"]
+    assert (predicted == classes).mean() >= BUNDLED_MIN_CLASS and (brightness == np.array([0, 1, 1, 0] * 4)).mean() >= BUNDLED_MIN_ATTRIBUTE
