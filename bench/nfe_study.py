@@ -156,7 +156,7 @@ def main() -> None:
         print(key, json.dumps(results[key]), flush=True)
     plot(results, out, reference)
     ref = reference["ddpm-250"]
-    lines = [f"| sampler | model | guidance | steps | NFE | forwards/sample | FD-EffNet | vs DDPM-250 | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| sampler | model | guidance | steps | NFE | forwards/sample | FD-EffNet | vs DDPM-250 | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| ddpm (reference) | diffusion | all steps | 250 | 250 | {ref['forwards']:.0f} | {ref['fd']:.1f} | 1.00 | {ref['accuracy']:.3f} |")
     for r in sorted(results.values(), key=lambda r: ((GAUSSIAN + FLOW).index(r["sampler"]), r["guidance"], r["nfe"])):
         model = "diffusion" if r["sampler"] in GAUSSIAN else "flow"

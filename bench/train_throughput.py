@@ -107,7 +107,7 @@ def main() -> None:
                     official = OFFICIAL_H100.get((model, batch, key))
                     rows.append((model, batch, key, ips, tflops, 100 * tflops / args.peak_tflops, peak / batch * 1024, official))
                     print(f"{model} batch {batch} {key}: {ips:.1f} images/s", flush=True)
-    print(f"\n| model | batch | precision | images/s | TFLOP/s | MFU % | peak MiB/image | official H100 images/s |")
+    print("\n| model | batch | precision | images/s | TFLOP/s | MFU % | peak MiB/image | official H100 images/s |")
     print("|---|---|---|---|---|---|---|---|")
     for m, b, k, ips, tf, mfu, mem, off in rows:
         print(f"| {m} | {b} | {k} | {ips:.1f} | {tf:.2f} | {mfu:.2f} | {mem:.1f} | {off if off else '-'} |")

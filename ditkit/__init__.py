@@ -16,11 +16,14 @@ _EXPORTS = {
     "DiT": "models", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
     "GaussianDiffusion": "objectives", "FlowMatching": "objectives", "space_timesteps": "objectives.gaussian",
     "sample": "samplers", "SAMPLERS": "samplers", "cfg_model": "samplers",
+    "MMDiT": "models.mmdit", "MMDiTConfig": "config", "MMDIT_PRESETS": "config", "TextCondition": "models.mmdit",
 }  # fmt: skip
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # what a type checker sees: the same names, imported
-    from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, ObjectiveConfig as ObjectiveConfig
+    from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, MMDiTConfig as MMDiTConfig, ObjectiveConfig as ObjectiveConfig
+    from .config import MMDIT_PRESETS as MMDIT_PRESETS
+    from .models.mmdit import MMDiT as MMDiT, TextCondition as TextCondition
     from .models import DiT as DiT
     from .objectives import FlowMatching as FlowMatching, GaussianDiffusion as GaussianDiffusion
     from .objectives.gaussian import space_timesteps as space_timesteps

@@ -20,10 +20,12 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
+from .config import MMDiTConfig
 from .models import PRESET_SIZES, DiT, DiTConfig
+from .models.mmdit import MMDiT
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
-META_KEYS = ("objective", "sampling")  # what a ditkit checkpoint records beside the model config
+META_KEYS = ("objective", "sampling", "text_encoder")  # what a ditkit checkpoint records beside the model config
 TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.XXXXXXXX.tmp beside NAME
 
 
@@ -97,9 +99,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
-def config_from_dict(d: dict) -> DiTConfig:
-    known = {f.name for f in fields(DiTConfig)}
-    return DiTConfig(**{k: v for k, v in d.items() if k in known})
+def config_from_dict(d: dict) -> DiTConfig | MMDiTConfig:
+    """The model config a config.json records: an MMDiT's has a text width (context_dim)."""
+    cls = MMDiTConfig if "context_dim" in d else DiTConfig
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
@@ -127,8 +131,11 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
     )  # fmt: skip
 
 
-def describe(config: DiTConfig) -> str:
+def describe(config: DiTConfig | MMDiTConfig) -> str:
     """"DiT-XL/2 at 256 px (latent 32), 1000 classes" or the raw sizes for a custom config."""
+    if isinstance(config, MMDiTConfig):
+        return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
+                f"{config.in_channels} channels, text {config.context_dim} wide")  # fmt: skip
     name = next(
         (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
          if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
@@ -155,14 +162,14 @@ def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | Path | Checkpoint, config: DiTConfig | None = None) -> DiT:
-    """A DiT with the checkpoint's weights: `config` if given, else the checkpoint's own config
-    (ditkit format) or the config read off its shapes (official files)."""
+def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | None = None) -> DiT | MMDiT:
+    """A DiT (or MMDiT) with the checkpoint's weights: `config` if given, else the checkpoint's own
+    config (ditkit format) or the config read off its shapes (official files)."""
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     config = config or ck.config or infer_config(ck.state)
     if config is None:
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
-    model = DiT(config)
+    model = MMDiT(config) if isinstance(config, MMDiTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()
 
@@ -223,7 +230,7 @@ def safetensors_save(state: dict[str, torch.Tensor], path: str | Path, metadata:
         f.write(safetensors.torch.save(state, metadata=metadata))
 
 
-def save_pretrained(model_or_state, config: DiTConfig, folder: str | Path, extra: dict | None = None) -> Path:
+def save_pretrained(model_or_state, config: DiTConfig | MMDiTConfig, folder: str | Path, extra: dict | None = None) -> Path:
     """ditkit's format: folder/model.safetensors + folder/config.json (DiTConfig fields + extra)."""
     folder = Path(folder)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state

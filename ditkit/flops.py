@@ -18,8 +18,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, SD_VAE_FACTOR, FlopsConfig
+from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, MMDIT_PRESETS, SD_VAE_FACTOR, FlopsConfig, MMDiTConfig
 from .models import PRESETS, DiT, DiTConfig
+from .models.mmdit import MMDiT, TextCondition
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -31,6 +32,7 @@ PAPER_GFLOPS = {
 # Figure 5 of the paper: the four block designs, each on DiT-XL/2 at 256 px (printed to one decimal there).
 PAPER_BLOCK_GFLOPS = {"in_context": 119.4, "cross_attn": 137.6, "adaln": 118.6, "adaln_zero": 118.6}
 PAPER_INPUT_SIZE = FLOPS_IMAGE_SIZE // SD_VAE_FACTOR
+FLOPS_TEXT_TOKENS = 77  # prompt length MMDiT is counted at (one CLIP context)
 
 
 def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -58,7 +60,12 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         x = torch.empty(batch_size, c.in_channels, c.input_size, c.input_size, device=device)
         t = torch.empty(batch_size, device=device)
-        y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        if isinstance(c, MMDiTConfig):
+            y = TextCondition(torch.empty(batch_size, FLOPS_TEXT_TOKENS, c.context_dim, device=device),
+                              torch.ones(batch_size, FLOPS_TEXT_TOKENS, dtype=torch.bool, device=device),
+                              torch.empty(batch_size, c.pooled_dim, device=device))  # fmt: skip
+        else:
+            y = torch.zeros(batch_size, dtype=torch.long, device=device)
         with counter:
             model(x, t, y)
     return counter.get_total_flops() // 2
@@ -90,8 +97,12 @@ class Cost:
         return {**asdict(self), "gflops": self.gflops}
 
 
-def preset_name(config: DiTConfig) -> str:
-    """The paper's name of a config ("DiT-S/4") when it is that preset at some data shape, else "custom"."""
+def preset_name(config: DiTConfig | MMDiTConfig) -> str:
+    """The paper's name of a config ("DiT-S/4", "MMDiT-S/4") when it is that preset at some data shape, else "custom"."""
+    if isinstance(config, MMDiTConfig):
+        data = {f: getattr(config, f) for f in ("input_size", "in_channels", "context_dim", "pooled_dim", "learn_sigma")}
+        same = (n for n in MMDIT_PRESETS if n.endswith(f"/{config.patch_size}") and MMDiTConfig.from_preset(n, **data) == config)
+        return next(same, "custom")
     data = {f: getattr(config, f) for f in ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block")}
     same = (n for n in PRESETS if n.endswith(f"/{config.patch_size}") and DiTConfig.from_preset(n, **data) == config)
     return next(same, "custom")
@@ -106,15 +117,16 @@ def paper_gflops(name: str, config: DiTConfig) -> float | None:
     return PAPER_BLOCK_GFLOPS[config.block] if name == "DiT-XL/2" else None
 
 
-def measure(config: DiTConfig, name: str | None = None) -> Cost:
-    """Parameters and multiply-adds of the DiT `config` describes, built on "meta" (no memory)."""
+def measure(config: DiTConfig | MMDiTConfig, name: str | None = None) -> Cost:
+    """Parameters and multiply-adds of the DiT (or MMDiT) `config` describes, built on "meta" (no memory)."""
+    text = isinstance(config, MMDiTConfig)
     name = name or preset_name(config)
     with torch.device("meta"):
-        model = DiT(config)
+        model = MMDiT(config) if text else DiT(config)
     params = list(model.parameters())
     return Cost(
         model=name,
-        block=config.block,
+        block="joint" if text else config.block,
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,
@@ -125,7 +137,7 @@ def measure(config: DiTConfig, name: str | None = None) -> Cost:
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(model),
-        paper_gflops=paper_gflops(name, config),
+        paper_gflops=None if text else paper_gflops(name, config),
     )
 
 
@@ -146,20 +158,29 @@ def checkpoint_config(ckpt: str) -> DiTConfig:
     return config
 
 
-def model_configs(cfg: FlopsConfig) -> list[DiTConfig]:
+def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
     """Every config to count: each preset (or the checkpoint's model) with the overrides, times each
-    block design, presets outermost."""
+    block design, presets outermost; MMDiTs once each (joint blocks, no classes, the text at
+    FLOPS_TEXT_TOKENS tokens of all-MiniLM-L6-v2's width)."""
     sizes = {k: getattr(cfg, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", "num_classes") if getattr(cfg, k) is not None}
     if cfg.ckpt is not None:
         base = checkpoint_config(cfg.ckpt)
         in_channels = cfg.in_channels or base.in_channels
-        bases = [replace(base, input_size=cfg.input_size_for(in_channels) or base.input_size, in_channels=in_channels, **sizes)]
+        input_size = cfg.input_size_for(in_channels) or base.input_size
+        bases = [base]
     else:
         in_channels = cfg.in_channels or FLOPS_IN_CHANNELS
         input_size = cfg.input_size_for(in_channels) or (PAPER_INPUT_SIZE if in_channels not in (1, 3) else FLOPS_IMAGE_SIZE)
-        common = dict(input_size=input_size, in_channels=in_channels, num_classes=FLOPS_NUM_CLASSES)
-        bases = [DiTConfig.from_preset(name, **{**common, **sizes}) for name in cfg.model or PRESETS]
-    return [replace(c, block=block) for c in bases for block in cfg.block or (c.block,)]
+        bases = [MMDiTConfig.from_preset(name) if name in MMDIT_PRESETS else DiTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES)
+                 for name in cfg.model or PRESETS]  # fmt: skip
+    configs = []
+    for base in bases:
+        if isinstance(base, MMDiTConfig):
+            configs.append(replace(base, input_size=input_size, in_channels=in_channels, **{k: v for k, v in sizes.items() if k != "num_classes"}))
+        else:
+            base = replace(base, input_size=input_size, in_channels=in_channels, **sizes)
+            configs += [replace(base, block=block) for block in cfg.block or (base.block,)]
+    return configs
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:

@@ -9,6 +9,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,8 +19,27 @@ from tqdm.auto import tqdm
 from .checkpoints import atomic_write, remove_temporaries
 from .config import SampleConfig, SampleNpzConfig
 from .eval.npz import save_npz
-from .pipeline import IMAGENET_DEMO_CLASSES, load_pipeline, save_grid, to_uint8
+from .pipeline import IMAGENET_DEMO_CLASSES, Pipeline, load_pipeline, save_grid, to_uint8
 from .samplers import check_labels
+
+
+def prompt_list(cfg: SampleConfig | SampleNpzConfig) -> list[str]:
+    """--prompt values, then the lines of --prompts (a file or a fashion-mnist-captions suite)."""
+    from .eval.prompts import read_prompts
+
+    return [*cfg.prompt, *(read_prompts(cfg.prompts) if cfg.prompts else [])]
+
+
+def conditioner(pipe: Pipeline, cfg: SampleConfig | SampleNpzConfig) -> tuple[list, Callable]:
+    """(what is sampled: prompts or class ids, a function from a list of them to the model's condition)."""
+    if pipe.text_encoder is None:
+        return [], lambda ids: torch.tensor(ids)
+    if getattr(cfg, "classes", ()):
+        raise ValueError("this is a text-to-image model: it takes prompts (--prompt), not class ids; drop --classes.")
+    prompts = prompt_list(cfg)
+    if not prompts:
+        raise ValueError("this is a text-to-image model; pass --prompt TEXT (repeat it for more) or --prompts FILE.")
+    return prompts, pipe.condition
 
 
 def run_sample(cfg: SampleConfig) -> Path:
@@ -31,24 +51,26 @@ def run_sample(cfg: SampleConfig) -> Path:
     save_images = cfg.save_images if cfg.save_images is not None else not to_file
     pipe = load_pipeline(cfg)
     c = pipe.config
-    classes = cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES)
-    check_labels(torch.tensor(classes), c.num_classes)
-    n = cfg.num_samples or (4 * len(classes) if len(classes) <= 16 else len(classes))
-    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    items, condition = conditioner(pipe, cfg)
+    if not items:
+        items = list(cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES))
+        check_labels(torch.tensor(items), c.num_classes)
+    n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
+    order = [items[i % len(items)] for i in range(n)]
     print(f"sampling {n} images from {pipe.source} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     chunks = []
     for i in range(0, n, cfg.batch_size):
-        chunks.append(to_uint8(pipe.images(labels[i : i + cfg.batch_size], progress=True)))
+        chunks.append(to_uint8(pipe.images(condition(order[i : i + cfg.batch_size]), progress=True)))
         print(f"sampled {min(i + cfg.batch_size, n)}/{n} ({time.perf_counter() - start:.1f}s)", flush=True)
     images = np.concatenate(chunks)
     if save_images:  # into the --out folder, or beside an --out file as NAME-000000.png
         name = f"{out.stem}-{{:06d}}.png" if to_file else "{:06d}.png"
         for i, img in enumerate(images):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(grid_path.parent / name.format(i))
-    ncol = len(classes) if len(classes) <= 16 else min(8, n)
+    ncol = len(items) if len(items) <= 16 else min(8, n)
     save_grid(images, grid_path, ncol=ncol)
     print(f"wrote {grid_path}{f' and {n} images' if save_images else ''} in {time.perf_counter() - start:.1f}s")
     return grid_path
@@ -67,8 +89,12 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         torch.backends.cudnn.allow_tf32 = True
         pipe = load_pipeline(cfg, device=d.device)
         n, bs = cfg.num_samples, cfg.batch_size
-        # Labels are drawn for all N at once, so they do not depend on the number of processes.
-        labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
+        prompts, condition = conditioner(pipe, cfg)
+        if prompts:  # sample i takes prompt i mod P
+            labels = np.array([prompts[i % len(prompts)] for i in range(n)])
+        else:  # labels are drawn for all N at once, so they do not depend on the number of processes
+            labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
+        extra = {"prompts": labels} if prompts else {"labels": labels}
         out = Path(cfg.out)
         parts = out.parent / f".{out.name}.parts"
         plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
@@ -90,20 +116,20 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         start = time.perf_counter()
         with tqdm(total=n, initial=done, desc="sample-npz", unit="img", disable=not d.main) as bar:
             for k, i in enumerate(todo):
-                y = torch.from_numpy(labels[i * bs : (i + 1) * bs])
+                y = condition(labels[i * bs : (i + 1) * bs].tolist())
                 g = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + i) % 2**63)
                 save_npz(parts / SHARD.format(i), arr_0=to_uint8(pipe.images(y, generator=g)))
-                bar.update(len(y) * d.world)  # rank 0's pace stands for all
+                bar.update(min(bs, n - i * bs) * d.world)  # rank 0's pace stands for all
                 if k == 0 and d.main:
                     took = time.perf_counter() - start
-                    bar.write(f"sample-npz: the first batch of {len(y)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
+                    bar.write(f"sample-npz: the first batch of {min(bs, n - i * bs)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
         barrier(d)
         if d.main:
             images = _join_shards(parts, len(shards))
-            save_npz(out, arr_0=images, labels=labels)
+            save_npz(out, arr_0=images, **extra)
             shutil.rmtree(parts)
             elapsed = time.perf_counter() - start
-            print(f"wrote {out}: {n} samples {'x'.join(map(str, images.shape[1:]))} uint8 with labels "
+            print(f"wrote {out}: {n} samples {'x'.join(map(str, images.shape[1:]))} uint8 with {next(iter(extra))} "
                   f"({pipe.sampling.describe()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
         barrier(d)
         return out

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import SAMPLER_OBJECTIVE, DiTConfig, ObjectiveConfig, SamplingOptions
+from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, SamplingOptions
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_guidance, check_sampler, sample
 
 BUNDLED = Path(__file__).parent / "assets" / "fashion-mnist"
 BUNDLED_NAME = "bundled"  # what --ckpt calls it
+BUNDLED_TEXT = Path(__file__).parent / "assets" / "fashion-mnist-text"  # the default when prompts are given
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The official sample.py's demo classes (ImageNet): used for 1000-class models when none are given.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -193,14 +194,21 @@ class Pipeline:
     vae: object | None = None
     device: torch.device = torch.device("cpu")
     source: Path | None = None  # the checkpoint it was loaded from
+    text_encoder: object | None = None  # a text.TextEncoder for text-to-image models
 
     def __post_init__(self):
         check_sampler(self.sampling.sampler, objective_name(self.objective))
         check_guidance(self.sampling.cfg_scale, self.sampling.cfg_channels, self.sampling.cfg_interval, self.config.in_channels)
 
     @property
-    def config(self) -> DiTConfig:
+    def config(self) -> DiTConfig | MMDiTConfig:
         return self.model.config
+
+    def condition(self, prompts: list[str]):
+        """The TextCondition of `prompts` for a text-to-image pipeline."""
+        if self.text_encoder is None:
+            raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts; pass --ckpt with a text-to-image model.")
+        return self.text_encoder.encode(list(prompts))
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         c = self.config
@@ -270,7 +278,12 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     from .checkpoints import infer_config, load_model, read_checkpoint
 
     device = resolve_device(opts.device) if device is None else torch.device(device)
-    path = find_checkpoint(opts.ckpt)
+    if opts.ckpt is None and opts.text:
+        if not (BUNDLED_TEXT / "model.safetensors").exists():
+            raise FileNotFoundError(f"this install has no bundled text-to-image model at {BUNDLED_TEXT}; pass --ckpt with one.")
+        path = BUNDLED_TEXT
+    else:
+        path = find_checkpoint(opts.ckpt)
     if opts.sampler is not None and opts.objective is not None:
         check_sampler(opts.sampler, opts.objective)
     check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
@@ -297,12 +310,18 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     requested = None
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
-        overrides = dict(
-            input_size=opts.image_size // factor if opts.image_size is not None else base.input_size,
-            num_classes=opts.num_classes if opts.num_classes is not None else base.num_classes,
-            in_channels=base.in_channels, learn_sigma=base.learn_sigma, block=base.block,
-        )  # fmt: skip
-        requested = DiTConfig.from_preset(opts.model, **overrides)
+        input_size = opts.image_size // factor if opts.image_size is not None else base.input_size
+        if isinstance(base, MMDiTConfig) != (opts.model in MMDIT_PRESETS):
+            raise ValueError(f"{path} holds {'an MMDiT' if isinstance(base, MMDiTConfig) else 'a DiT'}, not {opts.model}; drop --model or pick a preset of that kind.")
+        if isinstance(base, MMDiTConfig):
+            requested = MMDiTConfig.from_preset(opts.model, input_size=input_size, in_channels=base.in_channels, learn_sigma=base.learn_sigma,
+                                                context_dim=base.context_dim, pooled_dim=base.pooled_dim)  # fmt: skip
+        else:
+            overrides = dict(
+                input_size=input_size, num_classes=opts.num_classes if opts.num_classes is not None else base.num_classes,
+                in_channels=base.in_channels, learn_sigma=base.learn_sigma, block=base.block,
+            )  # fmt: skip
+            requested = DiTConfig.from_preset(opts.model, **overrides)
     model = load_model(ck, requested).to(device)
     c = model.config
     if c.in_channels not in (1, 3) and vae is None:
@@ -314,20 +333,43 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
             raise ValueError(f"image size {opts.image_size} needs a latent of {opts.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
     elif opts.image_size is not None and opts.image_size != c.input_size:
         raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {opts.image_size}px; use --image-size {c.input_size}.")
-    if opts.num_classes is not None and opts.num_classes != c.num_classes:
+    text_encoder = load_text_encoder(opts, ck, c, device)
+    if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_classes:
         raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
-    pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path)  # checks the guidance settings
+    pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder)  # checks the guidance settings
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
 
 
+def load_text_encoder(opts: SamplingOptions, ck, config, device: torch.device):
+    """The text encoder of a text-to-image model (the flag's, else the one it records); None for
+    a class-conditional model, which takes no prompts."""
+    if not isinstance(config, MMDiTConfig):
+        if opts.text:
+            raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts; drop --prompt/--prompts or pass --ckpt with a text-to-image model.")
+        return None
+    from .text import TextEncoder
+
+    if opts.num_classes is not None:
+        raise ValueError("this is a text-to-image model: it has no classes; drop --num-classes.")
+    recorded = ck.meta.get("text_encoder", {})
+    name = opts.text_encoder or recorded.get("name")
+    if name is None:
+        raise ValueError(f"{ck.path} does not record its text encoder; pass --text-encoder with the one it was trained with.")
+    encoder = TextEncoder(name, device, recorded.get("max_length", TEXT_MAX_LENGTH))
+    if encoder.width != config.context_dim:
+        raise ValueError(f"the text encoder {name} gives {encoder.width}-wide embeddings but the model takes {config.context_dim}; "
+                         f"pass --text-encoder with the one it was trained with ({recorded.get('name', 'see its config.json')}).")  # fmt: skip
+    return encoder
+
+
 def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = "fp32", device=None) -> Pipeline:
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
-    guided = getattr(model.config, "class_dropout_prob", 0) > 0
+    guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
     sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun2", steps=50 if kind == "gaussian" else 25,
                         cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,

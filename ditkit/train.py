@@ -144,8 +144,7 @@ class Trainer:
 
             self.vae = load_vae(cfg.vae, self.d.device).requires_grad_(False)
             channels = channels or self.vae.config.in_channels  # gray datasets are repeated to RGB
-        self.dataset = build_dataset(cfg.data_path, cfg.image_size, channels,
-                                     flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)  # fmt: skip
+        self.dataset = self.make_dataset(channels)
         if len(self.dataset) < cfg.global_batch_size:
             raise ValueError(f"the dataset has {len(self.dataset)} images, fewer than the global batch {cfg.global_batch_size}; use a smaller --global-batch-size.")
         num_classes = cfg.num_classes or self.dataset.num_classes
@@ -161,7 +160,7 @@ class Trainer:
             if input_size % factor:
                 raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")
             in_channels, input_size = self.vae.config.latent_channels, input_size // factor
-        self.model_config = cfg.model_config(num_classes, input_size, in_channels)
+        self.model_config = self.make_model_config(num_classes, input_size, in_channels)
         self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
@@ -220,7 +219,7 @@ class Trainer:
         return Path(broadcast_object(str(path) if path else None, self.d))
 
     def _load(self, ck: dict, path: Path) -> None:
-        if ck.get("model_config") and DiTConfig(**ck["model_config"]) != self.model_config:
+        if ck.get("model_config") and type(self.model_config)(**ck["model_config"]) != self.model_config:
             now = asdict(self.model_config)
             changed = ", ".join(f"{k} {now[k]} (the run's: {v})" for k, v in ck["model_config"].items() if now.get(k) != v)
             raise ValueError(f"{path} holds another model than these settings and data make ({changed}); resume with the run's data, or start a new run.")
@@ -261,9 +260,7 @@ class Trainer:
         model, ema, opt = self._full_state()  # collective under FSDP: every rank takes part
         path = self.exp_dir / "checkpoints" / f"{self.step:07d}.pt"
         if self.d.main:
-            c = self.cfg
-            sampling = default_sampling(self.objective, c.default_sampler, c.default_steps, c.default_cfg_scale, c.default_cfg_interval)
-            recorded = {"objective": self.objective.config.to_dict(), "sampling": sampling.to_dict()}
+            recorded = self.recorded()
             state = {
                 "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "data_size": len(self.dataset), "model_config": asdict(self.model_config), **recorded,
@@ -298,7 +295,7 @@ class Trainer:
         t, noise, drop = step_randomness(cfg.global_seed, self.step, cfg.global_batch_size, tuple(x.shape[1:]),
                                          self.objective, cfg.class_dropout_prob, d.device)  # fmt: skip
         mine = slice(d.rank, None, d.world)  # rank r holds global batch positions r, r + world, ... (see sampler)
-        y = torch.where(drop[mine], self.model_config.null_class, y)
+        y = self.condition(y, drop[mine])
         if cfg.warmup_steps or cfg.lr_schedule != "constant":
             for group in self.opt.param_groups:
                 group["lr"] = learning_rate(cfg, self.step, self.total_steps)
@@ -415,13 +412,35 @@ class Trainer:
                 return
         pipe = grid_pipeline(self.ema, self.objective, vae=self.vae or self.grid_vae,
                              precision="bf16" if self.cfg.precision == "bf16" else "fp32", device=self.d.device)  # fmt: skip
-        classes = min(self.model_config.num_classes, 10)
-        y = torch.arange(classes, device=self.d.device).repeat(2)
+        y, ncol = self.grid_condition()
         g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
         x = pipe.images(y, generator=g)
         if self.d.main:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
-            save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=classes)
+            save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=ncol)
+
+    # -- what a subclass (the text-to-image trainer) changes ---------------------------------
+    def make_dataset(self, channels: int | None):
+        cfg = self.cfg
+        return build_dataset(cfg.data_path, cfg.image_size, channels, flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)
+
+    def make_model_config(self, num_classes: int, input_size: int, in_channels: int):
+        return self.cfg.model_config(num_classes, input_size, in_channels)
+
+    def condition(self, y: torch.Tensor, drop: torch.Tensor):
+        """What the model is conditioned on for this rank's labels y, with `drop` ones made null."""
+        return torch.where(drop, self.model_config.null_class, y)
+
+    def recorded(self) -> dict:
+        """What checkpoints record beside the weights for sampling."""
+        c = self.cfg
+        sampling = default_sampling(self.objective, c.default_sampler, c.default_steps, c.default_cfg_scale, c.default_cfg_interval)
+        return {"objective": self.objective.config.to_dict(), "sampling": sampling.to_dict()}
+
+    def grid_condition(self):
+        """(conditions of the sample grid, its columns): every class up to 10, twice."""
+        classes = min(self.model_config.num_classes, 10)
+        return torch.arange(classes, device=self.d.device).repeat(2), classes
 
 
 class RunLog:
@@ -597,5 +616,9 @@ def resume_note(given: TrainConfig, merged: TrainConfig, saved: dict) -> str:
 
 
 def run_train(cfg: TrainConfig) -> Path:
+    if cfg.text:
+        from .train_text import TextTrainer
+
+        return TextTrainer(cfg).run()
     return Trainer(cfg).run()
 

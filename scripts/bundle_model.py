@@ -4,6 +4,11 @@
     ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile
     python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt
 
+The text-to-image model (`ditkit sample --prompt ...`) goes to its own folder:
+
+    ditkit train --config fmnist-text-cpu
+    python scripts/bundle_model.py results/001-MMDiT-S-4/checkpoints/0004000.pt --sampler heun2 --steps 10
+
 The bundled config.json carries the sampling settings `ditkit sample` uses for it by default.
 """
 
@@ -11,7 +16,8 @@ import argparse
 from pathlib import Path
 
 from ditkit.checkpoints import read_checkpoint, save_pretrained
-from ditkit.pipeline import BUNDLED
+from ditkit.config import MMDiTConfig
+from ditkit.pipeline import BUNDLED, BUNDLED_TEXT
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -19,10 +25,13 @@ if __name__ == "__main__":
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=4.0)
-    p.add_argument("--out", default=str(BUNDLED))
+    p.add_argument("--out", default=None, help=f"default: {BUNDLED}, or {BUNDLED_TEXT} for a text-to-image model")
     args = p.parse_args()
     ck = read_checkpoint(args.ckpt)
     sampling = {"sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale}
     extra = {"source": Path(args.ckpt).as_posix(), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
-    folder = save_pretrained(ck.state, ck.config, args.out, extra=extra)
+    text = isinstance(ck.config, MMDiTConfig)
+    if text:
+        extra["text_encoder"] = ck.meta["text_encoder"]
+    folder = save_pretrained(ck.state, ck.config, args.out or (BUNDLED_TEXT if text else BUNDLED), extra=extra)
     print(f"wrote {folder} ({sum(v.numel() for v in ck.state.values()):,} parameters)")

@@ -73,3 +73,27 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(n)
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "dark", "light", "small", "large", "photo", "of", "coat",
+              "bag", "sneaker", "pair", "trousers", "t", "-", "shirt", ",", "and", "that", "is", "picture", "here", "dress"]  # fmt: skip
+
+
+def tiny_text_encoder(folder, hidden: int = 16):
+    """A randomly initialised BERT (2 layers, `hidden` wide) and its WordPiece tokenizer from a small
+    vocabulary file, saved as a Hugging Face folder: the real loading path of ditkit.text on a tiny model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizer(vocab=str(folder / "vocab.txt"), model_max_length=512).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(TINY_VOCAB), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=64)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_encoder_dir(tmp_path_factory):
+    return tiny_text_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert")

@@ -97,12 +97,18 @@ def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[FashionClassifi
 
 
 @torch.no_grad()
-def classifier_accuracy(model: nn.Module, images: np.ndarray | ImageArray, labels: np.ndarray, batch_size: int = 512,
-                        device: torch.device | str = "cpu") -> float:  # fmt: skip
-    """Share of images whose predicted class is their label."""
+def classifier_predictions(model: nn.Module, images: np.ndarray | ImageArray, batch_size: int = 512,
+                           device: torch.device | str = "cpu") -> np.ndarray:  # fmt: skip
+    """The predicted class of every image, (N,) int64."""
     was_training = model.training
     model.eval().to(device)
     batches = images.batches(batch_size) if isinstance(images, ImageArray) else (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     preds = [model(_classifier_input(b, device)).argmax(1).cpu() for b in batches]
     model.train(was_training)
-    return (torch.cat(preds).numpy() == labels).mean().item()
+    return torch.cat(preds).numpy()
+
+
+def classifier_accuracy(model: nn.Module, images: np.ndarray | ImageArray, labels: np.ndarray, batch_size: int = 512,
+                        device: torch.device | str = "cpu") -> float:  # fmt: skip
+    """Share of images whose predicted class is their label."""
+    return (classifier_predictions(model, images, batch_size, device) == labels).mean().item()

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from ..config import METRICS, EvalConfig
 from ..pipeline import resolve_device
-from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, load_classifier
+from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, classifier_predictions, load_classifier
 from .features import (
     EFFNET_SIZE,
     INCEPTION_WEIGHTS,
@@ -41,6 +42,7 @@ from .features import (
 )
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, precision_recall
 from .npz import ImageArray, read_images, resolve_images
+from .prompts import format_prompt_following, prompt_following
 
 METRIC_NOTES = {
     "FD-EffNet": f"Fréchet distance, EfficientNet-Lite0 features at {EFFNET_SIZE} px (not FID)",
@@ -115,7 +117,8 @@ def _shape(images: ImageArray) -> str:
 
 def evaluate(cfg: EvalConfig) -> dict:
     """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config: every metric
-    of --metrics (default: all) that can be computed here; "skipped" says why each other one is not."""
+    of --metrics (default: all) that can be computed here; "skipped" says why each other one is not;
+    "prompt_following" when the samples carry the prompts they were made from (and accuracy is wanted)."""
     wanted = list(cfg.metrics or METRICS)
     skipped: list[str] = []
 
@@ -129,7 +132,14 @@ def evaluate(cfg: EvalConfig) -> dict:
             wanted[:] = [m for m in wanted if m not in names]
 
     samples = read_images(resolve_images(cfg.samples, "samples", cfg.cache_dir), "samples")
-    if samples.labels is None:
+    prompts = read_sample_prompts(samples)
+    follow = prompts is not None and "accuracy" in wanted  # prompt following stands in for class accuracy
+    if follow:
+        wanted.remove("accuracy")
+        if samples.shape[1:] != CLASSIFIER_IMAGE:
+            follow = False
+            skipped.append(f"prompt following: it is measured on 32x32x1 Fashion-MNIST images, the samples are {_shape(samples)}")
+    elif samples.labels is None:
         cannot(["accuracy"], "accuracy needs the samples' labels (a labels array in the .npz)")
     elif samples.shape[1:] != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
         cannot(["accuracy"], f"accuracy needs 32x32x1 Fashion-MNIST samples (class ids 0-9), the samples are {_shape(samples)} "
@@ -158,12 +168,27 @@ def evaluate(cfg: EvalConfig) -> dict:
             cannot([metric], reason)
         if "FD-EffNet" not in wanted:
             nets.pop("effnet", None)
-    if not wanted:
+    if not wanted and not follow:
         raise ValueError(f"none of the metrics can be computed: {'; '.join(skipped)}.")
-    classifier = load_classifier()[0] if "accuracy" in wanted else None
-    metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device, wanted=set(wanted))
-    return {"samples": str(samples.path), "ref": str(ref.path) if ref is not None else None, "num_samples": len(samples),
-            "num_ref": len(ref) if ref is not None else 0, "metrics": metrics, "skipped": skipped}  # fmt: skip
+    classifier = load_classifier()[0] if "accuracy" in wanted or follow else None
+    metrics = compute_metrics(samples, ref, nets, classifier, cfg.cache_dir, cfg.batch_size, device, wanted=set(wanted)) if wanted else {}
+    result = {"samples": str(samples.path), "ref": str(ref.path) if ref is not None else None, "num_samples": len(samples),
+              "num_ref": len(ref) if ref is not None else 0, "metrics": metrics, "skipped": skipped}  # fmt: skip
+    if follow:
+        images = np.concatenate(list(samples.batches(1024)))
+        result["prompt_following"] = prompt_following(images, prompts, classifier_predictions(classifier, images, device=device))
+    return result
+
+
+def read_sample_prompts(samples: ImageArray) -> np.ndarray | None:
+    """The `prompts` array a text-to-image .npz carries (one string per image), or None."""
+    with np.load(samples.path) as data:
+        if "prompts" not in data.files:
+            return None
+        prompts = data["prompts"]
+    if prompts.shape != (len(samples),) or prompts.dtype.kind != "U":
+        raise ValueError(f"prompts in {samples.path} must be one string per image, got {prompts.dtype} of shape {prompts.shape}; store them as np.array(list_of_str).")
+    return prompts
 
 
 def format_table(result: dict) -> str:
@@ -172,6 +197,8 @@ def format_table(result: dict) -> str:
     order = [k for k in METRIC_NOTES if k in result["metrics"]] + [k for k in result["metrics"] if k not in METRIC_NOTES]
     for name in order:
         lines.append(f"  {name:<10} {result['metrics'][name]:>10.4f}   {METRIC_NOTES.get(name, '')}")
+    if "prompt_following" in result:
+        lines += format_prompt_following(result["prompt_following"])
     lines += [f"  skipped {s}." for s in result["skipped"]]
     return "\n".join(lines)
 

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from ..config import SAMPLER_OBJECTIVE
+from ..config import SAMPLER_OBJECTIVE, MMDiTConfig
+from ..models.mmdit import TextCondition
 from ..objectives import GaussianDiffusion, objective_name
 from .flow import dopri5, euler, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
@@ -27,13 +28,24 @@ SAMPLERS: dict[str, Callable] = {
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
 DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}
 
-__all__ = ["SAMPLERS", "sample", "cfg_model", "autocast_model", "check_labels", "check_sampler"]
+__all__ = ["SAMPLERS", "sample", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_sampler"]
 
 
 def check_labels(y: torch.Tensor, num_classes: int) -> None:
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         bad = y[(y < 0) | (y >= num_classes)][0].item()
         raise ValueError(f"class id {bad} is outside [0, {num_classes}); pass class ids from 0 to {num_classes - 1}.")
+
+
+def check_condition(y, config) -> None:
+    """Class ids for a class-conditional model, a TextCondition for a text-to-image one."""
+    text_model = isinstance(config, MMDiTConfig)
+    if isinstance(y, torch.Tensor):
+        if text_model:
+            raise ValueError("this is a text-to-image model: it takes prompts (--prompt), not class ids.")
+        check_labels(y, config.num_classes)
+    elif not text_model:
+        raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts.")
 
 
 def check_sampler(sampler: str, objective: str) -> None:
@@ -77,7 +89,8 @@ def sample(
     callback: Callable | None = None,
     **options,
 ) -> torch.Tensor:
-    """N samples (in the model's input space) for N noises and N labels.
+    """N samples (in the model's input space) for N noises and N labels (class ids, or a
+    TextCondition of N prompts for a text-to-image model: its null is the empty prompt).
 
     `objective` is a GaussianDiffusion or a FlowMatching; `sampler` one of SAMPLERS that fits it
     (default: ddim or euler). With cfg_scale != 1 the conditional and null batches run together as
@@ -89,22 +102,26 @@ def sample(
     check_sampler(sampler, kind)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"the number of sampling steps must be a positive whole number, got {steps}.")
-    if noise.shape[0] != y.shape[0]:
-        raise ValueError(f"got {noise.shape[0]} noises but {y.shape[0]} labels; pass one label per noise.")
+    if noise.shape[0] != len(y):
+        what = "label" if isinstance(y, torch.Tensor) else "prompt"
+        raise ValueError(f"got {noise.shape[0]} noises but {len(y)} {what}s; pass one {what} per noise.")
     interval = check_guidance(cfg_scale, cfg_channels, cfg_interval, noise.shape[1])
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta}.")
     config = getattr(model, "config", None)
     if config is not None:
-        check_labels(y, config.num_classes)
+        check_condition(y, config)
         expected = (config.in_channels, config.input_size, config.input_size)
         if tuple(noise.shape[1:]) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape[1:])} per sample but the model takes {expected}.")
     model_fn = autocast_model(model, precision)
     x, labels = noise, y
     if cfg_scale != 1.0:
-        null = torch.full_like(y, config.null_class if config is not None else model.num_classes)
-        x, labels = torch.cat([noise, noise]), torch.cat([y, null])
+        x = torch.cat([noise, noise])
+        if isinstance(y, TextCondition):
+            labels = TextCondition.cat([y, y.null()])
+        else:
+            labels = torch.cat([y, torch.full_like(y, config.null_class if config is not None else model.num_classes)])
         model_fn = cfg_model(model_fn, cfg_scale, cfg_channels, interval, objective.unit_time)
     if sampler == "ddim":
         options["eta"] = eta
