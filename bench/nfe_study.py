@@ -119,6 +119,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--nfe", type=int, nargs="*", default=NFES)
+    p.add_argument("--samplers", nargs="*", default=GAUSSIAN + FLOW, choices=GAUSSIAN + FLOW, help="a subset to run")
+    p.add_argument("--guidance", nargs="*", default=("none", "interval"), choices=("none", "interval"), help="guided at all steps, in the interval, or both")
     p.add_argument("--out", default="docs/samplers")
     args = p.parse_args()
     out = Path(args.out)
@@ -139,9 +141,9 @@ def main() -> None:
         reference["ddpm-250"] = run_point(pipes["gaussian"], "ddpm", 250, None, **common)
         save()
     plan = []
-    for sampler in GAUSSIAN + FLOW:
+    for sampler in args.samplers:
         kind = "gaussian" if sampler in GAUSSIAN else "flow"
-        for guidance, interval in (("none", None), ("interval", tuple(args.interval))):
+        for guidance, interval in [g for g in (("none", None), ("interval", tuple(args.interval))) if g[0] in args.guidance]:
             if sampler == "dopri5":
                 plan += [(kind, sampler, 1, guidance, interval, {"rtol": tol, "atol": tol / 10}) for tol in DOPRI_TOLERANCES]
             else:
