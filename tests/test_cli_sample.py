@@ -81,6 +81,7 @@ def test_latent_model_without_vae_and_unreadable_ckpt(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_full_size_xl2_runs_on_cpu(tmp_path):
     """DiT-XL/2 at 256 px (random weights, official .pt layout) through a tiny 8x VAE: 1 step."""
     tiny_vae(tmp_path / "vae", levels=4)  # three halvings: 256 px <-> 32x32 latents, as sd-vae

@@ -18,8 +18,9 @@ from PIL import Image
 
 import ditkit
 from ditkit.cli import _config_class, main, make_parser, parse_config
-from ditkit.config import TrainConfig
-from ditkit.eval.classifier import classifier_accuracy, load_classifier
+from ditkit.config import ServeConfig, TrainConfig
+from ditkit.eval.classifier import classifier_accuracy, classifier_predictions, load_classifier
+from ditkit.eval.prompts import read_prompts
 from ditkit.train import Trainer
 from conftest import tiny_vae
 
@@ -32,16 +33,23 @@ def readme_blocks(lang: str) -> list[str]:
     return [m.group(2) for m in FENCE.finditer(README.read_text()) if m.group(1) == lang]
 
 
+WORDS: dict[str, list[str]] = {}  # each command's words as the shell splits them (a quoted prompt stays one word)
+
+
 def readme_commands() -> list[str]:
     """Every command of the bash blocks, in order: comments dropped, `a && b` split."""
     commands = []
     for block in readme_blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # a trailing backslash continues the line
             words = shlex.split(line, comments=True)
             while words:
                 head, words = (words[: words.index("&&")], words[words.index("&&") + 1 :]) if "&&" in words else (words, [])
                 commands.append(" ".join(head))
+                WORDS[commands[-1]] = head
     return commands
+
+
+readme_commands()  # fills WORDS
 
 
 # -- what each command must do ---------------------------------------------------------------
@@ -94,6 +102,28 @@ def eval_accuracy(out: str, err: str) -> None:
     assert float(out.splitlines()[1].split()[1]) >= 0.7 and len(out.splitlines()) == 2
 
 
+def text_samples(out: str, err: str) -> None:
+    """Two prompts to the bundled text-to-image model, offline: 4 images each, alternating; the
+    shipped classifier sees the classes asked for (ankle boot 9, sneaker 7)."""
+    images = np.stack([np.array(Image.open(Path("samples") / f"{i:06d}.png")) for i in range(8)])[..., None]
+    assert (classifier_predictions(load_classifier()[0], images) == np.array([9, 7] * 4)).mean() >= 0.75
+
+
+def prompt_npz(out: str, err: str) -> None:
+    with np.load("p.npz") as data:
+        assert data["arr_0"].shape == (20, 32, 32, 1) and data["prompts"].shape == (20,) and "labels" not in data.files
+        assert list(data["prompts"][:3]) == read_prompts("fashion-mnist-captions")[:3]
+
+
+def eval_prompts(out: str, err: str) -> None:
+    assert "seen" in out and "held-out" in out and "skipped FD-EffNet needs at least 1281 samples" in out, out
+
+
+def flops_mmdit(out: str, err: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["MMDiT-S/2", "joint"], ["MMDiT-B/2", "joint"]], out
+
+
 def flops_table(out: str, err: str) -> None:
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[0] for r in rows] == list(ditkit.PRESETS)
@@ -118,13 +148,13 @@ def flops_bundled(out: str, err: str) -> None:
 #   ("run", check)           as written, then check(stdout, stderr)
 #   ("scaled", extra, check) as written plus flags that only shrink the job (the last flag wins)
 #   ("fails", words)         needs files that cannot exist offline: one sentence with these words, at once
-#   ("parsed",)              a training longer than the suite: its flags and values build the config
+#   ("parsed", [Config])     a training longer than the suite, or a server: its flags and values build the config
 #   ("not run", why)         installs, downloads, the suite itself
 CHECKS = {
     "pip install torch==2.13.0": ("not run", "installs"),
     "pip install -e .": ("not run", "installs"),
     "ditkit sample": ("run", bundled_grid),
-    "apt-get install -y dataset-fashion-mnist": ("not run", "installs"),
+    "apt-get install -y dataset-fashion-mnist chromium": ("not run", "installs"),
     "pip install -e .[test]": ("not run", "installs"),
     "python -m pytest -q": ("not run", "the suite itself"),
     "ditkit sample --classes 0 6 --num-samples 4 --out shirts.png": ("run", one_png),
@@ -132,6 +162,9 @@ CHECKS = {
     "ditkit sample --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256 --classes 207 360 --cfg-scale 4":
         ("fails", "checkpoint DiT-XL-2-256x256.pt does not exist"),
     "ditkit train --config fmnist-cpu": ("parsed",),
+    "ditkit train --config fmnist-fast": ("parsed",),
+    "ditkit train --data-path fashion-mnist --model DiT-S/4 --objective flow --t-sampling logit-normal --cos-loss 0.1 --mlp swiglu "
+    "--norm rmsnorm --qk-norm --pos-embed sincos+rope --lr 1e-3 --lr-schedule cosine --ema-schedule power --max-minutes 30": ("parsed",),
     "ditkit train --data-path fashion-mnist --model DiT-S/2 --max-steps 1000": ("parsed",),
     "ditkit train --data-path ./my_images --model DiT-B/4 --image-size 64": ("parsed",),
     "ditkit extract --data-path ./imagenet/train --vae ema --image-size 256 --out latents/":
@@ -149,12 +182,31 @@ CHECKS = {
     "ditkit train --config fmnist-cpu --max-steps 1500": ("parsed",),
     "ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile": ("parsed",),
     "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt": ("not run", "needs the bundled model's 6 300-step checkpoint"),
+    "pip install -e .[text]": ("not run", "installs"),
+    "ditkit sample --prompt a dark ankle boot --prompt a light sneaker": ("run", text_samples),
+    "ditkit sample --ckpt results/001-MMDiT-S-4/model --prompts prompts.txt": ("fails", "checkpoint results/001-MMDiT-S-4/model does not exist"),
+    "ditkit train --config fmnist-text-cpu": ("parsed",),
+    "ditkit train --model MMDiT-B/2 --objective flow --t-sampling logit-normal --time-scale 1000 --data-path ./captioned "
+    "--text-encoder ./t5-v1_1-base --vae ema --image-size 256": ("parsed",),
+    "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz": ("scaled", ["--num-samples", "20"], prompt_npz),
+    "ditkit eval --samples p.npz --ref fashion-mnist": ("run", eval_prompts),
+    "ditkit flops --model MMDiT-S/2 MMDiT-B/2": ("run", flops_mmdit),
+    "pip install -e .[serve]": ("not run", "installs"),
+    "ditkit serve": ("parsed", ServeConfig),
+    "ditkit serve --ckpt DiT-XL-2-256x256.pt --vae ema --max-batch-size 32": ("parsed", ServeConfig),
+    "curl -s 127.0.0.1:7860/api/generate -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
+        ("not run", "needs a running server: tests/test_serve.py starts one and posts such requests"),
+    "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt is not a local path"),
+    "ditkit export --format ditkit --ckpt facebook/DiT-XL-2-256 --out dit-xl/": ("fails", "facebook/DiT-XL-2-256 is not a local path"),
 }  # fmt: skip
-NEEDS = {"ditkit eval": "ditkit sample-npz --num-samples 10000 --out samples.npz"}  # made by an earlier command
+NEEDS = {  # made by an earlier command
+    "ditkit eval --samples samples.npz": "ditkit sample-npz --num-samples 10000 --out samples.npz",
+    "ditkit eval --samples p.npz": "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz",
+}
 
 
 def ditkit_argv(command: str) -> list[str]:
-    words = shlex.split(command)
+    words = WORDS.get(command) or shlex.split(command)
     start = 1 if words[0] == "ditkit" else words.index("ditkit") + 1  # `torchrun ... -m ditkit ...`
     return words[start:]
 
@@ -204,7 +256,7 @@ class Workspace:
         elif how[0] == "parsed":
             args = make_parser().parse_args(ditkit_argv(command))
             with cwd(self.root):
-                assert isinstance(parse_config(_config_class(args.command), args), TrainConfig)
+                assert isinstance(parse_config(_config_class(args.command), args), how[1] if len(how) > 1 else TrainConfig)
         self.done.add(command)
 
 
@@ -248,7 +300,7 @@ def test_python_blocks(tmp_path, monkeypatch):
     offline; the official example fails in one sentence without the released checkpoint, and runs
     as written with stand-ins of the same format (a small latent DiT as a raw state dict, a tiny
     AutoencoderKL folder with the SD-VAE's 8x downsampling)."""
-    bundled, official = readme_blocks("python")
+    bundled, flow, official, _text = readme_blocks("python")
     namespace: dict = {}
     monkeypatch.chdir(tmp_path)
     exec(compile(bundled, "README.md", "exec"), namespace)
@@ -256,6 +308,13 @@ def test_python_blocks(tmp_path, monkeypatch):
     assert x.shape == (10, 1, 32, 32) and x.min() >= -1 and x.max() <= 1
     np.testing.assert_array_equal(grid_images(tmp_path / "classes.png", 10), namespace["to_uint8"](x))
     assert classifier_accuracy(load_classifier()[0], namespace["to_uint8"](x), np.arange(10)) >= 0.7
+
+    torch.manual_seed(0)
+    exec(compile(flow, "README.md", "exec"), namespace)  # the flow example: SiT's linear interpolant, as written
+    data, noise, t = namespace["data"], namespace["noise"], namespace["t"].view(-1, 1, 1, 1)
+    torch.testing.assert_close(namespace["xt"], t * data + (1 - t) * noise)
+    torch.testing.assert_close(namespace["ut"], data - noise)
+    assert namespace["terms"]["loss"].shape == (8,) and namespace["z"].shape == (8, 1, 32, 32) and namespace["z"].isfinite().all()
 
     with pytest.raises(FileNotFoundError, match=r"^checkpoint DiT-XL-2-256x256.pt does not exist; pass"):
         exec(compile(official, "README.md", "exec"), dict(namespace))
@@ -270,3 +329,14 @@ def test_python_blocks(tmp_path, monkeypatch):
     assert namespace["latents"].shape == (2, 4, 32, 32) and namespace["images"].shape == (2, 3, 256, 256)
     assert np.array(Image.open(tmp_path / "official.png")).shape == (2 + 256 + 2, 2 * 258 + 2, 3)
 
+
+
+def test_text_python_block(tmp_path, monkeypatch):
+    """The README's text-to-image Python: the bundled MMDiT with the offline encoder, as written."""
+    text = readme_blocks("python")[3]
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(text, "README.md", "exec"), namespace)
+    x = namespace["x"]
+    assert isinstance(namespace["model"], ditkit.MMDiT) and x.shape == (2, 1, 32, 32) and x.isfinite().all()

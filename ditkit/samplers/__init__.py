@@ -16,7 +16,7 @@ import torch
 
 from ..config import SAMPLER_OBJECTIVE, MMDiTConfig
 from ..models.mmdit import TextCondition
-from ..objectives import GaussianDiffusion, objective_name
+from ..objectives import objective_name
 from .flow import dopri5, euler, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
 from .guidance import autocast_model, cfg_model
