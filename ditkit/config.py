@@ -201,31 +201,38 @@ class DiTConfig(Config, DataShape):
             raise ValueError("2-D RoPE rotates a grid of image tokens; in_context blocks prepend other tokens, so use --pos-embed sincos with them.")
         if "rope" in self.pos_embed and (self.hidden_size // max(self.num_heads, 1)) % 4:
             raise ValueError(f"2-D RoPE needs a head width divisible by 4; hidden {self.hidden_size} over {self.num_heads} heads is not.")
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
-                f"use an input size that is a multiple of {self.patch_size}."
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
-                "choose a head count that divides it."
-            )
+        check_token_grid(self)
 
     @staticmethod
     def from_preset(name: str, **overrides) -> "DiTConfig":
         """One of the paper's 12 configs ("DiT-XL/2", ...) with any field overridden."""
-        key = name.removeprefix("DiT-")
-        size, _, patch = key.partition("/")
-        if size not in PRESET_SIZES or patch not in ("2", "4", "8"):
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}.")
-        depth, hidden, heads = PRESET_SIZES[size]
-        base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
-        known = {f.name for f in fields(DiTConfig)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown DiT config field(s) {sorted(unknown)}; known: {sorted(known)}.")
-        return DiTConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        return from_size_preset(DiTConfig, name, "DiT-", PRESETS, overrides)
+
+
+def check_token_grid(c) -> None:
+    """A transformer config's patches tile its input and its heads split its width (DiT, MMDiT)."""
+    if c.input_size % c.patch_size:
+        raise ValueError(
+            f"input size {c.input_size} is not divisible by patch size {c.patch_size}; "
+            f"use an input size that is a multiple of {c.patch_size}."
+        )
+    if c.hidden_size % c.num_heads:
+        raise ValueError(f"hidden size {c.hidden_size} is not divisible by {c.num_heads} heads; choose a head count that divides it.")
+
+
+def from_size_preset(cls, name: str, prefix: str, presets: tuple[str, ...], overrides: dict, prefix_required: bool = False):
+    """`cls` at one of the paper's sizes and patches ("DiT-XL/2", "MMDiT-S/4"; a DiT's prefix may be
+    left out) with any field overridden; None values are ignored."""
+    size, _, patch = name.removeprefix(prefix).partition("/")
+    if (prefix_required and not name.startswith(prefix)) or size not in PRESET_SIZES or patch not in ("2", "4", "8"):
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}.")
+    depth, hidden, heads = PRESET_SIZES[size]
+    known = {f.name for f in fields(cls)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown {prefix.rstrip('-')} config field(s) {sorted(unknown)}; known: {sorted(known)}.")
+    base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+    return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 @dataclass(frozen=True)
@@ -686,22 +693,9 @@ class MMDiTConfig(Config):
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     def check(self) -> None:
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input size {self.input_size} is not divisible by patch size {self.patch_size}; "
-                             f"use an input size that is a multiple of {self.patch_size}.")  # fmt: skip
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; choose a head count that divides it.")
+        check_token_grid(self)
 
     @staticmethod
     def from_preset(name: str, **overrides) -> "MMDiTConfig":
         """"MMDiT-S/2", ... (the DiT sizes) with any field overridden; None values are ignored."""
-        size, _, patch = name.removeprefix("MMDiT-").partition("/")
-        if not name.startswith("MMDiT-") or size not in PRESET_SIZES or patch not in ("2", "4", "8"):
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(MMDIT_PRESETS)}.")
-        depth, hidden, heads = PRESET_SIZES[size]
-        known = {f.name for f in fields(MMDiTConfig)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown MMDiT config field(s) {sorted(unknown)}; known: {sorted(known)}.")
-        base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
-        return MMDiTConfig(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+        return from_size_preset(MMDiTConfig, name, "MMDiT-", MMDIT_PRESETS, overrides, prefix_required=True)

@@ -85,6 +85,26 @@ class FinalLayer(nn.Module):
         return self.linear(x)  # (N, T, p*p*C_out)
 
 
+
+def init_backbone(model: nn.Module) -> None:
+    """The official code's first steps, shared by DiT and MMDiT (in this order, so a seed gives
+    the official weights): Xavier-uniform Linears with zero biases, the fixed sin-cos table, and
+    the patch embedding initialised like a Linear on flattened patches."""
+
+    def _basic_init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(_basic_init)
+    if hasattr(model, "pos_embed"):
+        grid = int(model.num_patches**0.5)
+        model.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(model.config.hidden_size, grid)).float()[None])
+    w = model.x_embedder.proj.weight.data
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+
 class DiT(nn.Module):
     """Diffusion Transformer. `forward(x, t, y)` -> (N, C or 2C, H, W); y == num_classes is null."""
 
@@ -134,20 +154,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """Initialisation of the official code; adaLN-Zero's zeros written out."""
-
-        def _basic_init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic_init)
-        if hasattr(self, "pos_embed"):
-            grid = int(self.num_patches**0.5)
-            self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on flattened patches
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_backbone(self)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
-from .dit import DiT, FinalLayer
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, make_norm, modulate
+from .dit import DiT, FinalLayer, init_backbone
+from .layers import Mlp, PatchEmbed, TimestepEmbedder, make_norm, modulate
 
 __all__ = ["MMDIT_PRESETS", "MMDiTConfig", "MMDiT", "TextCondition"]
 
@@ -159,19 +159,7 @@ class MMDiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """DiT's initialisation, with every adaLN gate, shift and scale of both streams at zero."""
-
-        def _basic_init(m: nn.Module) -> None:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic_init)
-        grid = int(self.num_patches**0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.config.hidden_size, grid)).float()[None])
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_backbone(self)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for m in [s.adaLN_modulation[-1] for b in self.blocks for s in (b.context_block, b.x_block)] + [
