@@ -97,3 +97,14 @@ def tiny_text_encoder(folder, hidden: int = 16):
 @pytest.fixture(scope="session")
 def text_encoder_dir(tmp_path_factory):
     return tiny_text_encoder(tmp_path_factory.mktemp("encoder") / "tiny-bert")
+
+
+def randomize_weights(model, seed: int = 0, std: float = 0.05):
+    """Every learned parameter (not the fixed pos_embed) drawn N(0, std^2) from `seed`, so that
+    zero-initialised gates and outputs carry signal; the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model.eval()

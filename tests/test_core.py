@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import rel
+from conftest import randomize_weights, rel
 
 import ditkit
 from ditkit.checkpoints import infer_config, load_model, save_pretrained
@@ -18,12 +18,7 @@ def tiny(**kw):
 
 
 def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model.eval()
+    return randomize_weights(model, seed, std=0.05)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from ditkit.checkpoints import load_model, save_pretrained
 from ditkit.config import MMDiTConfig
 from ditkit.flops import FLOPS_TEXT_TOKENS, measure
 from ditkit.models.mmdit import MMDiT, TextCondition
+from conftest import randomize_weights
 
 CTX = 12  # text width of the tiny configs
 
@@ -19,12 +20,7 @@ def tiny(**kw) -> MMDiT:
 
 
 def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    return randomize_weights(model, seed, std=0.1)
 
 
 def condition(n=3, length=5, seed=1, empty=True) -> TextCondition:
