@@ -247,17 +247,18 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     )  # fmt: skip
 
 
-def find_checkpoint(ckpt: str | None) -> Path:
+def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
     model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
-    checkpoints/ folder; None (or "bundled") is the bundled model. Only looks at the file system."""
+    checkpoints/ folder; None (or "bundled") is the bundled model (`bundled`: the class-conditional
+    one, or the text-to-image one). Only looks at the file system."""
     from .checkpoints import WEIGHTS_NAME
     from .train import checkpoint_steps
 
     if ckpt is None or (ckpt == BUNDLED_NAME and not Path(ckpt).exists()):
-        if not (BUNDLED / WEIGHTS_NAME).exists():
-            raise FileNotFoundError(f"this install has no bundled model at {BUNDLED}; pass --ckpt with a checkpoint.")
-        return BUNDLED
+        if not (bundled / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"this install has no bundled model at {bundled}; pass --ckpt with a checkpoint.")
+        return bundled
     path = Path(ckpt).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder or a run folder (RESULTS/NNN-MODEL).")
@@ -278,12 +279,7 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     from .checkpoints import infer_config, load_model, read_checkpoint
 
     device = resolve_device(opts.device) if device is None else torch.device(device)
-    if opts.ckpt is None and opts.text:
-        if not (BUNDLED_TEXT / "model.safetensors").exists():
-            raise FileNotFoundError(f"this install has no bundled text-to-image model at {BUNDLED_TEXT}; pass --ckpt with one.")
-        path = BUNDLED_TEXT
-    else:
-        path = find_checkpoint(opts.ckpt)
+    path = find_checkpoint(opts.ckpt, BUNDLED_TEXT if opts.text else BUNDLED)  # prompts: the text-to-image model
     if opts.sampler is not None and opts.objective is not None:
         check_sampler(opts.sampler, opts.objective)
     check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
