@@ -22,9 +22,10 @@ from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_guidance, check_sampler, sample
 
-BUNDLED = Path(__file__).parent / "assets" / "fashion-mnist"
-BUNDLED_NAME = "bundled"  # what --ckpt calls it
-BUNDLED_TEXT = Path(__file__).parent / "assets" / "fashion-mnist-text"  # the default when prompts are given
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED = ASSETS / "fashion-mnist"
+BUNDLED_NAME = "bundled"  # what --ckpt calls it; the other bundled models go by their folder names
+BUNDLED_TEXT = ASSETS / "fashion-mnist-text"  # the default when prompts are given
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 # The official sample.py's demo classes (ImageNet): used for 1000-class models when none are given.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -251,7 +252,8 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
     model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
     checkpoints/ folder; None (or "bundled") is the bundled model (`bundled`: the class-conditional
-    one, or the text-to-image one). Only looks at the file system."""
+    one, or the text-to-image one), and a bundled model's folder name (fashion-mnist-turbo, ...)
+    names it unless a path of that name exists. Only looks at the file system."""
     from .checkpoints import WEIGHTS_NAME
     from .train import checkpoint_steps
 
@@ -260,8 +262,11 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
             raise FileNotFoundError(f"this install has no bundled model at {bundled}; pass --ckpt with a checkpoint.")
         return bundled
     path = Path(ckpt).expanduser()
+    if not path.exists() and "/" not in ckpt and (ASSETS / ckpt / WEIGHTS_NAME).exists():
+        return ASSETS / ckpt
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder or a run folder (RESULTS/NNN-MODEL).")
+        names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
     if not path.is_dir() or (path / WEIGHTS_NAME).exists():
         return path
     if (path / "model" / WEIGHTS_NAME).exists():

@@ -25,10 +25,13 @@ if __name__ == "__main__":
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI] (t = 0 noise, 1 data)")
     p.add_argument("--out", default=None, help=f"default: {BUNDLED}, or {BUNDLED_TEXT} for a text-to-image model")
     args = p.parse_args()
     ck = read_checkpoint(args.ckpt)
     sampling = {"sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale}
+    if args.cfg_interval:
+        sampling["cfg_interval"] = list(args.cfg_interval)
     extra = {"source": Path(args.ckpt).as_posix(), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
     text = isinstance(ck.config, MMDiTConfig)
     if text:
