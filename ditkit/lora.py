@@ -72,6 +72,14 @@ def lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """lora_state's tensors back into `model`, which must have exactly those LoRA layers."""
+    own = lora_state(model)
+    if set(state) != set(own) or any(own[k].shape != v.shape for k, v in state.items()):
+        raise ValueError(f"{source} holds other LoRA layers than --lora-rank and --lora-targets make; resume with the run's settings.")
+    model.load_state_dict(state, strict=False)
+
+
 def lora_config(model: nn.Module):
     return model.peft_config["default"]
 
