@@ -663,6 +663,41 @@ class GenerateRequest(Config):
     cfg_scale: float | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["cfg_scale"].metadata)
 
 
+@dataclass(frozen=True)
+class DPOConfig(Config):
+    """Diffusion-DPO (Wallace et al. 2023) with a LoRA adapter: sample --samples-per-class of the
+    model's own images per class, score each with the judge (the shipped Fashion-MNIST classifier's
+    probability of the intended class), pair the best with the worst of each class (the second best
+    with the second worst, ...), then train an adapter that prefers the winners, the frozen model as
+    the reference. Writes OUT/adapter (ditkit sample --lora OUT/adapter), OUT/log.csv and, with
+    --eval-samples, OUT/report.json: unguided class accuracy and FD-EffNet before and after."""
+
+    ckpt: str | None = field(default=None, metadata=option("the model to tune: a model folder, run folder, checkpoint or 'bundled' (default: the bundled model)"))
+    vae: str | None = field(default=None, metadata=option(_VAE + " (latent models)"))
+    out: str = field(default="dpo", metadata=option("output folder: adapter/, log.csv, report.json, before.npz / after.npz; must not hold an adapter yet"))
+    judge: str | None = field(default=None, metadata=option("Fashion-MNIST classifier weights (safetensors) whose probability of the intended class scores a sample (default: the shipped classifier)"))
+    samples_per_class: int = field(default=32, metadata=option("samples drawn per class; each class gives half as many (winner, loser) pairs", ge=2))
+    sampler: str | None = field(default=None, metadata=option("sampler of the pair and evaluation samples (default: the model's)", choices=SAMPLERS))
+    num_sampling_steps: int | None = field(default=None, metadata=option("sampling steps (default: the model's)", gt=0, le=10_000))
+    cfg_scale: float = field(default=1.0, metadata=option("guidance scale of the pair and evaluation samples (1 = unguided, what DPO is meant to improve)", ge=0))
+    beta: float = field(default=2500.0, metadata=positive("Diffusion-DPO's beta: how far the adapter may move from the reference (the paper: 5000 for SD 1.5; the loss is in per-element mean squares)"))
+    lora_rank: int = field(default=8, metadata=positive("rank of the LoRA adapter"))
+    lora_alpha: float | None = field(default=None, metadata=positive("LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)"))
+    lora_targets: tuple[str, ...] = field(default=(), metadata=option(_LORA_TARGETS))
+    steps: int = field(default=500, metadata=positive("optimizer steps"))
+    batch_size: int = field(default=16, metadata=positive("pairs per step"))
+    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate of the adapter"))
+    seed: int = field(default=0, metadata=option("seed of the samples, the pairs' order, times and noise", ge=0))
+    eval_samples: int = field(default=2000, metadata=nonnegative("unguided samples (classes cycled) scored before and after: class accuracy, and FD-EffNet against the Fashion-MNIST test split above 1280; 0 = skip"))
+    sample_batch_size: int = field(default=256, metadata=positive("samples per model batch while sampling"))
+    log_every: int = field(default=10, metadata=positive("log the loss, implicit accuracy and reward margin every N steps"))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+
+    def check(self) -> None:
+        if self.samples_per_class % 2:
+            raise ValueError(f"--samples-per-class {self.samples_per_class} is odd; pass an even number (each class splits into winners and losers).")
+
+
 EXPORT_FORMATS = ("diffusers", "ditkit")
 # Samplers with a diffusers scheduler that DiTPipeline can run (ddpm's learned variance has none).
 DIFFUSERS_SAMPLERS = ("ddim", "dpm++2m", "unipc")
