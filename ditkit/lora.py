@@ -155,7 +155,7 @@ def check_fits(adapter: Adapter, model: nn.Module) -> None:
         if isinstance(layer, nn.Linear):
             want = (adapter.config.r, layer.in_features) if kind.startswith("A") else (layer.out_features, adapter.config.r)
         if want is None or tuple(tensor.shape) != want:
-            found = f"{tuple(tensor.shape)} for {prefix}" + ("" if layer is not None else ", a layer it does not have")
+            found = f"{key} is {tuple(tensor.shape)} where {want} fits" if want else f"{prefix}, a layer it does not have"
             raise ValueError(f"the LoRA adapter {adapter.path} does not fit {describe(model.config)} ({found}); {fix}.")
 
 
