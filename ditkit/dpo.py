@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoints import atomic_write
 from .config import DPOConfig, SamplingOptions
 from .lora import ADAPTER_WEIGHTS, adapter_disabled, add_lora, save_adapter
-from .pipeline import BUNDLED_NAME, Pipeline, decode, load_pipeline, to_uint8
+from .pipeline import BUNDLED_NAME, Pipeline, decode, load_pipeline, to_uint8, vae_factor
 
 Judge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOG_COLUMNS = ("step", "loss", "implicit_acc", "reward_margin", "elapsed_s")
@@ -104,6 +104,12 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         from .eval.classifier import classifier_judge
 
         judge = classifier_judge(cfg.judge, device)
+    c = pipe.config
+    shape = (c.in_channels, c.input_size, c.input_size)
+    if pipe.vae is not None:
+        factor = vae_factor(pipe.vae)
+        shape = (pipe.vae.config.out_channels, c.input_size * factor, c.input_size * factor)
+    judge(torch.zeros(1, *shape, device=device), torch.full((1,), c.num_classes - 1, device=device))  # a judge that cannot score these fails before sampling
     out.mkdir(parents=True, exist_ok=True)
     print(f"dpo: {pipe.describe_source()} sampled with {pipe.sampling.describe()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
 
