@@ -206,3 +206,15 @@ def test_train_lora_bad_input(flags, message, tmp_path, capsys, one_thread):
         assert read_pt(latest_checkpoint(tmp_path / "r"))["objective"]["objective"] == "flow"
         return
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_init_from_without_lora_fine_tunes_every_weight(tmp_path, one_thread):
+    """--init-from alone: the run starts at the base's weights (model and EMA), trains all of them
+    and writes a full model folder."""
+    base = tiny_base(tmp_path / "base")
+    trainer = Trainer(lora_cfg(tmp_path, base, lora_rank=0, max_steps=1))
+    start = ditkit.DiT.from_pretrained(base).state_dict()
+    assert all(torch.equal(trainer.model.state_dict()[k], v) and torch.equal(trainer.ema.state_dict()[k], v) for k, v in start.items())
+    run = trainer.run()
+    tuned = ditkit.DiT.from_pretrained(run / "model").state_dict()
+    assert run.name.endswith("-finetune") and not torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
