@@ -89,7 +89,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_config) -> Path:
     from peft import get_peft_model_state_dict
 
     folder = Path(folder)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}  # False: no hub look-up of the base
     meta = {"format": "pt", BASE_CONFIG_KEY: json.dumps(asdict(base_config))}
     atomic_write(folder / ADAPTER_WEIGHTS, lambda p: safetensors_save(state, p, metadata=meta))
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config(model).to_dict().items()}
