@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
     "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
     "serve": ("ServeConfig", "ditkit.serve", "run_serve", "a web page and JSON API over a checkpoint, batching requests that arrive together"),
+    "dpo": ("DPOConfig", "ditkit.dpo", "run_dpo", "Diffusion-DPO with a LoRA: prefer the model's own samples that a judge (the classifier) ranks higher"),
     "export": ("ExportConfig", "ditkit.hub", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
 }
 

@@ -302,6 +302,8 @@ class ObjectiveConfig(Config):
 _CKPT = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"
 _VAE = "AutoencoderKL folder or hub id; 'ema'/'mse' = stabilityai/sd-vae-ft-*"
 _DEVICE = "cpu, cuda, cuda:N, or auto"
+_LORA = "LoRA adapter folder (ditkit train --lora-rank, ditkit dpo) merged into the model's weights; without --ckpt, the base it records"
+_LORA_TARGETS = "module-name suffixes that get LoRA (default: attn.qkv attn.proj mlp.fc1 mlp.fc2 adaLN_modulation.1, or the SwiGLU's mlp.w12 mlp.w3)"
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ class SamplingOptions(Config):
     prompt: tuple[str, ...] = field(default=(), metadata=option("text-to-image models: a prompt; repeat the flag for more (default checkpoint: the bundled text model)", repeat=True))
     prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
     text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
+    lora: str | None = field(default=None, metadata=option(_LORA))
 
     def check(self) -> None:
         if self.cfg_interval and (len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]):
@@ -469,9 +472,21 @@ class TrainConfig(Config):
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
     parallel: str = field(default="ddp", metadata=option("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
     device: str = field(default="auto", metadata=option("cpu, cuda, or auto"))
+    init_from: str | None = field(default=None, metadata=option("start from this model's weights, its architecture and objective (a model folder, run folder, checkpoint or 'bundled'): fine-tuning; the frozen base of --lora-rank"))
+    lora_rank: int = field(default=0, metadata=nonnegative("train only a LoRA adapter of this rank on the --init-from model and save only it (RUN/adapter); 0 = train every weight"))
+    lora_alpha: float | None = field(default=None, metadata=positive("LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)"))
+    lora_targets: tuple[str, ...] = field(default=(), metadata=option(_LORA_TARGETS))
 
     def check(self) -> None:
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
+        if self.lora_rank and not self.init_from:
+            raise ValueError("--lora-rank trains an adapter on an existing model; pass --init-from with it (a model folder, a run folder or bundled).")
+        if (self.lora_alpha is not None or self.lora_targets) and not self.lora_rank:
+            raise ValueError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (or drop them).")
+        if self.lora_rank and self.parallel == "fsdp":
+            raise ValueError("a LoRA adapter is small enough to train with --parallel ddp; drop --parallel fsdp.")
+        if self.init_from and self.text:
+            raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
         objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
         if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
             raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
@@ -648,6 +663,41 @@ class GenerateRequest(Config):
     cfg_scale: float | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["cfg_scale"].metadata)
 
 
+@dataclass(frozen=True)
+class DPOConfig(Config):
+    """Diffusion-DPO (Wallace et al. 2023) with a LoRA adapter: sample --samples-per-class of the
+    model's own images per class, score each with the judge (the shipped Fashion-MNIST classifier's
+    probability of the intended class), pair the best with the worst of each class (the second best
+    with the second worst, ...), then train an adapter that prefers the winners, the frozen model as
+    the reference. Writes OUT/adapter (ditkit sample --lora OUT/adapter), OUT/log.csv and, with
+    --eval-samples, OUT/report.json: unguided class accuracy and FD-EffNet before and after."""
+
+    ckpt: str | None = field(default=None, metadata=option("the model to tune: a model folder, run folder, checkpoint or 'bundled' (default: the bundled model)"))
+    vae: str | None = field(default=None, metadata=option(_VAE + " (latent models)"))
+    out: str = field(default="dpo", metadata=option("output folder: adapter/, log.csv, report.json, before.npz / after.npz; must not hold an adapter yet"))
+    judge: str | None = field(default=None, metadata=option("Fashion-MNIST classifier weights (safetensors) whose probability of the intended class scores a sample (default: the shipped classifier)"))
+    samples_per_class: int = field(default=32, metadata=option("samples drawn per class; each class gives half as many (winner, loser) pairs", ge=2))
+    sampler: str | None = field(default=None, metadata=option("sampler of the pair and evaluation samples (default: the model's)", choices=SAMPLERS))
+    num_sampling_steps: int | None = field(default=None, metadata=option("sampling steps (default: the model's)", gt=0, le=10_000))
+    cfg_scale: float = field(default=1.0, metadata=option("guidance scale of the pair and evaluation samples (1 = unguided, what DPO is meant to improve)", ge=0))
+    beta: float = field(default=2500.0, metadata=positive("Diffusion-DPO's beta: how far the adapter may move from the reference (the paper: 5000 for SD 1.5; the loss is in per-element mean squares)"))
+    lora_rank: int = field(default=8, metadata=positive("rank of the LoRA adapter"))
+    lora_alpha: float | None = field(default=None, metadata=positive("LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)"))
+    lora_targets: tuple[str, ...] = field(default=(), metadata=option(_LORA_TARGETS))
+    steps: int = field(default=500, metadata=positive("optimizer steps"))
+    batch_size: int = field(default=16, metadata=positive("pairs per step"))
+    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate of the adapter"))
+    seed: int = field(default=0, metadata=option("seed of the samples, the pairs' order, times and noise", ge=0))
+    eval_samples: int = field(default=2000, metadata=nonnegative("unguided samples (classes cycled) scored before and after: class accuracy, and FD-EffNet against the Fashion-MNIST test split above 1280; 0 = skip"))
+    sample_batch_size: int = field(default=256, metadata=positive("samples per model batch while sampling"))
+    log_every: int = field(default=10, metadata=positive("log the loss, implicit accuracy and reward margin every N steps"))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+
+    def check(self) -> None:
+        if self.samples_per_class % 2:
+            raise ValueError(f"--samples-per-class {self.samples_per_class} is odd; pass an even number (each class splits into winners and losers).")
+
+
 EXPORT_FORMATS = ("diffusers", "ditkit")
 # Samplers with a diffusers scheduler that DiTPipeline can run (ddpm's learned variance has none).
 DIFFUSERS_SAMPLERS = ("ddim", "dpm++2m", "unipc")
@@ -665,6 +715,7 @@ class ExportConfig(Config):
     format: str = field(default="diffusers", metadata=option("diffusers (DiTPipeline) or ditkit", choices=EXPORT_FORMATS))
     vae: str | None = field(default=None, metadata=option(_VAE + "; copied into the diffusers folder (latent models need one)"))
     sampler: str | None = field(default=None, metadata=option("scheduler of the diffusers folder (default: the model's sampler where it is one of these, else ddim)", choices=DIFFUSERS_SAMPLERS))
+    lora: str | None = field(default=None, metadata=option("merge this LoRA adapter into the weights first (ditkit train --lora-rank, ditkit dpo); without --ckpt, onto the base it records"))
 
     def check(self) -> None:
         if not self.out:

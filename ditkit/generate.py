@@ -57,7 +57,7 @@ def run_sample(cfg: SampleConfig) -> Path:
         check_labels(torch.tensor(items), c.num_classes)
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
-    print(f"sampling {n} images from {pipe.source} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

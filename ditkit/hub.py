@@ -280,11 +280,20 @@ def load_pretrained(name: str | os.PathLike) -> DiT:
 
 
 def run_export(cfg: ExportConfig) -> Path:
-    from .pipeline import BUNDLED
+    from .pipeline import BUNDLED, find_checkpoint
 
-    ck = read_any(cfg.ckpt or BUNDLED)
+    adapter = None
+    if cfg.lora:
+        from .lora import read_adapter
+
+        adapter = read_adapter(cfg.lora)
+    ck = read_any(cfg.ckpt or (find_checkpoint(adapter.base) if adapter and adapter.base else BUNDLED))
     objective = ck.meta.get("objective", {}).get("objective", "gaussian")
     model = load_model(ck)
+    if adapter is not None:
+        from .lora import apply_adapter
+
+        model = apply_adapter(model, adapter)  # merged: a plain model of the base's layout
     out = Path(cfg.out)
     if cfg.format == "ditkit":
         tmp = _fresh_folder(out)

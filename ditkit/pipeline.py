@@ -196,6 +196,10 @@ class Pipeline:
     device: torch.device = torch.device("cpu")
     source: Path | None = None  # the checkpoint it was loaded from
     text_encoder: object | None = None  # a text.TextEncoder for text-to-image models
+    lora: Path | None = None  # the LoRA adapter merged into the model's weights
+
+    def describe_source(self) -> str:
+        return f"{self.source}" + (f" + LoRA {self.lora}" if self.lora else "")
 
     def __post_init__(self):
         check_sampler(self.sampling.sampler, objective_name(self.objective))
@@ -284,7 +288,13 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     from .checkpoints import infer_config, load_model, read_checkpoint
 
     device = resolve_device(opts.device) if device is None else torch.device(device)
-    path = find_checkpoint(opts.ckpt, BUNDLED_TEXT if opts.text else BUNDLED)  # prompts: the text-to-image model
+    adapter = None
+    if opts.lora:
+        from .lora import read_adapter
+
+        adapter = read_adapter(opts.lora)
+    # Without --ckpt, an adapter's own base; prompts: the text-to-image model.
+    path = find_checkpoint(opts.ckpt or (adapter.base if adapter else None), BUNDLED_TEXT if opts.text else BUNDLED)
     if opts.sampler is not None and opts.objective is not None:
         check_sampler(opts.sampler, opts.objective)
     check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
@@ -323,7 +333,12 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
                 in_channels=base.in_channels, learn_sigma=base.learn_sigma, block=base.block,
             )  # fmt: skip
             requested = DiTConfig.from_preset(opts.model, **overrides)
-    model = load_model(ck, requested).to(device)
+    model = load_model(ck, requested)
+    if adapter is not None:
+        from .lora import apply_adapter
+
+        model = apply_adapter(model, adapter)  # merged: sampling costs what the base costs
+    model = model.to(device)
     c = model.config
     if c.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
@@ -339,7 +354,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
-    pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder)  # checks the guidance settings
+    pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
+                    lora=adapter.path if adapter else None)  # checks the guidance settings
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe

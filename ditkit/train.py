@@ -9,7 +9,9 @@ batch from a generator seeded by (seed, step), and each rank takes its slice: a 
 same numbers on any number of processes and resumes bitwise, with no RNG state to restore.
 
 A run lives in RESULTS_DIR/NNN-MODEL/ (checkpoints/, model/, samples/, log.csv), a folder made
-for it alone. `--resume` continues a run in its own folder with the settings its checkpoint
+for it alone. `--init-from` starts from a trained model (fine-tuning); with `--lora-rank` only a
+LoRA adapter on that frozen model trains, and the run keeps only the adapter (checkpoints and
+RUN/adapter/ in place of model/). `--resume` continues a run in its own folder with the settings its checkpoint
 records; every file is written atomically (checkpoints.atomic_write).
 """
 
@@ -20,7 +22,7 @@ import csv
 import math
 import re
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .checkpoints import NoSpaceError, atomic_write, read_pt, remove_temporaries, save_pretrained, torch_save
-from .config import DiTConfig, TrainConfig, field_default
+from .config import DiTConfig, ObjectiveConfig, TrainConfig, field_default
 from .data import build_dataset
 from .models import DiT, LabelEmbedder
 from .objectives import build_objective
@@ -48,6 +50,8 @@ RESUME_FREE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", 
                "num_workers", "on_bad_image", "precision", "compile", "grad_checkpointing", "parallel")  # fmt: skip
 # Where this command runs and what it resumes: never taken from the checkpoint.
 LOCAL_SETTINGS = ("device", "results_dir", "resume")
+# Objective settings that define what a network predicts: a fine-tune must keep its base's.
+MODEL_OBJECTIVE = ("objective", "path", "time_scale")
 
 
 class ResumableSampler(Sampler[int]):
@@ -127,6 +131,16 @@ class Trainer:
             self.resume_from = resume_checkpoint(cfg.resume, Path(cfg.results_dir))
             resume_state = read_training_checkpoint(self.resume_from)
             given, cfg = cfg, resume_config(cfg, resume_state["args"], self.resume_from)
+        self.base = None  # the --init-from checkpoint
+        if cfg.init_from:
+            from .checkpoints import read_checkpoint
+            from .pipeline import BUNDLED_NAME, find_checkpoint
+
+            base_path = find_checkpoint(cfg.init_from)
+            self.base = read_checkpoint(base_path)
+            # The adapter records where its base lives: 'bundled' stays a name, other paths absolute.
+            self.base_name = BUNDLED_NAME if cfg.init_from == BUNDLED_NAME and not Path(cfg.init_from).exists() else str(base_path.resolve())
+            cfg = base_objective(cfg, self.base.meta.get("objective", {"objective": "gaussian"}), base_path)
         self.cfg = cfg
         self.d = setup_distributed(cfg.device)
         if cfg.global_batch_size % self.d.world:
@@ -164,27 +178,29 @@ class Trainer:
         self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
-        self.model = model_factory(self.model_config).to(self.d.device)
+        self.model = self._build(model_factory).to(self.d.device)
         # Label dropout is drawn by the trainer per global batch; the embedder keeps its null row.
         for m in self.model.modules():
             if isinstance(m, LabelEmbedder):
                 m.dropout_prob = 0.0
         self.model.grad_checkpointing = cfg.grad_checkpointing
-        self.ema = model_factory(self.model_config).to(self.d.device).requires_grad_(False).eval()
+        self.ema = self._build(model_factory).to(self.d.device).requires_grad_(False).eval()
         self.ema.load_state_dict(self.model.state_dict())
         self.fsdp = cfg.parallel == "fsdp" and self.d.world > 1
         if self.fsdp:  # shard before the optimizer sees the parameters
             shard(self.model)
             shard(self.ema)
         fused = self.d.device.type == "cuda"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        # Full runs hand AdamW every parameter, frozen pos_embed included, as saved optimizer states expect.
+        trained = [p for p in self.model.parameters() if p.requires_grad] if cfg.lora_rank else self.model.parameters()
+        self.opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
                                      fused=fused or None)  # fmt: skip
         self.total_steps = float(cfg.max_steps or math.inf)  # the schedule's length; run() knows the epochs too
         torch.manual_seed(cfg.global_seed * self.d.world + self.d.rank)  # per-rank seed (VAE sampling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.exp_dir = self._experiment_dir()
         if self.d.main:
-            for folder in ("", "checkpoints", "model", "samples"):
+            for folder in ("", "checkpoints", "model", "adapter", "samples"):
                 remove_temporaries(self.exp_dir / folder)  # left by writes that a kill interrupted
         self.last_checkpoint = None  # for the closing message
         if resume_state is not None:
@@ -193,9 +209,23 @@ class Trainer:
                 print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch}) "
                       f"with the run's settings{resume_note(given, cfg, resume_state['args'])}", flush=True)  # fmt: skip
         self.net = self._wrap()
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_params = [p for n, p in self.ema.named_parameters() if n != "pos_embed"]
-        assert len(self.params) == len(self.ema_params)
+        ema = dict(self.ema.named_parameters())
+        self.ema_params = [ema[n] for n in trainable]  # the EMA follows what trains (a LoRA run: the adapter)
+
+    def _build(self, model_factory: Callable[[DiTConfig], nn.Module]) -> nn.Module:
+        """A fresh network; with --init-from, the base's weights, and with --lora-rank a LoRA on them."""
+        model = model_factory(self.model_config)
+        if self.base is not None:
+            from .checkpoints import load_state_strict
+
+            load_state_strict(model, self.base.state, source=f"--init-from {self.base.path}")
+        if self.cfg.lora_rank:
+            from .lora import add_lora
+
+            add_lora(model, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_targets, base=self.base_name)
+        return model
 
     # -- setup -----------------------------------------------------------------------------
     def _wrap(self):
@@ -213,7 +243,8 @@ class Trainer:
             return self.resume_from.parent.parent
         path = None
         if self.d.main:
-            path = create_run_dir(Path(self.cfg.results_dir), self.cfg.model.replace("/", "-"))
+            name = ("lora" if self.cfg.lora_rank else "finetune") if self.base is not None else self.cfg.model.replace("/", "-")
+            path = create_run_dir(Path(self.cfg.results_dir), name)
             if self.resume_from is not None:
                 print(f"{self.resume_from} is not in a ditkit run folder (NNN-MODEL/checkpoints/), so the run continues in a new one: {path}", flush=True)
         return Path(broadcast_object(str(path) if path else None, self.d))
@@ -237,6 +268,12 @@ class Trainer:
             set_model_state_dict(self.model, ck["model"], options=opts)
             set_model_state_dict(self.ema, ck["ema"], options=opts)
             set_optimizer_state_dict(self.model, self.opt, ck["opt"], options=opts)
+        elif self.cfg.lora_rank:  # the checkpoint holds the adapters; the base came from --init-from
+            from .lora import load_lora_state
+
+            load_lora_state(self.model, ck["model"], path)
+            load_lora_state(self.ema, ck["ema"], path)
+            self.opt.load_state_dict(ck["opt"])
         else:
             self.model.load_state_dict(ck["model"])
             self.ema.load_state_dict(ck["ema"])
@@ -252,6 +289,10 @@ class Trainer:
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return (get_model_state_dict(self.model, options=opts), get_model_state_dict(self.ema, options=opts),
                     get_optimizer_state_dict(self.model, self.opt, options=opts))  # fmt: skip
+        if self.cfg.lora_rank:  # the frozen base is --init-from's: checkpoints hold only what trains
+            from .lora import lora_state
+
+            return lora_state(self.model), lora_state(self.ema), self.opt.state_dict()
         return self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
 
     def save(self) -> Path:
@@ -268,7 +309,12 @@ class Trainer:
             try:
                 atomic_write(path, lambda tmp: torch_save(state, tmp))
                 prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
-                save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path, **recorded})
+                if self.cfg.lora_rank:
+                    from .lora import save_adapter
+
+                    save_adapter(self.ema, self.exp_dir / "adapter", self.model_config)
+                else:
+                    save_pretrained(ema, self.ema.config, self.exp_dir / "model", extra={"step": self.step, "data": self.cfg.data_path, **recorded})
             except NoSpaceError as e:
                 steps = checkpoint_steps(path.parent)
                 kept = f"the last complete checkpoint {path.parent / f'{steps[-1]:07d}.pt'} is intact" if steps else "no checkpoint of this run was written yet"
@@ -374,7 +420,11 @@ class Trainer:
         steps = f" of {int(total)}" if math.isfinite(total) else ""
         if self.step == start_step:
             print(f"the run was already at step {self.step}{steps}; pass a larger --max-steps or --epochs to train it further.", flush=True)
-        lines = [f"checkpoint    {self.last_checkpoint}", f"model folder  {self.exp_dir / 'model'}  (ditkit sample --ckpt {self.exp_dir / 'model'})"]
+        lines = [f"checkpoint    {self.last_checkpoint}"]
+        if self.cfg.lora_rank:
+            lines.append(f"adapter       {self.exp_dir / 'adapter'}  (ditkit sample --lora {self.exp_dir / 'adapter'})")
+        else:
+            lines.append(f"model folder  {self.exp_dir / 'model'}  (ditkit sample --ckpt {self.exp_dir / 'model'})")
         grid = self.exp_dir / "samples" / f"{self.step:07d}.png"
         if grid.exists():
             lines.append(f"sample grid   {grid}")
@@ -425,6 +475,8 @@ class Trainer:
         return build_dataset(cfg.data_path, cfg.image_size, channels, flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)
 
     def make_model_config(self, num_classes: int, input_size: int, in_channels: int):
+        if self.base is not None:
+            return base_model_config(self.base, self.cfg, num_classes, input_size, in_channels)
         return self.cfg.model_config(num_classes, input_size, in_channels)
 
     def condition(self, y: torch.Tensor, drop: torch.Tensor):
@@ -613,6 +665,37 @@ def resume_note(given: TrainConfig, merged: TrainConfig, saved: dict) -> str:
     changed = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if k in RESUME_FREE and k in saved and saved[k] != v]
     parts = [f"from the run: {', '.join(kept)}"] * bool(kept) + [f"changed: {', '.join(changed)}"] * bool(changed)
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def base_objective(cfg: TrainConfig, recorded: dict, source: Path) -> TrainConfig:
+    """`cfg` with the --init-from model's objective settings wherever a flag is at its default; a
+    flag that would change what the network predicts is refused in one sentence."""
+    base = ObjectiveConfig(**recorded)
+    merged = {}
+    for f in fields(ObjectiveConfig):
+        now, theirs = getattr(cfg, f.name), getattr(base, f.name)
+        if now == field_default(TrainConfig, f.name):
+            merged[f.name] = theirs
+        elif f.name in MODEL_OBJECTIVE and now != theirs:
+            raise ValueError(f"--init-from {source} is a model with {f.name} {theirs}; drop --{f.name.replace('_', '-')} {now} to fine-tune it.")
+    return replace(cfg, **merged)
+
+
+def base_model_config(base, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
+    """The --init-from model's config, after checking that the data fits it (one sentence if not)."""
+    from .checkpoints import infer_config
+    from .config import MMDiTConfig
+
+    c = base.config or infer_config(base.state)
+    if c is None or isinstance(c, MMDiTConfig):
+        raise ValueError(f"--init-from {base.path} is not a class-conditional DiT; pass a DiT model folder, run folder or checkpoint.")
+    if (in_channels, input_size) != (c.in_channels, c.input_size):
+        raise ValueError(f"{cfg.data_path} gives {in_channels}-channel inputs of {input_size}x{input_size}, but --init-from {base.path} "
+                         f"takes {c.in_channels}-channel {c.input_size}x{c.input_size}; pass --image-size and --channels to match it.")  # fmt: skip
+    if num_classes > c.num_classes or (cfg.num_classes is not None and cfg.num_classes != c.num_classes):
+        raise ValueError(f"the data has {num_classes} classes but --init-from {base.path} has {c.num_classes}; a fine-tune keeps its base's "
+                         f"classes, so use data with at most {c.num_classes} classes (and leave --num-classes unset).")  # fmt: skip
+    return c
 
 
 def run_train(cfg: TrainConfig) -> Path:

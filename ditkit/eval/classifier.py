@@ -112,3 +112,19 @@ def classifier_accuracy(model: nn.Module, images: np.ndarray | ImageArray, label
                         device: torch.device | str = "cpu") -> float:  # fmt: skip
     """Share of images whose predicted class is their label."""
     return (classifier_predictions(model, images, batch_size, device) == labels).mean().item()
+
+
+def classifier_judge(path: str | Path | None = None, device: torch.device | str = "cpu") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A judge for preference tuning (ditkit dpo): the classifier's probability that each image
+    (N, 1, 32, 32) in [-1, 1] shows its intended class y, (N,)."""
+    model = load_classifier(path or CLASSIFIER_PATH)[0].to(device)
+
+    @torch.no_grad()
+    def judge(images: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c, h, w = CLASSIFIER_IMAGE[2], CLASSIFIER_IMAGE[0], CLASSIFIER_IMAGE[1]
+        if tuple(images.shape[1:]) != (c, h, w) or int(y.max()) >= FMNIST_CLASSES:
+            raise ValueError(f"the Fashion-MNIST classifier judges {c}x{h}x{w} images of classes 0-{FMNIST_CLASSES - 1}, but this model makes "
+                             f"{'x'.join(map(str, images.shape[1:]))} ones with classes up to {int(y.max())}; pass a judge of your own (ditkit.dpo.run_dpo(cfg, judge=...)).")  # fmt: skip
+        return model(images.clamp(-1, 1).to(device)).softmax(1).gather(1, y.to(device)[:, None])[:, 0]
+
+    return judge
