@@ -32,6 +32,8 @@ FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
+# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs)
+DISTILL_METHODS = ("guidance", "progressive", "reflow")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
@@ -189,12 +191,17 @@ class DiTConfig(Config, DataShape):
     norm: str = field(default="layernorm", metadata=option("block norm: layernorm (the paper) or rmsnorm", choices=NORMS))
     qk_norm: bool = field(default=False, metadata=option("RMSNorm on each head's queries and keys (SD3)"))
     pos_embed: str = field(default="sincos", metadata=option("positions: the sin-cos table (the paper), 2-D rope, or both", choices=POS_EMBEDS))
+    # Guidance distillation (`ditkit distill --method guidance`): the guidance scale is an input, embedded like t.
+    cfg_embed: bool = field(default=False, metadata=option("take the guidance scale as an input (one pass per step instead of two)"))
+    cfg_range: tuple[float, ...] = field(default=(), metadata=option("the guidance scales LO HI a cfg_embed model was trained on", ge=0))
 
     def __post_init__(self):
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
         super().__post_init__()
 
     def check(self) -> None:
+        if self.cfg_embed != bool(self.cfg_range) or (self.cfg_range and (len(self.cfg_range) != 2 or self.cfg_range[0] > self.cfg_range[1])):
+            raise ValueError("a model that takes the guidance scale as input (cfg_embed) needs cfg_range LO <= HI, the scales it was trained on, and other models none.")
         if self.block not in BLOCKS:
             raise ValueError(f"block {self.block!r} is not one of {', '.join(BLOCKS)}; pick one of those.")
         if "rope" in self.pos_embed and self.block == "in_context":
