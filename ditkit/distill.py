@@ -73,10 +73,9 @@ def load_teacher(name: str, device: torch.device) -> Teacher:
     config = ck.config or infer_config(ck.state)
     if isinstance(config, MMDiTConfig):
         raise ValueError(f"{path} is a text-to-image MMDiT; ditkit distill takes class-conditional DiT teachers.")
-    kind = ck.meta.get("objective", {}).get("objective", "gaussian")
+    kind = ck.meta.get("objective", {}).get("objective", "gaussian")  # what records none samples as the paper's diffusion
     if kind != "flow":
-        raise ValueError(f"{path} is a {kind} diffusion model, and ditkit distill needs a flow-matching teacher; "
-                         "distil a model trained with ditkit train --objective flow.")  # fmt: skip
+        raise ValueError(f"{path} is a {kind} diffusion model, and ditkit distill needs a flow-matching teacher; distil a model trained with ditkit train --objective flow.")
     model = load_model(ck).to(device).requires_grad_(False).eval()
     objective = build_objective(ObjectiveConfig(**ck.meta["objective"]), learn_sigma=model.config.learn_sigma)
     sampling = resolve_sampling(SamplingOptions(), "flow", ck.meta.get("sampling", {}), ck.official)
@@ -172,7 +171,8 @@ class Distiller(Trainer):
         c = self.student_config
         if (in_channels, input_size) != (c.in_channels, c.input_size) or num_classes > c.num_classes:
             raise ValueError(f"{self.cfg.data_path} holds {in_channels}-channel {input_size}x{input_size} items of {num_classes} classes, but the teacher "
-                             f"takes {c.in_channels}-channel {c.input_size}x{c.input_size} ones of {c.num_classes}; pass --data-path with the data it was trained on.")  # fmt: skip
+                             f"takes {c.in_channels}-channel {c.input_size}x{c.input_size} ones of {c.num_classes}; pass --data-path with the data it was trained on"
+                             f"{' (its latent store, from ditkit extract)' if c.in_channels not in (1, 3) else ''}.")  # fmt: skip
         return c
 
     def run_name(self) -> str:

@@ -217,3 +217,11 @@ def test_out_of_range_scale_through_ditkit_sample(tmp_path, teacher_dir, one_thr
     assert main(["sample", "--ckpt", str(out / "model"), "--cfg-scale", "7", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ditkit sample: error: this model was distilled for guidance scales 1 to 4, not 7; pass a --cfg-scale in that range."
+
+
+def test_flops_count_the_guidance_embedding(one_thread):
+    from ditkit.flops import count_macs
+
+    teacher = tiny_teacher()
+    student = ditkit.DiT(replace(teacher.config, cfg_embed=True, cfg_range=(1.0, 4.0)))
+    assert count_macs(student) - count_macs(teacher) == 256 * 32 + 32 * 32  # the w embedder's two Linears, one image
