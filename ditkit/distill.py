@@ -123,8 +123,8 @@ class Distiller(Trainer):
                 raise ValueError(f"{resume_from} is not a checkpoint of ditkit distill; resume it with ditkit train, or pass a distillation run.")
             cfg = resume_config(cfg, saved, resume_from, RESUME_FREE)
         self.dcfg = cfg
-        device = resolve_device(cfg.device)
-        self.teacher = load_teacher(cfg.teacher, device)
+        resolve_device(cfg.device)  # a bad --device fails before the teacher loads
+        self.teacher = load_teacher(cfg.teacher, torch.device("cpu"))  # onto this process's device once the trainer knows it
         t = self.teacher
         c = t.model.config
         scale = t.sampling.cfg_scale if cfg.cfg_scale is None else cfg.cfg_scale
@@ -158,6 +158,7 @@ class Distiller(Trainer):
         self.phase, self.phase_teacher = 0, None  # progressive: the phase the step is in, and its teacher (after phase 0)
         self.pairs = None  # reflow: (noise, data, labels), made in run()
         super().__init__(train_cfg, model_factory=self.make_student)
+        self.teacher.model.to(self.d.device)
 
     # -- setup -----------------------------------------------------------------------------
     def make_student(self, config) -> DiT:
