@@ -32,6 +32,8 @@ FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
+# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs)
+DISTILL_METHODS = ("guidance", "progressive", "reflow")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
@@ -189,12 +191,17 @@ class DiTConfig(Config, DataShape):
     norm: str = field(default="layernorm", metadata=option("block norm: layernorm (the paper) or rmsnorm", choices=NORMS))
     qk_norm: bool = field(default=False, metadata=option("RMSNorm on each head's queries and keys (SD3)"))
     pos_embed: str = field(default="sincos", metadata=option("positions: the sin-cos table (the paper), 2-D rope, or both", choices=POS_EMBEDS))
+    # Guidance distillation (`ditkit distill --method guidance`): the guidance scale is an input, embedded like t.
+    cfg_embed: bool = field(default=False, metadata=option("take the guidance scale as an input (one pass per step instead of two)"))
+    cfg_range: tuple[float, ...] = field(default=(), metadata=option("the guidance scales LO HI a cfg_embed model was trained on", ge=0))
 
     def __post_init__(self):
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
         super().__post_init__()
 
     def check(self) -> None:
+        if self.cfg_embed != bool(self.cfg_range) or (self.cfg_range and (len(self.cfg_range) != 2 or self.cfg_range[0] > self.cfg_range[1])):
+            raise ValueError("a model that takes the guidance scale as input (cfg_embed) needs cfg_range LO <= HI, the scales it was trained on, and other models none.")
         if self.block not in BLOCKS:
             raise ValueError(f"block {self.block!r} is not one of {', '.join(BLOCKS)}; pick one of those.")
         if "rope" in self.pos_embed and self.block == "in_context":
@@ -513,6 +520,63 @@ class TrainConfig(Config):
             learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
             mlp=self.mlp, norm=self.norm, qk_norm=self.qk_norm, pos_embed=self.pos_embed,
         )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DistillConfig(Config):
+    """Distil a flow-matching teacher into a student that needs fewer network evaluations, starting
+    from the teacher's weights and data. guidance: the student takes the guidance scale as an input
+    and samples guided in one pass instead of two. progressive: a student of N Euler steps learns to
+    do in one step what its teacher does in two, N halving per phase from --start-steps down to
+    --student-steps (the first teacher is the guided one, so the students need no guidance). reflow:
+    (noise, sample) pairs from the guided teacher's sampler, cached in the run folder, and the
+    straight line between them. The run folder, checkpoints, EMA and --resume are ditkit train's."""
+
+    teacher: str | None = field(default=None, metadata=option("the flow-matching teacher: a ditkit model folder, run folder or training checkpoint"))
+    method: str = field(default="guidance", metadata=option("guidance, progressive or reflow", choices=DISTILL_METHODS))
+    data_path: str | None = field(default=None, metadata=option("training data (default: the teacher's, as its checkpoint records)"))
+    results_dir: str = field(default="results", metadata=option("runs are written to RESULTS_DIR/NNN-distill-METHOD/"))
+    max_steps: int = field(default=1000, metadata=positive("student optimizer steps in all (progressive: split evenly over its phases)"))
+    max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes; --resume continues"))
+    global_batch_size: int = field(default=32, metadata=positive("batch size summed over all processes"))
+    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate"))
+    ema_decay: float = field(default=0.999, metadata=option("EMA decay", ge=0, lt=1))
+    ema_schedule: str = field(default="warmup", metadata=option("EMA schedule, as ditkit train's (warmup suits short runs)", choices=EMA_SCHEDULES))
+    cfg_scale: float | None = field(default=None, metadata=option("the guidance scale progressive and reflow students bake in, and the guidance student records (default: the teacher's)", ge=0))
+    cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval LO HI that goes with it (default: the teacher's)", ge=0, le=1))
+    cfg_range: tuple[float, ...] = field(default=(1.0, 4.0), metadata=option("guidance: the scales LO HI the student learns (must hold 1, the scale outside the guidance interval)", ge=0))
+    student_steps: int = field(default=1, metadata=positive("progressive and reflow: the Euler steps the student records as its default (progressive: its last phase's)"))
+    start_steps: int = field(default=8, metadata=positive("progressive: Euler steps of the first phase's student, --student-steps times a power of 2"))
+    reflow_pairs: int = field(default=2048, metadata=positive("reflow: (noise, teacher sample) pairs to generate and train on"))
+    one_step_share: float = field(default=0.3, metadata=option("reflow: the last share of the steps that put half of each batch at t = 0 (the 1-step map)", ge=0, le=1))
+    global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
+    num_workers: int = field(default=2, metadata=nonnegative("data loader processes per rank"))
+    log_every: int = field(default=50, metadata=positive("log the loss every N steps"))
+    ckpt_every: int = field(default=250, metadata=positive("checkpoint every N steps (and always at the last step)"))
+    keep_last: int = field(default=2, metadata=positive("keep the newest K checkpoints"))
+    precision: str = field(default="fp32", metadata=option("fp32 or bf16 autocast", choices=("fp32", "bf16")))
+    device: str = field(default="auto", metadata=option(_DEVICE))
+    resume: str | None = field(default=None, metadata=option("continue a distillation: 'latest' in RESULTS_DIR, a run folder, or a checkpoint, with its own settings "
+                                                             "(only --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
+
+    def check(self) -> None:
+        if not self.teacher and not self.resume:
+            raise ValueError("--teacher is required; pass the flow-matching model to distil (a model folder, run folder or checkpoint).")
+        if len(self.cfg_range) != 2 or not self.cfg_range[0] <= 1 <= self.cfg_range[1]:
+            raise ValueError(f"--cfg-range takes two numbers LO <= 1 <= HI (1, no guidance, is the scale outside the guidance interval), got {' '.join(map(str, self.cfg_range))}.")
+        if self.cfg_interval and (len(self.cfg_interval) != 2 or self.cfg_interval[0] > self.cfg_interval[1]):
+            raise ValueError(f"--cfg-interval takes two numbers LO <= HI in [0, 1], got {' '.join(map(str, self.cfg_interval))}.")
+        if self.method == "progressive":
+            ratio = self.start_steps // self.student_steps
+            if self.start_steps % self.student_steps or ratio & (ratio - 1):
+                raise ValueError(f"--start-steps {self.start_steps} is not --student-steps {self.student_steps} times a power of 2; use e.g. --start-steps {self.student_steps * 8}.")
+            if self.max_steps < self.phases:
+                raise ValueError(f"progressive distillation from {self.start_steps} to {self.student_steps} steps has {self.phases} phases; give --max-steps at least {self.phases}.")
+
+    @property
+    def phases(self) -> int:
+        """Progressive distillation's phases: start_steps, start_steps / 2, ..., student_steps."""
+        return max(1, (self.start_steps // self.student_steps).bit_length())
 
 
 @dataclass(frozen=True)

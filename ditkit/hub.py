@@ -178,6 +178,8 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
     from .pipeline import load_vae
 
     c, out = model.config, Path(out)
+    if c.cfg_embed:
+        raise ValueError("DiTTransformer2DModel has no guidance-scale input, which this guidance-distilled model needs; export it with --format ditkit.")
     latent = c.in_channels not in (1, 3)
     if latent and c.num_classes > DIFFUSERS_NULL_LABEL:
         raise ValueError(f"DiTPipeline takes label {DIFFUSERS_NULL_LABEL} as its null label, so a model with {c.num_classes} classes cannot be exported to it; use --format ditkit.")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, SamplingOptions
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
-from .samplers import DEFAULT_SAMPLER, check_guidance, check_sampler, sample
+from .samplers import DEFAULT_SAMPLER, check_embedded_guidance, check_guidance, check_sampler, sample
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = ASSETS / "fashion-mnist"
@@ -204,6 +204,8 @@ class Pipeline:
     def __post_init__(self):
         check_sampler(self.sampling.sampler, objective_name(self.objective))
         check_guidance(self.sampling.cfg_scale, self.sampling.cfg_channels, self.sampling.cfg_interval, self.config.in_channels)
+        if getattr(self.config, "cfg_embed", False):
+            check_embedded_guidance(self.config, self.sampling.cfg_scale, self.sampling.cfg_channels)
 
     @property
     def config(self) -> DiTConfig | MMDiTConfig:

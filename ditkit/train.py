@@ -243,8 +243,7 @@ class Trainer:
             return self.resume_from.parent.parent
         path = None
         if self.d.main:
-            name = ("lora" if self.cfg.lora_rank else "finetune") if self.base is not None else self.cfg.model.replace("/", "-")
-            path = create_run_dir(Path(self.cfg.results_dir), name)
+            path = create_run_dir(Path(self.cfg.results_dir), self.run_name())
             if self.resume_from is not None:
                 print(f"{self.resume_from} is not in a ditkit run folder (NNN-MODEL/checkpoints/), so the run continues in a new one: {path}", flush=True)
         return Path(broadcast_object(str(path) if path else None, self.d))
@@ -279,6 +278,7 @@ class Trainer:
             self.ema.load_state_dict(ck["ema"])
             self.opt.load_state_dict(ck["opt"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
+        self.load_extra_state(ck)
         self.last_checkpoint = path
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -305,6 +305,7 @@ class Trainer:
             state = {
                 "model": model, "ema": ema, "opt": opt, "args": asdict(self.cfg), "step": self.step, "epoch": self.epoch,
                 "batch_in_epoch": self.batch_in_epoch, "data_size": len(self.dataset), "model_config": asdict(self.model_config), **recorded,
+                **self.extra_state(),
             }  # fmt: skip
             try:
                 atomic_write(path, lambda tmp: torch_save(state, tmp))
@@ -469,7 +470,20 @@ class Trainer:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
             save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=ncol)
 
-    # -- what a subclass (the text-to-image trainer) changes ---------------------------------
+    # -- what a subclass (the text-to-image trainer, the distiller) changes -------------------
+    def run_name(self) -> str:
+        """MODEL in the run folder's name RESULTS_DIR/NNN-MODEL (NNN-lora / NNN-finetune from a base)."""
+        if self.base is not None:
+            return "lora" if self.cfg.lora_rank else "finetune"
+        return self.cfg.model.replace("/", "-")
+
+    def extra_state(self) -> dict:
+        """More entries of the training checkpoint, given back to `load_extra_state` on resume."""
+        return {}
+
+    def load_extra_state(self, ck: dict) -> None:
+        pass
+
     def make_dataset(self, channels: int | None):
         cfg = self.cfg
         return build_dataset(cfg.data_path, cfg.image_size, channels, flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)
@@ -636,25 +650,27 @@ def read_training_checkpoint(path: Path) -> dict:
     return ck
 
 
-def resume_config(cfg: TrainConfig, saved: dict, source: Path) -> TrainConfig:
-    """The settings of the run that `source` continues: the saved ones, except where `cfg` gives a
-    value other than the default, which may change only RESUME_FREE settings (a differing value
-    of any other setting is refused, naming the flag). So a bare --resume continues the run."""
+def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME_FREE):
+    """The settings of the run that `source` continues (a TrainConfig, or another config of the same
+    kind): the saved ones, except where `cfg` gives a value other than the default, which may change
+    only the `free` settings (a differing value of any other setting is refused, naming the flag).
+    So a bare --resume continues the run."""
+    cls = type(cfg)
     merged, conflicts = {}, []
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         now = getattr(cfg, f.name)
         if f.name in LOCAL_SETTINGS or f.name not in saved:
             merged[f.name] = now
-        elif now == saved[f.name] or now == field_default(TrainConfig, f.name):
+        elif now == saved[f.name] or now == field_default(cls, f.name):
             merged[f.name] = saved[f.name]
-        elif f.name in RESUME_FREE:
+        elif f.name in free:
             merged[f.name] = now
         else:
             conflicts.append(f"--{f.name.replace('_', '-')} {now} (the run's: {saved[f.name]})")
     if conflicts:
         raise ValueError(f"{source} was trained with other settings: {'; '.join(conflicts)}; drop those flags to continue the run, "
                          "or leave out --resume to start a new one.")  # fmt: skip
-    return TrainConfig(**merged)
+    return cls(**merged)
 
 
 def resume_note(given: TrainConfig, merged: TrainConfig, saved: dict) -> str:

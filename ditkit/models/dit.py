@@ -2,6 +2,8 @@
 
 State-dict keys and shapes equal the official release, so its checkpoints load with
 strict=True. The model knows nothing of losses, guidance or distribution: forward(x, t, y).
+A guidance-distilled DiT (cfg_embed) also takes the guidance scale, forward(x, t, y, cfg_scale),
+embedded like t and added to the conditioning; the scale itself is applied by nobody but the network.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
+        if c.cfg_embed:  # absent otherwise, so the official state-dict keys stay as they are
+            self.w_embedder = TimestepEmbedder(c.hidden_size)
         self.num_patches = (c.input_size // c.patch_size) ** 2
         if "sincos" in c.pos_embed:  # fixed sin-cos table, a frozen parameter so official checkpoints carry it
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
@@ -158,6 +162,10 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.cfg_embed:  # a zero last layer: the student starts as the teacher it is made from
+            nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.w_embedder.mlp[2].weight)
+            nn.init.zeros_(self.w_embedder.mlp[2].bias)
         if self.config.block == "adaln_zero":
             for block in self.blocks:  # every residual branch starts as the identity
                 nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -176,13 +184,19 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input; t: (N,) timesteps; y: (N,) labels, num_classes = null."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input; t: (N,) timesteps; y: (N,) labels, num_classes = null;
+        cfg_scale: (N,) or a number, for cfg_embed models only (default 1: no guidance)."""
         x = self.x_embedder(x)  # (N, T, D)
         if hasattr(self, "pos_embed"):
             x = x + self.pos_embed
         rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None
         t_emb = self.t_embedder(t)  # (N, D)
+        if hasattr(self, "w_embedder"):
+            w = torch.as_tensor(1.0 if cfg_scale is None else cfg_scale, dtype=torch.float32, device=t.device)
+            t_emb = t_emb + self.w_embedder(w.expand(t.shape[0]))  # (N, D)
+        elif cfg_scale is not None:
+            raise ValueError("this DiT does not take the guidance scale as an input (cfg_embed is off); guide it with ditkit.sample(cfg_scale=...) instead.")
         y_emb = self.y_embedder(y)  # (N, D)
         block = self.config.block
         if block.startswith("adaln"):

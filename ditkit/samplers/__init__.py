@@ -19,7 +19,7 @@ from ..models.mmdit import TextCondition
 from ..objectives import objective_name
 from .flow import dopri5, euler, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
-from .guidance import autocast_model, cfg_model
+from .guidance import autocast_model, cfg_model, embedded_cfg_model
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
@@ -28,7 +28,7 @@ SAMPLERS: dict[str, Callable] = {
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
 DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}
 
-__all__ = ["SAMPLERS", "sample", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_sampler"]
+__all__ = ["SAMPLERS", "sample", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_sampler", "check_embedded_guidance"]
 
 
 def check_labels(y: torch.Tensor, num_classes: int) -> None:
@@ -70,6 +70,16 @@ def check_guidance(cfg_scale: float, cfg_channels: int | None, cfg_interval, cha
     return lo, hi
 
 
+def check_embedded_guidance(config, cfg_scale: float, cfg_channels: int | None) -> None:
+    """A model that takes the guidance scale as an input (cfg_embed) knows only the scales it was
+    trained on, and guides its whole prediction."""
+    lo, hi = config.cfg_range
+    if not lo <= cfg_scale <= hi:
+        raise ValueError(f"this model was distilled for guidance scales {lo:g} to {hi:g}, not {cfg_scale:g}; pass a --cfg-scale in that range.")
+    if cfg_channels is not None:
+        raise ValueError("this model takes the guidance scale as an input and guides every channel; drop cfg_channels.")
+
+
 @torch.no_grad()
 def sample(
     model: torch.nn.Module,
@@ -94,7 +104,8 @@ def sample(
 
     `objective` is a GaussianDiffusion or a FlowMatching; `sampler` one of SAMPLERS that fits it
     (default: ddim or euler). With cfg_scale != 1 the conditional and null batches run together as
-    one batch of 2N, as the official sample.py does, so DDPM draws the same per-step noise.
+    one batch of 2N, as the official sample.py does, so DDPM draws the same per-step noise; a
+    guidance-distilled model (cfg_embed) takes the scale as an input instead, in one batch of N.
     `options` go to the sampler (time_shift, atol, rtol, the SDE's diffusion_form, ...).
     """
     kind = objective_name(objective)
@@ -116,7 +127,10 @@ def sample(
             raise ValueError(f"noise has shape {tuple(noise.shape[1:])} per sample but the model takes {expected}.")
     model_fn = autocast_model(model, precision)
     x, labels = noise, y
-    if cfg_scale != 1.0:
+    if getattr(config, "cfg_embed", False):  # guidance-distilled: the scale is an input, one pass of N
+        check_embedded_guidance(config, cfg_scale, cfg_channels)
+        model_fn = embedded_cfg_model(model_fn, cfg_scale, interval, objective.unit_time)
+    elif cfg_scale != 1.0:
         x = torch.cat([noise, noise])
         if isinstance(y, TextCondition):
             labels = TextCondition.cat([y, y.null()])

@@ -45,6 +45,22 @@ def cfg_model(model_fn: Callable, cfg_scale: float, cfg_channels: int | None = N
     return guided
 
 
+def embedded_cfg_model(model_fn: Callable, cfg_scale: float, interval: tuple[float, float] | None = None,
+                       unit_time: Callable | None = None) -> Callable:  # fmt: skip
+    """Guidance of a guidance-distilled network (DiTConfig.cfg_embed) in one pass of N: the scale is
+    an input of the network; outside `interval` it gets 1, as `cfg_model` runs it unguided there."""
+    if interval is not None and unit_time is None:
+        raise ValueError("a guidance interval needs the objective's unit_time to place t in [0, 1].")
+
+    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        w = cfg_scale
+        if interval is not None and not interval[0] <= float(unit_time(t[:1].float())[0]) <= interval[1]:
+            w = 1.0
+        return model_fn(x, t, y, cfg_scale=w, **kwargs)
+
+    return guided
+
+
 def autocast_model(model: torch.nn.Module, precision: str) -> Callable:
     """The model as a function run under autocast in `precision`, returning float32."""
     if precision not in DTYPES:
