@@ -83,14 +83,17 @@ def main() -> None:
             file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "points": points}, indent=2))
             print(key, json.dumps(points[key]), flush=True)
     (out / "tmp.npz").unlink(missing_ok=True)
-    for p_ in points.values():  # the unguided point belongs to every interval's curve
+    for p_ in list(points.values()):  # the unguided point belongs to every interval's curve
         if p_["scale"] == 1.0:
             for interval_text in args.intervals:
                 points.setdefault(f"{sampler}|{steps}|1|{interval_text}", {**p_, "interval": interval_text})
     plot(points, out, args.real_fd)
-    print("| scale | guidance | evals/sample | FD-EffNet | accuracy |\n|---|---|---|---|---|")
+    lines = ["| scale | guidance | evals/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|"]
     for p_ in sorted(points.values(), key=lambda p_: (p_["interval"], p_["scale"])):
-        print(f"| {p_['scale']:g} | {p_['interval']} | {p_['forwards']:.1f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")
+        lines.append(f"| {p_['scale']:g} | {'all steps' if p_['interval'] == 'none' else 't in [' + p_['interval'].replace(',', ', ') + ']'} | "
+                     f"{p_['forwards']:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")
+    (out / "guidance.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ditkit.checkpoints import read_checkpoint, save_pretrained
 from ditkit.config import MMDiTConfig
+from ditkit.distill import recorded_data
 from ditkit.pipeline import BUNDLED, BUNDLED_TEXT
 
 if __name__ == "__main__":
@@ -33,6 +34,8 @@ if __name__ == "__main__":
     if args.cfg_interval:
         sampling["cfg_interval"] = list(args.cfg_interval)
     extra = {"source": Path(args.ckpt).as_posix(), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
+    if recorded_data(Path(args.ckpt)):
+        extra["data"] = recorded_data(Path(args.ckpt))  # what ditkit distill and --init-from train on by default
     text = isinstance(ck.config, MMDiTConfig)
     if text:
         extra["text_encoder"] = ck.meta["text_encoder"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ditkit.cli import main
 from ditkit.flops import PAPER_BLOCK_GFLOPS, PAPER_GFLOPS, count_macs, measure, measure_preset
 from ditkit.models import BLOCKS, PRESETS, DiT, DiTConfig
-from ditkit.pipeline import BUNDLED
+from ditkit.pipeline import ASSETS, BUNDLED
 from conftest import REFERENCE
 
 MANIFEST = REFERENCE / "official" / "official_state_dict_manifest.json"
@@ -179,14 +179,18 @@ def test_cli_counts_any_model(capsys):
 
 
 def test_cli_counts_a_checkpoint(tmp_path, capsys):
-    """--ckpt bundled, a .pt or a model folder: the model it holds (and flags on top of it)."""
-    bundled = BUNDLED / "model.safetensors"
-    config = DiTConfig(**{k: v for k, v in json.loads((BUNDLED / "config.json").read_text()).items() if k in DiTConfig.__dataclass_fields__})
+    """--ckpt bundled (or a bundled model by name), a .pt or a model folder: the model it holds (and
+    flags on top of it)."""
     assert main(["flops", "--json", "--ckpt", "bundled"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["params"] == sum(t.numel() for t in load_file(str(bundled)).values()) == 5_515_808
+    assert row["params"] == sum(t.numel() for t in load_file(str(BUNDLED / "model.safetensors")).values()) == 3_841_072
+    old = ASSETS / "fashion-mnist-diffusion"  # the paper's blocks, which expected_macs counts
+    config = DiTConfig(**{k: v for k, v in json.loads((old / "config.json").read_text()).items() if k in DiTConfig.__dataclass_fields__})
+    assert main(["flops", "--json", "--ckpt", "fashion-mnist-diffusion"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["params"] == sum(t.numel() for t in load_file(str(old / "model.safetensors")).values()) == 5_515_808
     assert row["macs"] == expected_macs(config) and row["tokens"] == 64 and row["model"] == "custom"
-    assert main(["flops", "--json", "--ckpt", "bundled", "--patch-size", "2", "--block", "adaLN"]) == 0
+    assert main(["flops", "--json", "--ckpt", "fashion-mnist-diffusion", "--patch-size", "2", "--block", "adaLN"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["macs"] == expected_macs(replace(config, patch_size=2, block="adaln")) and row["tokens"] == 256
 

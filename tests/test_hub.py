@@ -11,7 +11,7 @@ from conftest import rel, tiny_vae
 import ditkit
 from ditkit import cli
 from ditkit.hub import diffusers_config, export_diffusers, scheduler, to_diffusers
-from ditkit.pipeline import BUNDLED, Pipeline, Sampling, decode
+from ditkit.pipeline import ASSETS, Pipeline, Sampling, decode
 
 LABELS = [1, 3, 7]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
@@ -210,15 +210,15 @@ def test_export_cli(tmp_path, exported, capsys):
 
 
 def test_export_pixel_model(tmp_path, capsys):
-    """The bundled pixel-space model: DiTPipeline always decodes with a VAE, so transformer/ and
-    scheduler/ are written, with the model's own 10 classes, and come back exactly."""
+    """The bundled pixel-space diffusion model: DiTPipeline always decodes with a VAE, so transformer/
+    and scheduler/ are written, with the model's own 10 classes, and come back exactly."""
     from diffusers import DiTTransformer2DModel
 
-    assert cli.main(["export", "--out", str(tmp_path / "fm")]) == 0
+    assert cli.main(["export", "--ckpt", "fashion-mnist-diffusion", "--out", str(tmp_path / "fm")]) == 0
     assert "cannot decode it" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "fm").iterdir()) == ["scheduler", "transformer"]
     transformer = DiTTransformer2DModel.from_pretrained(tmp_path / "fm", subfolder="transformer")
     assert transformer.config.num_embeds_ada_norm == 10
-    bundled, back = ditkit.DiT.from_pretrained(BUNDLED), ditkit.DiT.from_pretrained(tmp_path / "fm")
+    bundled, back = ditkit.DiT.from_pretrained(ASSETS / "fashion-mnist-diffusion"), ditkit.DiT.from_pretrained(tmp_path / "fm")
     assert back.config == bundled.config
     assert all(torch.equal(v, back.state_dict()[k]) for k, v in bundled.state_dict().items())

@@ -65,8 +65,8 @@ def grid_images(path: Path, n: int, size: int = 32, ncol: int = 10) -> np.ndarra
 
 def bundled_grid(out: str, err: str) -> None:
     """The default job: every class of the bundled model, 4 rows, and the shipped classifier
-    recognises most of what it draws (0.943 on 10 000 samples; README)."""
-    assert "from " in out and "ddim, 25 steps, cfg 4" in out  # the settings it used
+    recognises most of what it draws (0.96 on 10 000 samples; README)."""
+    assert "from " in out and "heun2, 5 steps, cfg 3 on t in [0.1, 1]" in out  # the settings it used
     grid = np.array(Image.open("samples/grid.png"))
     assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)
     images = np.stack([np.array(Image.open(f"samples/{i:06d}.png")) for i in range(40)])[..., None]
@@ -141,7 +141,7 @@ def flops_blocks(out: str, err: str) -> None:
 
 def flops_bundled(out: str, err: str) -> None:
     row = out.splitlines()[1].split()
-    assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "192", "4", "64"] and row[8] == "5.52"
+    assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "160", "4", "64"] and row[8] == "3.84"
 
 
 # How the suite checks each README command:

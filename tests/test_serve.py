@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on b
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline(SamplingOptions(device="cpu"))
+    return load_pipeline(SamplingOptions(ckpt="fashion-mnist-diffusion", device="cpu"))  # ddpm's batch rule needs a diffusion model
 
 
 @contextmanager
@@ -90,7 +90,7 @@ def test_page_and_info(http):
     info = http.get("/api/info").json()
     assert info["num_classes"] == 10 and info["objective"] == "gaussian"
     assert info["samplers"] == [s for s, o in SAMPLER_OBJECTIVE.items() if o == "gaussian"]
-    assert info["defaults"]["sampler"] == "ddim" and info["defaults"]["num_sampling_steps"] == 25  # the bundled model's
+    assert info["defaults"]["sampler"] == "ddim" and info["defaults"]["num_sampling_steps"] == 25  # the bundled diffusion model's
     assert info["batch_invariant"] == ["ddim", "dpm++2m", "unipc"]
 
 
