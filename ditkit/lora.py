@@ -122,6 +122,8 @@ def read_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
     weights, config_file = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"LoRA adapter {path} does not exist; pass the adapter/ folder of a ditkit train --lora-rank or ditkit dpo run.")
     if not weights.is_file() or not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a LoRA adapter: it needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}; "
                                 "pass the adapter/ folder of a ditkit train --lora-rank or ditkit dpo run.")  # fmt: skip

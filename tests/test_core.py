@@ -102,10 +102,12 @@ def test_golden_slice():
     z = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([1, 3])
     out = ditkit.sample(model(), ditkit.GaussianDiffusion(learn_sigma=False), z, y, sampler="ddim", steps=4).double()
-    for got, tol in ((out, 1e-5), (reference_ddim(model(), z, y, 4), 1e-9)):  # the reference still makes the stored values
+    # The reference still makes the stored values: to 1e-7, since the timestep features are float32
+    # sin/cos/exp, whose last bit differs between CPUs' vector units (2.5e-8 measured across two).
+    for got, tol in ((out, 1e-5), (reference_ddim(model(), z, y, 4), 1e-7)):
         np.testing.assert_allclose(got[:, 0, 3].numpy(), GOLDEN_ROW, rtol=tol, atol=1e-3 * tol)
         assert got.abs().sum().item() == pytest.approx(GOLDEN_ABS_SUM, rel=tol)
-        assert got.sum().item() == pytest.approx(GOLDEN_SUM, rel=tol)
+        assert got.sum().item() == pytest.approx(GOLDEN_SUM, abs=tol * GOLDEN_ABS_SUM)  # a sum of both signs: scaled by |out|
 
 
 def test_cfg_wrapper_semantics():

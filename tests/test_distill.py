@@ -195,7 +195,7 @@ def one_sentence(capsys, argv) -> str:
 
 
 def test_a_gaussian_teacher_is_one_sentence(tmp_path, capsys):
-    err = one_sentence(capsys, ["distill", "--teacher", "bundled", "--results-dir", str(tmp_path)])
+    err = one_sentence(capsys, ["distill", "--teacher", "fashion-mnist-diffusion", "--results-dir", str(tmp_path)])
     assert "is a gaussian diffusion model, and ditkit distill needs a flow-matching teacher" in err
     assert not (tmp_path / "000-distill-guidance").exists()
 

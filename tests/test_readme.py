@@ -18,7 +18,7 @@ from PIL import Image
 
 import ditkit
 from ditkit.cli import _config_class, main, make_parser, parse_config
-from ditkit.config import ServeConfig, TrainConfig
+from ditkit.config import DistillConfig, DPOConfig, ServeConfig, TrainConfig
 from ditkit.eval.classifier import classifier_accuracy, classifier_predictions, load_classifier
 from ditkit.eval.prompts import read_prompts
 from ditkit.train import Trainer
@@ -161,6 +161,7 @@ CHECKS = {
     "ditkit sample --ckpt results/000-DiT-S-4": ("run", trained_model_fast),
     "ditkit sample --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256 --classes 207 360 --cfg-scale 4":
         ("fails", "checkpoint DiT-XL-2-256x256.pt does not exist"),
+    "ditkit train --config fmnist-bundled": ("parsed",),
     "ditkit train --config fmnist-cpu": ("parsed",),
     "ditkit train --config fmnist-fast": ("parsed",),
     "ditkit train --data-path fashion-mnist --model DiT-S/4 --objective flow --t-sampling logit-normal --cos-loss 0.1 --mlp swiglu "
@@ -182,6 +183,17 @@ CHECKS = {
     "ditkit train --config fmnist-cpu --max-steps 1500": ("parsed",),
     "ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile": ("parsed",),
     "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt": ("not run", "needs the bundled model's 6 300-step checkpoint"),
+    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun2 --steps 5 --cfg-scale 3 --cfg-interval 0.1 1":
+        ("not run", "needs the bundled model's 5 500-step checkpoint"),
+    "ditkit distill --teacher bundled --method guidance --max-steps 300 --lr 2e-4": ("parsed", DistillConfig),
+    "ditkit distill --teacher bundled --method progressive --start-steps 4 --student-steps 1 --max-steps 600 --lr 2e-4": ("parsed", DistillConfig),
+    "ditkit distill --teacher bundled --method reflow --reflow-pairs 1024 --student-steps 2 --max-steps 400 --lr 2e-4": ("parsed", DistillConfig),
+    "ditkit distill --resume latest": ("parsed", DistillConfig),
+    "pip install -e .[lora]": ("not run", "installs"),
+    "ditkit train --init-from bundled --data-path mnist --lora-rank 8 --lora-alpha 16 --max-steps 2000 --lr 1e-3 --ema-schedule power": ("parsed",),
+    "ditkit sample --lora results/000-lora/adapter --classes 3 7": ("fails", "LoRA adapter results/000-lora/adapter does not exist"),
+    "ditkit export --format ditkit --lora results/000-lora/adapter --out merged-model": ("fails", "LoRA adapter results/000-lora/adapter does not exist"),
+    "ditkit dpo --samples-per-class 64 --lora-rank 8 --steps 500 --eval-samples 2000 --out dpo": ("parsed", DPOConfig),
     "pip install -e .[text]": ("not run", "installs"),
     "ditkit sample --prompt a dark ankle boot --prompt a light sneaker": ("run", text_samples),
     "ditkit sample --ckpt results/001-MMDiT-S-4/model --prompts prompts.txt": ("fails", "checkpoint results/001-MMDiT-S-4/model does not exist"),
