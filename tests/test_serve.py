@@ -217,7 +217,7 @@ def test_page_in_headless_chromium(http, tmp_path):
 def test_cli_refuses_bad_settings_in_one_sentence(capsys):
     from ditkit import cli
 
-    assert cli.main(["serve", "--device", "cpu", "--max-steps", "5"]) == 2  # the bundled model samples 25 steps
-    assert "more than --max-steps 5; pass --num-sampling-steps or raise --max-steps." in capsys.readouterr().err
+    assert cli.main(["serve", "--device", "cpu", "--max-steps", "4"]) == 2  # the bundled model samples 5 steps
+    assert "more than --max-steps 4; pass --num-sampling-steps or raise --max-steps." in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["serve", "--sampler", "fast"])
