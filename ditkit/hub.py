@@ -244,13 +244,13 @@ def read_diffusers(path: str | Path) -> Checkpoint:
 def resolve(name: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a Hub id (owner/name), fetched into the Hugging Face cache
     (only the files a DiT needs; works offline once cached)."""
-    from .pipeline import ASSETS, BUNDLED, BUNDLED_NAME
+    from .pipeline import bundled_model
 
     path = Path(name)
     if path.exists():
         return path
-    if str(name) == BUNDLED_NAME or (ASSETS / str(name) / "model.safetensors").exists():  # a bundled model by name
-        return BUNDLED if str(name) == BUNDLED_NAME else ASSETS / str(name)
+    if bundled_model(str(name)) is not None:
+        return bundled_model(str(name))
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import validate_repo_id
 

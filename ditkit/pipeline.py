@@ -254,6 +254,14 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     )  # fmt: skip
 
 
+def bundled_model(name: str) -> Path | None:
+    """The bundled model a name means ("bundled", or an assets folder name such as
+    fashion-mnist-turbo), or None; callers look for a path of that name first."""
+    if name == BUNDLED_NAME:
+        return BUNDLED
+    return ASSETS / name if "/" not in name and (ASSETS / name / "model.safetensors").exists() else None
+
+
 def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
     model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
@@ -268,8 +276,8 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
             raise FileNotFoundError(f"this install has no bundled model at {bundled}; pass --ckpt with a checkpoint.")
         return bundled
     path = Path(ckpt).expanduser()
-    if not path.exists() and "/" not in ckpt and (ASSETS / ckpt / WEIGHTS_NAME).exists():
-        return ASSETS / ckpt
+    if not path.exists() and bundled_model(ckpt) is not None:
+        return bundled_model(ckpt)
     if not path.exists():
         names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
