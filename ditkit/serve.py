@@ -43,7 +43,7 @@ from .samplers import check_labels
 
 PAGE = Path(__file__).parent / "serve_static" / "index.html"
 # Samplers whose per-sample result does not depend on the rest of the batch (see the module docstring).
-BATCH_INVARIANT = frozenset({"ddim", "dpm++2m", "unipc", "euler", "heun2"})
+BATCH_INVARIANT = frozenset({"ddim", "dpm++2m", "unipc", "euler", "heun", "heun2"})
 
 
 class Busy(Exception):

@@ -17,13 +17,13 @@ import torch
 from ..config import SAMPLER_OBJECTIVE, MMDiTConfig
 from ..models.mmdit import TextCondition
 from ..objectives import objective_name
-from .flow import dopri5, euler, heun2, sde_euler, sde_heun
+from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
 from .guidance import autocast_model, cfg_model, embedded_cfg_model
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
-    "euler": euler, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
+    "euler": euler, "heun": heun, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
 }  # fmt: skip
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
 DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}

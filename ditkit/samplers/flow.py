@@ -1,7 +1,8 @@
 """Samplers of the flow objective, integrating from t = 0 (noise) to t = 1 (data) as SiT does.
 
-ODE: `euler` and `heun2` on a fixed grid of `steps` steps (SiT's num_steps = steps + 1), and
-adaptive `dopri5` (torchdiffeq, as SiT). SDE: Euler-Maruyama (`sde-euler`) and Heun
+ODE: `euler` and `heun2` on a fixed grid of `steps` steps (SiT's num_steps = steps + 1),
+`heun` (EDM's and k-diffusion's Heun: the step onto the data, t = 1, is Euler), and adaptive
+`dopri5` (torchdiffeq, as SiT). SDE: Euler-Maruyama (`sde-euler`) and Heun
 (`sde-heun`) on dx = (v + w score) dt + sqrt(2 w) dW with SiT's diffusion forms, up to
 t = 1 - last_step_size, then SiT's last step ("Mean": one drift step of that size).
 The time grid takes the SD3 shift (`time_shift`; default: the objective's).
@@ -51,6 +52,24 @@ def heun2(model_fn, flow: FlowMatching, x, steps, extra_args=None, callback=None
         dt = t1 - t0
         k1 = v(x, t0)
         k2 = v(x + dt * k1, t0 + dt)
+        return x + dt * (0.5 * k1 + 0.5 * k2)
+
+    return _fixed_grid(step, model_fn, flow, x, steps, extra_args, callback, progress, time_shift)
+
+
+def heun(model_fn, flow: FlowMatching, x, steps, extra_args=None, callback=None, generator=None, progress=False, time_shift=None):
+    """Heun as EDM samples (Karras et al. 2022, k-diffusion's sample_heun): second order on every
+    step but the one that ends at t = 1, which is Euler, so 2 * steps - 1 model calls. The velocity
+    at t = 1 itself is degenerate (x is the data there; the noise it should point away from is gone)
+    and a model trained with logit-normal times has barely seen t > 0.95, so heun2's corrector at
+    t = 1 adds visible noise to such a model's samples (docs/samplers)."""
+
+    def step(v, x, t0, t1):
+        dt = t1 - t0
+        k1 = v(x, t0)
+        if t1 >= 1.0:
+            return x + dt * k1
+        k2 = v(x + dt * k1, t1)
         return x + dt * (0.5 * k1 + 0.5 * k2)
 
     return _fixed_grid(step, model_fn, flow, x, steps, extra_args, callback, progress, time_shift)
