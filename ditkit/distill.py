@@ -101,13 +101,15 @@ def guided_velocity(model, flow: FlowMatching, x: torch.Tensor, t: torch.Tensor,
     return uncond + (_expand(w, v) if w.ndim else w) * (cond - uncond)
 
 
-def ode_step(v, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, heun: bool) -> torch.Tensor:
-    """One Euler or Heun step of dx/dt = v(x, t) from per-sample times t0 to t1."""
+def ode_step(v, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, solver: str) -> torch.Tensor:
+    """One step of dx/dt = v(x, t) from per-sample times t0 to t1 as the fixed-grid sampler
+    `solver` takes it: euler; heun2 (Heun everywhere); heun (Euler on a step that ends at t = 1)."""
     dt = _expand(t1 - t0, x)
     k1 = v(x, t0)
-    if not heun:
+    if solver == "euler":
         return x + dt * k1
-    return x + dt * 0.5 * (k1 + v(x + dt * k1, t1))
+    heun = x + dt * 0.5 * (k1 + v(x + dt * k1, t1))
+    return torch.where(_expand(t1 >= 1, x), x + dt * k1, heun) if solver == "heun" else heun
 
 
 # -- the distiller ---------------------------------------------------------------------------
@@ -259,12 +261,12 @@ class Distiller(Trainer):
         xt, _ = self.objective.interpolate(x, noise, t0)
         with torch.no_grad():
             if self.phase == 0:  # the guided teacher, with its own solver
-                heun = self.teacher.sampling.sampler != "euler"
+                solver = self.teacher.sampling.sampler if self.teacher.sampling.sampler in ("euler", "heun") else "heun2"
                 v = lambda z, s: guided_velocity(self.teacher.model, self.objective, z, s, y, self.scale, self.interval)  # noqa: E731
             else:
-                heun = False
+                solver = "euler"
                 v = lambda z, s: self.objective.velocity(self.phase_teacher, z, s, y=y)  # noqa: E731
-            x1 = ode_step(v, ode_step(v, xt, t0, tm, heun), tm, t1, heun)
+            x1 = ode_step(v, ode_step(v, xt, t0, tm, solver), tm, t1, solver)
             target = ((x1 - xt) / _expand(t1 - t0, xt)).float()  # the velocity of one Euler step that lands on x1
         return mean_flat((self.student_velocity(xt, t0, y) - target) ** 2).mean()
 

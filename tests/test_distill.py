@@ -14,7 +14,7 @@ from ditkit import train
 from ditkit.checkpoints import read_pt, save_pretrained
 from ditkit.cli import main
 from ditkit.config import DistillConfig, ObjectiveConfig, SamplingOptions
-from ditkit.distill import Distiller, guided_velocity
+from ditkit.distill import Distiller, guided_velocity, ode_step
 from ditkit.pipeline import load_pipeline
 from ditkit.train import latest_checkpoint
 
@@ -225,3 +225,22 @@ def test_flops_count_the_guidance_embedding(one_thread):
     teacher = tiny_teacher()
     student = ditkit.DiT(replace(teacher.config, cfg_embed=True, cfg_range=(1.0, 4.0)))
     assert count_macs(student) - count_macs(teacher) == 256 * 32 + 32 * 32  # the w embedder's two Linears, one image
+
+
+def test_progressive_teacher_steps_follow_the_samplers():
+    """The phase-0 teacher steps as the teacher's sampler would: heun takes Euler on a step ending
+    at t = 1 and Heun elsewhere (per sample), heun2 Heun everywhere; the same as ditkit.sample's."""
+    flow = ditkit.FlowMatching()
+    model = tiny_teacher(learn_sigma=False).eval()
+    v = lambda z, s: flow.velocity(model, z, s, y=torch.zeros(len(z), dtype=torch.long))  # noqa: E731
+    x, t0, t1 = torch.randn(2, 1, 8, 8), torch.tensor([0.5, 0.5]), torch.tensor([0.75, 1.0])
+    with torch.no_grad():
+        euler, heun2, heun = (ode_step(v, x, t0, t1, solver) for solver in ("euler", "heun2", "heun"))
+        torch.testing.assert_close(heun[1], euler[1])
+        torch.testing.assert_close(heun[0], heun2[0])
+        assert (heun2[1] - euler[1]).abs().max() > 1e-3
+        for solver in ("heun", "heun2"):  # two steps of 0.5 from noise: what the sampler gives
+            z = torch.randn(3, 1, 8, 8)
+            ts = [torch.full((3,), s) for s in (0.0, 0.5, 1.0)]
+            by_hand = ode_step(v, ode_step(v, z, ts[0], ts[1], solver), ts[1], ts[2], solver)
+            torch.testing.assert_close(ditkit.sample(model, flow, z, torch.zeros(3, dtype=torch.long), sampler=solver, steps=2), by_hand)
