@@ -197,11 +197,13 @@ class Pipeline:
     source: Path | None = None  # the checkpoint it was loaded from
     text_encoder: object | None = None  # a text.TextEncoder for text-to-image models
     lora: Path | None = None  # the LoRA adapter merged into the model's weights
+    compile: bool = False  # sample through torch.compile(model), `network`
 
     def describe_source(self) -> str:
         return f"{self.source}" + (f" + LoRA {self.lora}" if self.lora else "")
 
     def __post_init__(self):
+        self.network = torch.compile(self.model) if self.compile else self.model  # what the samplers call
         check_sampler(self.sampling.sampler, objective_name(self.objective))
         check_guidance(self.sampling.cfg_scale, self.sampling.cfg_channels, self.sampling.cfg_interval, self.config.in_channels)
         if getattr(self.config, "cfg_embed", False):
@@ -229,7 +231,7 @@ class Pipeline:
         s = self.sampling
         noise = self.noise(len(y), generator) if noise is None else noise
         options = {"time_shift": s.time_shift} if isinstance(self.objective, FlowMatching) and s.time_shift is not None else {}
-        return sample(self.model, self.objective, noise, y.to(self.device), sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+        return sample(self.network, self.objective, noise, y.to(self.device), sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
                       cfg_channels=s.cfg_channels, cfg_interval=s.cfg_interval, eta=s.eta, generator=generator,
                       precision=s.precision, progress=progress, callback=callback, clip_denoised=self.vae is None, **options)  # fmt: skip
 
@@ -365,7 +367,7 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
     pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
-                    lora=adapter.path if adapter else None)  # checks the guidance settings
+                    lora=adapter.path if adapter else None, compile=opts.compile)  # checks the guidance settings
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
@@ -397,7 +399,7 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
     guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
-    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun2", steps=50 if kind == "gaussian" else 25,
+    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun", steps=50 if kind == "gaussian" else 25,
                         cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
@@ -408,5 +410,5 @@ def default_sampling(objective, sampler: str | None = None, steps: int | None = 
     """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
     sampler unless the run says otherwise (TrainConfig's default_* settings)."""
     flow = objective_name(objective) == "flow"
-    return Sampling(sampler=sampler or ("heun2" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
+    return Sampling(sampler=sampler or ("heun" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
                     cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip
