@@ -62,7 +62,8 @@ def main() -> None:
     p.add_argument("--intervals", nargs="+", default=["none", "0.1,1", "0.3,1"])
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--real-fd", type=float, help="real-vs-real FD-EffNet at the same sample count, drawn as a line")
     p.add_argument("--out", default="docs/guidance")
     args = p.parse_args()
@@ -70,7 +71,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     file = out / "guidance.json"
     points = json.loads(file.read_text()).get("points", {}) if file.exists() else {}
-    pipe = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps))
+    pipe = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
+                                          compile=args.compile))
     sampler, steps = pipe.sampling.sampler, pipe.sampling.steps
     for interval_text in args.intervals:
         for scale in args.scales:

@@ -37,12 +37,14 @@ from ditkit.samplers import sample  # noqa: E402
 NFES = (5, 10, 25, 50)
 GAUSSIAN = ("ddim", "dpm++2m", "unipc")
 FLOW = ("euler", "heun2", "dopri5", "sde-euler")
+EXTRA = ("heun", "sde-heun")  # on request (--samplers)
 DOPRI_TOLERANCES = (1e-1, 1e-2, 1e-3)  # rtol (atol = rtol / 10); SiT's default is rtol 1e-3, atol 1e-6
 
 
 def steps_for(sampler: str, nfe: int) -> int:
-    """Solver steps that spend `nfe` evaluations: Heun two per step, the SDE one more for its last step."""
-    return {"heun2": max(1, nfe // 2), "sde-euler": max(1, nfe - 1)}.get(sampler, nfe)
+    """Solver steps that spend `nfe` evaluations: Heun two per step (EDM's heun one fewer in all),
+    the SDEs one more for their last step."""
+    return {"heun2": max(1, nfe // 2), "heun": max(1, (nfe + 1) // 2), "sde-euler": max(1, nfe - 1), "sde-heun": max(1, (nfe - 1) // 2)}.get(sampler, nfe)
 
 
 @torch.no_grad()
@@ -54,7 +56,7 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         calls[0] += 1
         rows[0] += len(args[0])
 
-    hook = pipe.model.register_forward_pre_hook(count)
+    hook = pipe.network.register_forward_pre_hook(count)
     labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -63,7 +65,7 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         y = torch.from_numpy(labels[i : i + batch])
         if options:  # solver tolerances: straight to the sampler
             s = pipe.sampling
-            z = sample(pipe.model, pipe.objective, pipe.noise(len(y)), y, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
+            z = sample(pipe.network, pipe.objective, pipe.noise(len(y)), y, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
                        cfg_interval=s.cfg_interval, clip_denoised=True, **options)  # fmt: skip
         else:
             z = pipe.images(y)
@@ -83,8 +85,8 @@ def plot(results: dict, out: Path, reference: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = dict(zip(GAUSSIAN + FLOW, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for sampler in GAUSSIAN + FLOW:
+    colors = dict(zip(GAUSSIAN + FLOW + EXTRA, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for sampler in GAUSSIAN + FLOW + EXTRA:
         for interval, style in (("none", "-"), ("interval", "--")):
             pts = sorted((r["nfe"], r["fd"], r["accuracy"]) for k, r in results.items() if r["sampler"] == sampler and r["guidance"] == interval)
             if not pts:
@@ -117,9 +119,10 @@ def main() -> None:
     p.add_argument("--interval", type=float, nargs=2, default=(0.2, 1.0), help="the guidance interval (t = 0 noise, 1 data)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--batch", type=int, default=64, help="samples per batch (on a CPU small batches stay in cache: 64 runs twice as fast as 500)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (about 1.5x on a CPU)")
     p.add_argument("--nfe", type=int, nargs="*", default=NFES)
-    p.add_argument("--samplers", nargs="*", default=GAUSSIAN + FLOW, choices=GAUSSIAN + FLOW, help="a subset to run")
+    p.add_argument("--samplers", nargs="*", default=GAUSSIAN + FLOW, choices=GAUSSIAN + FLOW + EXTRA, help="a subset to run")
     p.add_argument("--guidance", nargs="*", default=("none", "interval"), choices=("none", "interval"), help="guided at all steps, in the interval, or both")
     p.add_argument("--out", default="docs/samplers")
     args = p.parse_args()
@@ -134,21 +137,22 @@ def main() -> None:
     def save():
         file.write_text(json.dumps({"settings": vars(args), "reference": reference, "points": results}, indent=2))
 
-    pipes = {kind: load_pipeline(SampleNpzConfig(ckpt=path, device="cpu", cfg_scale=args.cfg_scale)) for kind, path in
+    pipes = {kind: load_pipeline(SampleNpzConfig(ckpt=path, device="cpu", cfg_scale=args.cfg_scale, compile=args.compile)) for kind, path in
              (("gaussian", args.gaussian), ("flow", args.flow))}  # fmt: skip
     common = dict(n=args.num_samples, seed=args.seed, batch=args.batch, tmp=tmp)
     if "ddpm-250" not in reference:
         reference["ddpm-250"] = run_point(pipes["gaussian"], "ddpm", 250, None, **common)
         save()
-    plan = []
+    plan = []  # (order, point): every sampler at the first --nfe, then the next, so a cut-short run has whole columns
     for sampler in args.samplers:
         kind = "gaussian" if sampler in GAUSSIAN else "flow"
         for guidance, interval in [g for g in (("none", None), ("interval", tuple(args.interval))) if g[0] in args.guidance]:
-            if sampler == "dopri5":
-                plan += [(kind, sampler, 1, guidance, interval, {"rtol": tol, "atol": tol / 10}) for tol in DOPRI_TOLERANCES]
+            if sampler == "dopri5":  # its loosest tolerance beside the first NFE column, its tightest beside the last
+                plan += [(i * len(args.nfe) // len(DOPRI_TOLERANCES), (kind, sampler, 1, guidance, interval, {"rtol": tol, "atol": tol / 10}))
+                         for i, tol in enumerate(DOPRI_TOLERANCES)]  # fmt: skip
             else:
-                plan += [(kind, sampler, steps_for(sampler, n), guidance, interval, {}) for n in args.nfe]
-    for kind, sampler, steps, guidance, interval, options in plan:
+                plan += [(i, (kind, sampler, steps_for(sampler, n), guidance, interval, {})) for i, n in enumerate(args.nfe)]
+    for _, (kind, sampler, steps, guidance, interval, options) in sorted(plan, key=lambda p: p[0]):
         key = f"{sampler}|{steps}|{guidance}|{options.get('rtol', '')}"
         if key in results:
             continue
@@ -160,7 +164,7 @@ def main() -> None:
     ref = reference["ddpm-250"]
     lines = ["| sampler | model | guidance | steps | NFE | forwards/sample | FD-EffNet | vs DDPM-250 | accuracy |", "|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| ddpm (reference) | diffusion | all steps | 250 | 250 | {ref['forwards']:.0f} | {ref['fd']:.1f} | 1.00 | {ref['accuracy']:.3f} |")
-    for r in sorted(results.values(), key=lambda r: ((GAUSSIAN + FLOW).index(r["sampler"]), r["guidance"], r["nfe"])):
+    for r in sorted(results.values(), key=lambda r: ((GAUSSIAN + FLOW + EXTRA).index(r["sampler"]), r["guidance"], r["nfe"])):
         model = "diffusion" if r["sampler"] in GAUSSIAN else "flow"
         lines.append(f"| {r['sampler']} | {model} | {'t in [%g, %g]' % tuple(args.interval) if r['guidance'] == 'interval' else 'all steps'} | "
                      f"{r['steps'] if r['sampler'] != 'dopri5' else 'rtol %g' % r['rtol']} | {r['nfe']:.0f} | {r['forwards']:.0f} | "

@@ -77,7 +77,7 @@ def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int) 
     """Sample n images with uniform seeded labels and the model's recorded sampling; evaluate them."""
     pipe = load_pipeline(SampleNpzConfig(ckpt=str(model_dir), device="cpu"))
     rows = [0]
-    pipe.model.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
+    pipe.network.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
     labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], help="KEY=VALUE overriding every recipe (JSON values)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch", type=int, default=250, help="samples per model batch")
+    p.add_argument("--batch", type=int, default=64, help="samples per model batch")
     p.add_argument("--out", default="results/ttq")
     args = p.parse_args()
     torch.set_num_threads(torch.get_num_threads())
