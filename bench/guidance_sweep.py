@@ -28,7 +28,7 @@ def parse_interval(text: str):
     return None if text == "none" else tuple(float(v) for v in text.split(","))
 
 
-def plot(points: dict, out: Path, real_fd: float | None) -> None:
+def plot(points: dict, out: Path, real_fd: float | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +48,7 @@ def plot(points: dict, out: Path, real_fd: float | None) -> None:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Guidance scale (labels) against quality and class fidelity", fontsize=9)
+    ax.set_title(f"{title}: guidance scale (labels) against quality and class fidelity", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "guidance.png", dpi=130)
 
@@ -89,7 +89,7 @@ def main() -> None:
         if p_["scale"] == 1.0:
             for interval_text in args.intervals:
                 points.setdefault(f"{sampler}|{steps}|1|{interval_text}", {**p_, "interval": interval_text})
-    plot(points, out, args.real_fd)
+    plot(points, out, args.real_fd, f"{sampler}, {steps} steps, {args.num_samples} samples")
     lines = ["| scale | guidance | evals/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|"]
     for p_ in sorted(points.values(), key=lambda p_: (p_["interval"], p_["scale"])):
         lines.append(f"| {p_['scale']:g} | {'all steps' if p_['interval'] == 'none' else 't in [' + p_['interval'].replace(',', ', ') + ']'} | "

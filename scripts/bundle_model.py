@@ -10,7 +10,13 @@ The text-to-image model (`ditkit sample --prompt ...`) goes to its own folder:
     python scripts/bundle_model.py results/001-MMDiT-S-4/checkpoints/0004000.pt --sampler heun2 --steps 10
 
 The bundled config.json carries the sampling settings `ditkit sample` uses for it by default.
+Given a model folder instead of a training checkpoint, it re-records only those settings (the
+weights are copied unchanged, and the folder's recorded source and data are kept):
+
+    python scripts/bundle_model.py ditkit/assets/fashion-mnist --sampler heun --steps 5 --cfg-scale 2.5 --cfg-interval 0.1 1
 """
+
+import json
 
 import argparse
 from pathlib import Path
@@ -22,7 +28,7 @@ from ditkit.pipeline import BUNDLED, BUNDLED_TEXT
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("ckpt", help="a ditkit training checkpoint (its EMA weights are taken)")
+    p.add_argument("ckpt", help="a ditkit training checkpoint (its EMA weights are taken), or a model folder to re-record")
     p.add_argument("--sampler", default="ddim")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=4.0)
@@ -33,9 +39,12 @@ if __name__ == "__main__":
     sampling = {"sampler": args.sampler, "num_sampling_steps": args.steps, "cfg_scale": args.cfg_scale}
     if args.cfg_interval:
         sampling["cfg_interval"] = list(args.cfg_interval)
-    extra = {"source": Path(args.ckpt).as_posix(), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
-    if recorded_data(Path(args.ckpt)):
-        extra["data"] = recorded_data(Path(args.ckpt))  # what ditkit distill and --init-from train on by default
+    folder_config = Path(args.ckpt) / "config.json"
+    recorded = json.loads(folder_config.read_text()) if folder_config.is_file() else {}
+    extra = {"source": recorded.get("source", Path(args.ckpt).as_posix()), "objective": ck.meta.get("objective", {"objective": "gaussian"}), "sampling": sampling}
+    data = recorded.get("data") or recorded_data(Path(args.ckpt))
+    if data:
+        extra["data"] = data  # what ditkit distill and --init-from train on by default
     text = isinstance(ck.config, MMDiTConfig)
     if text:
         extra["text_encoder"] = ck.meta["text_encoder"]

@@ -66,7 +66,7 @@ def grid_images(path: Path, n: int, size: int = 32, ncol: int = 10) -> np.ndarra
 def bundled_grid(out: str, err: str) -> None:
     """The default job: every class of the bundled model, 4 rows, and the shipped classifier
     recognises most of what it draws (0.96 on 10 000 samples; README)."""
-    assert "from " in out and "heun2, 5 steps, cfg 3 on t in [0.1, 1]" in out  # the settings it used
+    assert "from " in out and "heun, 4 steps, cfg 2.5 on t in [0.1, 1]" in out  # the settings it used
     grid = np.array(Image.open("samples/grid.png"))
     assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)
     images = np.stack([np.array(Image.open(f"samples/{i:06d}.png")) for i in range(40)])[..., None]
@@ -191,7 +191,7 @@ CHECKS = {
     "ditkit train --config fmnist-cpu --max-steps 1500": ("parsed",),
     "ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile": ("parsed",),
     "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt": ("not run", "needs the bundled model's 6 300-step checkpoint"),
-    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun2 --steps 5 --cfg-scale 3 --cfg-interval 0.1 1":
+    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun --steps 4 --cfg-scale 2.5 --cfg-interval 0.1 1":
         ("not run", "needs the bundled model's 5 500-step checkpoint"),
     "ditkit distill --teacher bundled --method guidance --max-steps 300 --lr 2e-4": ("parsed", DistillConfig),
     "ditkit distill --teacher bundled --method progressive --start-steps 4 --student-steps 1 --max-steps 600 --lr 2e-4": ("parsed", DistillConfig),
