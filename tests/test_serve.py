@@ -4,6 +4,7 @@ page driven in headless Chromium."""
 
 import base64
 import io
+import json
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from conftest import free_port
 from PIL import Image
 
 from ditkit.config import SAMPLER_OBJECTIVE, SamplingOptions, ServeConfig
-from ditkit.pipeline import load_pipeline, to_uint8
+from ditkit.pipeline import BUNDLED, load_pipeline, to_uint8
 from ditkit.serve import make_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -217,7 +218,10 @@ def test_page_in_headless_chromium(http, tmp_path):
 def test_cli_refuses_bad_settings_in_one_sentence(capsys):
     from ditkit import cli
 
-    assert cli.main(["serve", "--device", "cpu", "--max-steps", "4"]) == 2  # the bundled model samples 5 steps
-    assert "more than --max-steps 4; pass --num-sampling-steps or raise --max-steps." in capsys.readouterr().err
+    # One step fewer than the bundled model samples by default, whatever its recorded default is: a
+    # limit the default fits would start the server and never return.
+    steps = json.loads((BUNDLED / "config.json").read_text())["sampling"]["num_sampling_steps"]
+    assert cli.main(["serve", "--device", "cpu", "--max-steps", str(steps - 1)]) == 2
+    assert f"more than --max-steps {steps - 1}; pass --num-sampling-steps or raise --max-steps." in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["serve", "--sampler", "fast"])
