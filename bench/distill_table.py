@@ -10,7 +10,8 @@ student at 1, 2 and 4 Euler steps. Fashion-MNIST models (32x32x1): the reference
 
 A student run folder is sampled at k steps by its RUN/model-kstep where there is one (the progressive
 phase trained for k steps), else by its model/. NFE counts network evaluations (a guided one runs cond
-and null as one batch and counts once); forwards counts per-sample rows through the network (guided: 2).
+and null as one batch and counts once); forwards counts per-sample rows through the network (guided: 2);
+images/s is the sampling throughput of the point (eager, batches of --batch, on --device).
 The goals of issue 12 are checked in the last column: guidance within 5% of the teacher's FD-EffNet and
 accuracy; at 4 steps FD-EffNet within 1.5x of the teacher's and accuracy >= 0.90; at 1 step accuracy
 >= 0.85. Resumable: each finished point is kept in OUT/distill.json and skipped when run again.
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="*", default=STEPS, help="Euler steps of the few-step points")
     p.add_argument("--num-samples", type=int, default=2000, help="samples per point (FD-EffNet is full rank above 1280)")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="docs/distill")
     args = p.parse_args()
@@ -132,12 +133,12 @@ def main() -> None:
             point(f"{name}|{k}", name, student_checkpoint(path, k), "euler", k)
 
     ref = points["teacher|default"]
-    rows = ["| model | sampler | steps | cfg | NFE | forwards/sample | FD-EffNet | vs teacher | accuracy | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| model | sampler | steps | cfg | NFE | forwards/sample | images/s | FD-EffNet | vs teacher | accuracy | goal met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in points.values():
         name = "teacher" if r["model"] == "teacher-default" else r["model"]
         rows.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['cfg_scale']:g} | {r['nfe']:.0f} | {r['forwards']:.0f} | "
-                    f"{r['fd']:.1f} | {r['fd'] / ref['fd']:.2f} | {r['accuracy']:.3f} | {goal(name, r, ref)} |")  # fmt: skip
+                    f"{args.num_samples / r['seconds']:.0f} | {r['fd']:.1f} | {r['fd'] / ref['fd']:.2f} | {r['accuracy']:.3f} | {goal(name, r, ref)} |")  # fmt: skip
     (out / "distill.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
     plot({k: v for k, v in points.items() if v["model"] != "teacher-default"}, ref, out)
