@@ -179,3 +179,72 @@ def test_time_budget_and_recorded_sampling(tmp_path):
     assert recorded == {"sampler": "euler", "num_sampling_steps": 7, "cfg_scale": 2.5, "cfg_interval": [0.25, 1.0]}
     with pytest.raises(ValueError, match="does not sample flow models"):
         TrainConfig(objective="flow", default_sampler="ddim")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_half_precision_training_attention_is_the_math_form_and_agrees_with_sdpa(masked):
+    """A bf16 CPU backward over few keys takes the math form (PyTorch's CPU flash kernel is slow
+    there); its output and gradients match SDPA's to bf16 round-off, with a padding mask too."""
+    import torch.nn.functional as F
+
+    from ditkit.models.layers import CPU_MATH_ATTENTION_MAX_KEYS, attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 16, 8, generator=g) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 16, dtype=torch.bool)
+    mask[0, ..., 10:] = False  # the first prompt's last 6 keys are padding
+    mask = mask if masked else None
+    grad = torch.randn(3, 2, 16, 8, generator=g)
+
+    def run(fn, dtype):
+        leaves = [a.to(dtype).requires_grad_() for a in (q, k, v)]
+        out = fn(*leaves, mask) if fn is attention else fn(*leaves, attn_mask=mask)
+        out.backward(grad.to(dtype))
+        return out, [a.grad.float() for a in leaves]
+
+    def sdpa_in_graph(out) -> bool:
+        seen, todo = set(), [out.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            if "ScaledDotProduct" in type(fn).__name__:
+                return True
+            todo += [f for f, _ in fn.next_functions]
+        return False
+
+    out, grads = run(attention, torch.bfloat16)
+    assert not sdpa_in_graph(out)
+    ref, ref_grads = run(F.scaled_dot_product_attention, torch.float32)
+    assert (out.float() - ref).norm() / ref.norm() < 2e-2
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).norm() / b.norm() < 3e-2
+    # fp32, inference and long sequences keep SDPA (exactly the official numerics)
+    sdpa, _ = run(attention, torch.float32)
+    assert sdpa_in_graph(sdpa)
+    torch.testing.assert_close(sdpa, ref, rtol=0, atol=0)
+    with torch.no_grad():
+        assert attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask).grad_fn is None
+    long = torch.randn(1, 1, CPU_MATH_ATTENTION_MAX_KEYS + 1, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert sdpa_in_graph(attention(long, long, long))
+
+
+def test_auto_precision_is_bf16_only_where_its_matmuls_are_fast(monkeypatch, tmp_path):
+    from ditkit.train import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: fp32, the safe side
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    trainer = Trainer(TrainConfig(model="DiT-S/4", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,
+                                  global_batch_size=8, max_steps=1, precision="auto", results_dir=str(tmp_path)))  # fmt: skip
+    assert trainer.precision == "bf16"
+    x = torch.zeros(2, 1, 8, 8)
+    with trainer.autocast():
+        assert trainer.model(x, torch.zeros(2), torch.zeros(2, dtype=torch.long)).dtype == torch.bfloat16

@@ -65,6 +65,24 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
 
 
+# PyTorch's CPU flash-attention kernel is quick forward but slow backward in bf16 and fp16: at 64
+# tokens its forward + backward takes 5x the math form's, 40% of a bf16 DiT-S/4 training step
+# (bench/attention_cpu.py). Up to this many keys the math form trains faster on a CPU.
+CPU_MATH_ATTENTION_MAX_KEYS = 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (N, H, T, d) heads; `mask` (bool, True = attend) broadcasts
+    to (N, H, T, S). SDPA, but for a CPU backward in half precision over few keys (see above)."""
+    if (q.requires_grad and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_KEYS):  # fmt: skip
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, H, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v  # (N, H, T, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (flash / memory-efficient kernels on GPU), with
     optional QK-norm (RMSNorm of each head's queries and keys, SD3) and 2-D RoPE on q and k."""
@@ -86,7 +104,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
+        x = attention(q, k, v)  # (N, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
 
@@ -105,7 +123,7 @@ class CrossAttention(nn.Module):
         H = self.num_heads
         q = self.q(x).reshape(N, T, H, D // H).transpose(1, 2)  # (N, H, T, D/H)
         k, v = self.kv(cond).reshape(N, cond.shape[1], 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)
+        x = attention(q, k, v)  # (N, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from .dit import DiT, FinalLayer, init_backbone
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, make_norm, modulate
+from .layers import Mlp, PatchEmbed, TimestepEmbedder, attention, make_norm, modulate
 
 __all__ = ["MMDIT_PRESETS", "MMDiTConfig", "MMDiT", "TextCondition"]
 
@@ -121,9 +121,9 @@ class JointBlock(nn.Module):
         qx, kx, vx, mods_x = self.x_block.pre(x, c)
         k, v = torch.cat([kc, kx], dim=2), torch.cat([vc, vx], dim=2)  # (N, H, L + T, D/H)
         if self.context_block.pre_only:  # only the image tokens ask
-            out = F.scaled_dot_product_attention(qx, k, v, attn_mask=mask)  # (N, H, T, D/H)
+            out = attention(qx, k, v, mask)  # (N, H, T, D/H)
             return self.x_block.post(x, out.transpose(1, 2).reshape(N, T, D), mods_x), None
-        out = F.scaled_dot_product_attention(torch.cat([qc, qx], dim=2), k, v, attn_mask=mask)  # (N, H, L + T, D/H)
+        out = attention(torch.cat([qc, qx], dim=2), k, v, mask)  # (N, H, L + T, D/H)
         out = out.transpose(1, 2).reshape(N, L + T, D)
         return self.x_block.post(x, out[:, L:], mods_x), self.context_block.post(ctx, out[:, :L], mods_c)
 
