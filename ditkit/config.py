@@ -41,6 +41,7 @@ SAMPLER_OBJECTIVE = {
 }  # fmt: skip
 SAMPLERS = tuple(SAMPLER_OBJECTIVE)
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = ("fp32", "bf16", "auto")  # training: fp32 master weights, bf16 autocast; auto picks per machine
 BAD_IMAGE_ACTIONS = ("skip", "stop")
 SPLITS = ("train", "test")
 STORE_DTYPES = ("float32", "float16")
@@ -475,7 +476,8 @@ class TrainConfig(Config):
     default_steps: int | None = field(default=None, metadata=option("the sampling steps it records", gt=0, le=10_000))
     default_cfg_scale: float | None = field(default=None, metadata=option("the guidance scale it records", ge=0))
     default_cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval it records (t = 0 noise, 1 data)", ge=0, le=1))
-    precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official) or bf16 autocast", choices=("fp32", "bf16")))
+    precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official), bf16 autocast, or auto: bf16 where its matmuls are fast "
+                                                           "(a GPU that has them, a CPU with AMX), else fp32", choices=TRAIN_PRECISIONS))
     compile: bool = field(default=False, metadata=option("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
     parallel: str = field(default="ddp", metadata=option("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
@@ -555,7 +557,7 @@ class DistillConfig(Config):
     log_every: int = field(default=50, metadata=positive("log the loss every N steps"))
     ckpt_every: int = field(default=250, metadata=positive("checkpoint every N steps (and always at the last step)"))
     keep_last: int = field(default=2, metadata=positive("keep the newest K checkpoints"))
-    precision: str = field(default="fp32", metadata=option("fp32 or bf16 autocast", choices=("fp32", "bf16")))
+    precision: str = field(default="fp32", metadata=option("fp32, bf16 autocast, or auto (bf16 where its matmuls are fast)", choices=TRAIN_PRECISIONS))
     device: str = field(default="auto", metadata=option(_DEVICE))
     resume: str | None = field(default=None, metadata=option("continue a distillation: 'latest' in RESULTS_DIR, a run folder, or a checkpoint, with its own settings "
                                                              "(only --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
