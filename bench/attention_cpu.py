@@ -21,14 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditkit.models.layers import CPU_MATH_ATTENTION_MAX_KEYS  # noqa: E402
 
-# (tokens, batch): DiT-S/4 on 32x32 (64 tokens, a training batch of 128), S/2 on 32x32 or XL/2
-# at 256 px (256 tokens), XL/2 at 512 px (1024 tokens)
-SHAPES = ((64, 128), (256, 32), (1024, 4))
+# (tokens, batch): DiT-S/4 on 32x32 (64 tokens, a training batch of 128), MMDiT-S/4 on 32x32 with
+# a 77-token prompt (141), S/2 on 32x32 or XL/2 at 256 px (256 tokens), XL/2 at 512 px (1024 tokens)
+SHAPES = ((64, 128), (141, 56), (192, 42), (256, 32), (1024, 4))
 
 
 def math_attention(q, k, v):
+    """ditkit's math form as it runs eagerly (softmax in the input's precision)."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-    return scores.softmax(-1, dtype=torch.float32).to(v.dtype) @ v
+    return scores.softmax(-1) @ v
 
 
 def ms_per_call(fn, dtype, tokens: int, batch: int, heads: int, head_dim: int, repeat: int, backward: bool) -> float:
