@@ -66,7 +66,7 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         if options:  # solver tolerances: straight to the sampler
             s = pipe.sampling
             z = sample(pipe.network, pipe.objective, pipe.noise(len(y)), y, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-                       cfg_interval=s.cfg_interval, clip_denoised=True, **options)  # fmt: skip
+                       cfg_interval=s.cfg_interval, precision=s.precision, clip_denoised=True, **options)  # fmt: skip
         else:
             z = pipe.images(y)
         images.append(to_uint8(z))
@@ -121,6 +121,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=64, help="samples per batch (on a CPU small batches stay in cache: 64 runs twice as fast as 500)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (about 1.5x on a CPU)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16 autocast of the networks (2.6x with --compile on a CPU with AMX)")
     p.add_argument("--nfe", type=int, nargs="*", default=NFES)
     p.add_argument("--samplers", nargs="*", default=GAUSSIAN + FLOW, choices=GAUSSIAN + FLOW + EXTRA, help="a subset to run")
     p.add_argument("--guidance", nargs="*", default=("none", "interval"), choices=("none", "interval"), help="guided at all steps, in the interval, or both")
@@ -137,7 +138,7 @@ def main() -> None:
     def save():
         file.write_text(json.dumps({"settings": vars(args), "reference": reference, "points": results}, indent=2))
 
-    pipes = {kind: load_pipeline(SampleNpzConfig(ckpt=path, device="cpu", cfg_scale=args.cfg_scale, compile=args.compile)) for kind, path in
+    pipes = {kind: load_pipeline(SampleNpzConfig(ckpt=path, device="cpu", cfg_scale=args.cfg_scale, compile=args.compile, precision=args.precision)) for kind, path in
              (("gaussian", args.gaussian), ("flow", args.flow))}  # fmt: skip
     common = dict(n=args.num_samples, seed=args.seed, batch=args.batch, tmp=tmp)
     if "ddpm-250" not in reference:
