@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--nfe", type=int, nargs="*", default=NFES)
     p.add_argument("--samplers", nargs="*", default=GAUSSIAN + FLOW, choices=GAUSSIAN + FLOW + EXTRA, help="a subset to run")
     p.add_argument("--guidance", nargs="*", default=("none", "interval"), choices=("none", "interval"), help="guided at all steps, in the interval, or both")
+    p.add_argument("--dopri-rtol", type=float, nargs="*", default=DOPRI_TOLERANCES, help="dopri5's tolerances (rtol; atol = rtol / 10), loosest first")
     p.add_argument("--out", default="docs/samplers")
     args = p.parse_args()
     out = Path(args.out)
@@ -149,8 +150,8 @@ def main() -> None:
         kind = "gaussian" if sampler in GAUSSIAN else "flow"
         for guidance, interval in [g for g in (("none", None), ("interval", tuple(args.interval))) if g[0] in args.guidance]:
             if sampler == "dopri5":  # its loosest tolerance beside the first NFE column, its tightest beside the last
-                plan += [(i * len(args.nfe) // len(DOPRI_TOLERANCES), (kind, sampler, 1, guidance, interval, {"rtol": tol, "atol": tol / 10}))
-                         for i, tol in enumerate(DOPRI_TOLERANCES)]  # fmt: skip
+                plan += [(i * len(args.nfe) // len(args.dopri_rtol), (kind, sampler, 1, guidance, interval, {"rtol": tol, "atol": tol / 10}))
+                         for i, tol in enumerate(args.dopri_rtol)]  # fmt: skip
             else:
                 plan += [(i, (kind, sampler, steps_for(sampler, n), guidance, interval, {})) for i, n in enumerate(args.nfe)]
     for _, (kind, sampler, steps, guidance, interval, options) in sorted(plan, key=lambda p: p[0]):
