@@ -61,6 +61,7 @@ ABLATIONS = {
     "- power EMA (constant 0.9999)": dict(ema_schedule="constant", ema_decay=0.9999),
     "- guidance interval": dict(default_cfg_interval=()),
     "- bf16 + compile (fp32, eager)": dict(precision="fp32", compile=False),
+    "fmnist-fast, seed 1 (the spread of a rerun)": dict(global_seed=1),
 }
 
 
