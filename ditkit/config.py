@@ -498,7 +498,10 @@ class TrainConfig(Config):
         if self.init_from and self.text:
             raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
         objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
-        if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
+        # With --init-from and no --objective the base's objective is not known yet: the trainer
+        # merges it in (base_objective), which checks the sampler again.
+        base_decides = self.init_from is not None and self.objective == field_default(type(self), "objective")
+        if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective and not base_decides:
             raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
                              f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
         if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):

@@ -208,6 +208,16 @@ def test_train_lora_bad_input(flags, message, tmp_path, capsys, one_thread):
     assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
+def test_default_sampler_is_checked_against_the_bases_objective(tmp_path, one_thread):
+    """--init-from a flow model with a flow sampler and no --objective: accepted (the objective is
+    the base's); a diffusion sampler is refused once the base's objective is known."""
+    base = tiny_base(tmp_path / "base")
+    trainer = Trainer(lora_cfg(tmp_path, base, max_steps=1, default_sampler="heun", default_steps=2))
+    assert trainer.cfg.objective == "flow" and trainer.cfg.default_sampler == "heun"
+    with pytest.raises(ValueError, match="does not sample flow models"):
+        Trainer(lora_cfg(tmp_path, base, max_steps=1, default_sampler="ddim"))
+
+
 def test_init_from_without_lora_fine_tunes_every_weight(tmp_path, one_thread):
     """--init-from alone: the run starts at the base's weights (model and EMA), trains all of them
     and writes a full model folder."""
