@@ -497,16 +497,16 @@ class TrainConfig(Config):
             raise ValueError("a LoRA adapter is small enough to train with --parallel ddp; drop --parallel fsdp.")
         if self.init_from and self.text:
             raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
-        objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
-        # With --init-from and no --objective the base's objective is not known yet: the trainer
-        # merges it in (base_objective), which checks the sampler again.
-        base_decides = self.init_from is not None and self.objective == field_default(type(self), "objective")
-        if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective and not base_decides:
-            raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
-                             f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+        # With --init-from and no --objective the objective is the base's, not known yet: the trainer
+        # merges it in (base_objective) and these checks run again on the merged config.
+        if not (self.init_from is not None and self.objective == field_default(type(self), "objective")):
+            objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
+            if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
+                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
+                                 f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
         if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):
             raise ValueError("--default-cfg-interval takes two numbers LO <= HI in [0, 1].")
-        if self.text and objective != "flow":
+        if self.text and self.objective != "flow":
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
         if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
             raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")

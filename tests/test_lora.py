@@ -209,11 +209,13 @@ def test_train_lora_bad_input(flags, message, tmp_path, capsys, one_thread):
 
 
 def test_default_sampler_is_checked_against_the_bases_objective(tmp_path, one_thread):
-    """--init-from a flow model with a flow sampler and no --objective: accepted (the objective is
-    the base's); a diffusion sampler is refused once the base's objective is known."""
+    """--init-from a flow model with a flow sampler or a flow-only setting and no --objective:
+    accepted (the objective is the base's); a diffusion sampler is refused once it is known."""
     base = tiny_base(tmp_path / "base")
     trainer = Trainer(lora_cfg(tmp_path, base, max_steps=1, default_sampler="heun", default_steps=2))
     assert trainer.cfg.objective == "flow" and trainer.cfg.default_sampler == "heun"
+    trainer = Trainer(lora_cfg(tmp_path, base, max_steps=1, t_sampling="logit-normal"))
+    assert trainer.cfg.objective == "flow" and trainer.cfg.t_sampling == "logit-normal"
     with pytest.raises(ValueError, match="does not sample flow models"):
         Trainer(lora_cfg(tmp_path, base, max_steps=1, default_sampler="ddim"))
 
