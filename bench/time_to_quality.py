@@ -31,7 +31,7 @@ from ditkit.config import EvalConfig, SampleNpzConfig, TrainConfig  # noqa: E402
 from ditkit.eval.classifier import load_classifier  # noqa: E402
 from ditkit.eval.evaluate import evaluate  # noqa: E402
 from ditkit.eval.npz import save_npz  # noqa: E402
-from ditkit.pipeline import load_pipeline, to_uint8  # noqa: E402
+from ditkit.pipeline import default_sampling, load_pipeline, to_uint8  # noqa: E402
 from ditkit.train import Trainer  # noqa: E402
 
 # The paper's recipe (AdamW 1e-4, batch 256, EMA 0.9999, uniform t, eps + VB loss, no warm-up)
@@ -43,9 +43,6 @@ PAPER = dict(data_path="fashion-mnist", model="DiT-S/4", hidden_size=192, depth=
 # so that the table separates what the recipe buys from what the faster step buys.
 PAPER_FAST = {**PAPER, "precision": "auto", "compile": True}
 RECIPES = {"paper": PAPER, "paper, bf16 + compile": PAPER_FAST, "fmnist-cpu": "fmnist-cpu", "fmnist-fast": "fmnist-fast"}
-# Recorded sampling settings and the pipeline's names for them: a variant that changes only these
-# samples fmnist-fast's own model instead of training another.
-SAMPLING_KEYS = {"default_sampler": "sampler", "default_steps": "steps", "default_cfg_scale": "cfg_scale", "default_cfg_interval": "cfg_interval"}
 # fmnist-fast with one ingredient switched back to the paper's choice (or off), for --ablate.
 ABLATIONS = {
     "fmnist-fast": {},
@@ -83,15 +80,13 @@ def parse_sets(items: list[str]) -> dict:
 
 
 @torch.no_grad()
-def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, sampling: dict | None = None) -> dict:
-    """Sample n images with uniform seeded labels and the model's recorded sampling (`sampling`:
-    recorded default_* keys overridden); evaluate them."""
+def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, recipe: dict | None = None) -> dict:
+    """Sample n images with uniform seeded labels and the model's recorded sampling (or what a run
+    of `recipe` would record: its default_* settings); evaluate them."""
     pipe = load_pipeline(SampleNpzConfig(ckpt=str(model_dir), device="cpu"))
-    if sampling:
-        changes = {SAMPLING_KEYS[k]: v for k, v in sampling.items()}
-        if "cfg_interval" in changes:
-            changes["cfg_interval"] = tuple(changes["cfg_interval"]) or None
-        pipe.sampling = replace(pipe.sampling, **changes)
+    if recipe is not None:
+        s = default_sampling(pipe.objective, **{k.removeprefix("default_"): v for k, v in recipe.items() if k.startswith("default_")})
+        pipe.sampling = replace(pipe.sampling, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval)
     rows = [0]
     pipe.network.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
     labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
@@ -151,11 +146,11 @@ def main() -> None:
     for name, values in runs.items():
         folder = out / name.replace(" ", "_").replace("/", "_")
         change = ABLATIONS.get(name, {}) if args.ablate else {}
-        if change and set(change) <= set(SAMPLING_KEYS) and "fmnist-fast" in results:
+        if change and all(k.startswith("default_") for k in change) and "fmnist-fast" in results:  # sampling alone: fmnist-fast's model
             models = sorted((out / "fmnist-fast" / "runs").glob("*/model"))
             stats = {k: results["fmnist-fast"][k] for k in ("steps", "images", "train_s")}
             folder.mkdir(exist_ok=True)
-            scores = sample_and_score(models[-1], folder, args.num_samples, args.seed, args.batch, sampling=change)
+            scores = sample_and_score(models[-1], folder, args.num_samples, args.seed, args.batch, recipe={**values, **overrides})
         else:
             exp, stats = train(name, {**values, **overrides}, folder, budget, args.steps)
             scores = sample_and_score(exp / "model", folder, args.num_samples, args.seed, args.batch)
