@@ -747,6 +747,7 @@ class DPOConfig(Config):
     out: str = field(default="dpo", metadata=option("output folder: adapter/, log.csv, report.json, before.npz / after.npz; must not hold an adapter yet"))
     judge: str | None = field(default=None, metadata=option("Fashion-MNIST classifier weights (safetensors) whose probability of the intended class scores a sample (default: the shipped classifier)"))
     samples_per_class: int = field(default=32, metadata=option("samples drawn per class; each class gives half as many (winner, loser) pairs", ge=2))
+    min_margin: float = field(default=0.0, metadata=option("drop pairs whose judge scores differ by less (the classifier's scores are probabilities: 0.5 keeps the pairs of a clear winner and a clear loser)", ge=0))
     sampler: str | None = field(default=None, metadata=option("sampler of the pair and evaluation samples (default: the model's)", choices=SAMPLERS))
     num_sampling_steps: int | None = field(default=None, metadata=option("sampling steps (default: the model's)", gt=0, le=10_000))
     cfg_scale: float = field(default=1.0, metadata=option("guidance scale of the pair and evaluation samples (1 = unguided, what DPO is meant to improve)", ge=0))

@@ -65,9 +65,11 @@ def sample_images(pipe: Pipeline, y: torch.Tensor, seed: int, batch_size: int, d
     return torch.cat(latents), torch.cat(images)
 
 
-def make_pairs(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pairs(scores: torch.Tensor, y: torch.Tensor, min_margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(winner indices, loser indices): within each class the best sample against the worst, the
-    second best against the second worst, ...; each class's sample count must be even."""
+    second best against the second worst, ...; each class's sample count must be even. Pairs whose
+    scores differ by less than `min_margin` are dropped: two samples the judge finds about equally
+    good teach the adapter the noise in the judge, not what it prefers."""
     winners, losers = [], []
     for c in y.unique():
         idx = (y == c).nonzero()[:, 0]
@@ -75,7 +77,9 @@ def make_pairs(scores: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, tor
         half = len(ranked) // 2
         winners.append(ranked[:half])
         losers.append(ranked[half:].flip(0)[:half])
-    return torch.cat(winners), torch.cat(losers)
+    win, lose = torch.cat(winners), torch.cat(losers)
+    keep = scores[win] - scores[lose] >= min_margin
+    return win[keep], lose[keep]
 
 
 def evaluate_samples(pipe: Pipeline, cfg: DPOConfig, path: Path) -> dict:
@@ -119,7 +123,11 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
     latents, images = sample_images(pipe, y, cfg.seed, cfg.sample_batch_size, desc="pair samples")
     scores = torch.cat([judge(part.to(device), labels.to(device)).float().cpu() for part, labels in
                         zip(images.split(cfg.sample_batch_size), y.split(cfg.sample_batch_size))])  # fmt: skip
-    win, lose = make_pairs(scores, y)
+    win, lose = make_pairs(scores, y, cfg.min_margin)
+    if not len(win):
+        w, l = make_pairs(scores, y)
+        raise ValueError(f"no pair of the {len(y)} samples differs by --min-margin {cfg.min_margin:g} in the judge's score (the widest gap is "
+                         f"{(scores[w] - scores[l]).max():.3f}); lower it or raise --samples-per-class.")  # fmt: skip
     print(f"dpo: {len(win)} pairs from {len(y)} samples; judge score {scores.mean():.3f} on average, "
           f"winners {scores[win].mean():.3f}, losers {scores[lose].mean():.3f}", flush=True)  # fmt: skip
     report = {"pairs": len(win), "judge": {"mean": scores.mean().item(), "winners": scores[win].mean().item(), "losers": scores[lose].mean().item()}}

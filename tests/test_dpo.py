@@ -65,6 +65,8 @@ def test_make_pairs_best_against_worst():
     scores = torch.tensor([0.2, 0.9, 0.5, 0.1, 0.3, 0.7])
     win, lose = make_pairs(scores, y)
     assert win.tolist() == [1, 2, 5] and lose.tolist() == [3, 0, 4]
+    win, lose = make_pairs(scores, y, min_margin=0.5)  # margins 0.8, 0.3, 0.4: only the clear pair stays
+    assert win.tolist() == [1] and lose.tolist() == [3]
 
 
 @pytest.fixture
@@ -113,3 +115,11 @@ def test_dpo_cli_bad_input(tiny_flow, tmp_path, capsys, one_thread):
     assert len(err.splitlines()) == 1 and "the Fashion-MNIST classifier judges 1x32x32 images" in err  # before any sampling
     assert main(["dpo", "--samples-per-class", "3"]) == 2
     assert "--samples-per-class 3 is odd" in capsys.readouterr().err
+
+
+def test_dpo_min_margin_no_pairs(tiny_flow, tmp_path, one_thread):
+    """A margin no pair reaches is refused in one sentence that names the widest gap, before training."""
+    cfg = DPOConfig(ckpt=str(tiny_flow), out=str(tmp_path / "dpo"), samples_per_class=4, steps=1, min_margin=5.0, eval_samples=0, device="cpu")
+    with pytest.raises(ValueError, match=r"no pair of the 12 samples differs by --min-margin 5 .*the widest gap is \d"):
+        run_dpo(cfg, judge=brightness)
+    assert not (tmp_path / "dpo" / "adapter").exists()
