@@ -96,6 +96,25 @@ def evaluate_samples(pipe: Pipeline, cfg: DPOConfig, path: Path) -> dict:
     return evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", metrics=metrics, device=cfg.device))["metrics"]
 
 
+def paired_change(before: Path, after: Path) -> dict:
+    """Accuracy change between two evaluations drawn with the same labels and noise, sample by sample:
+    how many samples the shipped classifier recognises only after (fixed) or only before (broken),
+    and the standard error of the change, which pairing makes smaller than either accuracy's own."""
+    import numpy as np
+
+    from .eval.classifier import classifier_predictions, load_classifier
+
+    model = load_classifier()[0]
+    with np.load(before) as b, np.load(after) as a:
+        labels = b["labels"]
+        ok_before = classifier_predictions(model, b["arr_0"]) == labels
+        ok_after = classifier_predictions(model, a["arr_0"]) == labels
+    n = len(labels)
+    fixed, broken = int((ok_after & ~ok_before).sum()), int((ok_before & ~ok_after).sum())
+    change = (fixed - broken) / n
+    return {"fixed": fixed, "broken": broken, "change": change, "paired_se": math.sqrt(max((fixed + broken) / n - change**2, 0.0) / n)}
+
+
 def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
     """Sample, judge, pair, train the adapter; returns OUT/adapter. `judge` overrides the classifier."""
     out = Path(cfg.out)
@@ -174,6 +193,9 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         report["after"] = evaluate_samples(pipe, cfg, out / "after.npz")
         for name in report["before"]:
             print(f"dpo: {name:<10} before {report['before'][name]:.4f}  after {report['after'][name]:.4f}", flush=True)
+        if "accuracy" in report["after"]:  # the accuracy metric's classifier, sample by sample
+            report["paired"] = pc = paired_change(out / "before.npz", out / "after.npz")
+            print(f"dpo: accuracy change {pc['change']:+.4f} ± {pc['paired_se']:.4f} (paired): {pc['fixed']} samples fixed, {pc['broken']} broken", flush=True)
     atomic_write(out / "report.json", lambda p: Path(p).write_text(json.dumps(report, indent=2) + "\n"))
     print(f"dpo: wrote {adapter} (ditkit sample --lora {adapter} --cfg-scale 1)", flush=True)
     return adapter

@@ -14,7 +14,7 @@ import ditkit
 from ditkit.checkpoints import save_pretrained
 from ditkit.cli import main
 from ditkit.config import DPOConfig, SamplingOptions
-from ditkit.dpo import dpo_loss, make_pairs, run_dpo, sample_images
+from ditkit.dpo import dpo_loss, make_pairs, paired_change, run_dpo, sample_images
 from ditkit.lora import ADAPTER_WEIGHTS, adapter_disabled, add_lora
 from ditkit.pipeline import load_pipeline
 
@@ -67,6 +67,34 @@ def test_make_pairs_best_against_worst():
     assert win.tolist() == [1, 2, 5] and lose.tolist() == [3, 0, 4]
     win, lose = make_pairs(scores, y, min_margin=0.5)  # margins 0.8, 0.3, 0.4: only the clear pair stays
     assert win.tolist() == [1] and lose.tolist() == [3]
+
+
+def test_paired_change_counts_fixed_and_broken_samples(tmp_path, one_thread):
+    """40 real test images the classifier recognises; 'before' puts another class's image into 5
+    slots, 'after' into 3 others: 5 fixed, 3 broken, a change of +2/40 and its paired error."""
+    import numpy as np
+
+    from ditkit.eval.classifier import classifier_predictions, load_classifier
+    from ditkit.eval.npz import fashion_mnist
+
+    images, labels = fashion_mnist("test")
+    right = np.flatnonzero(classifier_predictions(load_classifier()[0], images[:400]) == labels[:400])[:40]
+    x, y = images[right], labels[right]
+
+    def misplaced(i):  # an image of x the classifier calls another class than slot i's
+        return x[np.flatnonzero(y != y[i])[0]]
+
+    before, after = x.copy(), x.copy()
+    for i in range(5):
+        before[i] = misplaced(i)
+    for i in range(37, 40):
+        after[i] = misplaced(i)
+    np.savez(tmp_path / "b.npz", arr_0=before, labels=y)
+    np.savez(tmp_path / "a.npz", arr_0=after, labels=y)
+    p = paired_change(tmp_path / "b.npz", tmp_path / "a.npz")
+    assert (p["fixed"], p["broken"]) == (5, 3)
+    assert p["change"] == pytest.approx(2 / 40)
+    assert p["paired_se"] == pytest.approx(math.sqrt((8 / 40 - (2 / 40) ** 2) / 40))
 
 
 @pytest.fixture
