@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -149,7 +150,7 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
                          f"{(scores[w] - scores[l]).max():.3f}); lower it or raise --samples-per-class.")  # fmt: skip
     print(f"dpo: {len(win)} pairs from {len(y)} samples; judge score {scores.mean():.3f} on average, "
           f"winners {scores[win].mean():.3f}, losers {scores[lose].mean():.3f}", flush=True)  # fmt: skip
-    report = {"pairs": len(win), "judge": {"mean": scores.mean().item(), "winners": scores[win].mean().item(), "losers": scores[lose].mean().item()}}
+    report = {"settings": asdict(cfg), "pairs": len(win), "judge": {"mean": scores.mean().item(), "winners": scores[win].mean().item(), "losers": scores[lose].mean().item()}}
     if cfg.eval_samples:
         report["before"] = evaluate_samples(pipe, cfg, out / "before.npz")
         print(f"dpo: before: {json.dumps(report['before'])}", flush=True)
