@@ -107,7 +107,7 @@ def tiny_flow(tmp_path):
 
 
 def test_dpo_steps_lower_the_loss_and_raise_the_judge(tiny_flow, tmp_path, one_thread):
-    cfg = DPOConfig(ckpt=str(tiny_flow), out=str(tmp_path / "dpo"), samples_per_class=8, steps=40, batch_size=8, lr=1e-2, beta=200.0,
+    cfg = DPOConfig(ckpt=str(tiny_flow), out=str(tmp_path / "dpo"), samples_per_class=8, min_margin=0.0, steps=40, batch_size=8, lr=1e-2, beta=200.0,
                     eval_samples=0, log_every=5, device="cpu")  # fmt: skip
     adapter = run_dpo(cfg, judge=brightness)
     with open(tmp_path / "dpo" / "log.csv", newline="") as f:

@@ -202,7 +202,7 @@ CHECKS = {
     "ditkit train --init-from bundled --data-path mnist --lora-rank 8 --lora-alpha 16 --max-steps 2000 --lr 1e-3 --ema-schedule power": ("parsed",),
     "ditkit sample --lora results/000-lora/adapter --classes 3 7": ("fails", "LoRA adapter results/000-lora/adapter does not exist"),
     "ditkit export --format ditkit --lora results/000-lora/adapter --out merged-model": ("fails", "LoRA adapter results/000-lora/adapter does not exist"),
-    "ditkit dpo --samples-per-class 64 --lora-rank 8 --steps 500 --eval-samples 2000 --out dpo": ("parsed", DPOConfig),
+    "ditkit dpo --out dpo": ("parsed", DPOConfig),
     "pip install -e .[text]": ("not run", "installs"),
     "ditkit sample --prompt a dark ankle boot --prompt a light sneaker": ("run", text_samples),
     "ditkit sample --ckpt results/001-MMDiT-S-4/model --prompts prompts.txt": ("fails", "checkpoint results/001-MMDiT-S-4/model does not exist"),
