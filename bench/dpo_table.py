@@ -53,12 +53,12 @@ def plot(name: str, before: np.ndarray, after: np.ndarray, runs: dict, out: Path
     for run, r in runs.items():
         change = r["paired"]["change"]
         fd = r["after"]["FD-EffNet"] / r["before"]["FD-EffNet"]
-        axes[1].errorbar(fd, change, yerr=r["paired"]["paired_se"], marker="o", capsize=3)
-        axes[1].annotate(run, (fd, change), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        axes[1].errorbar(fd, change, yerr=r["paired"]["paired_se"], marker="o", capsize=3, ls="none", label=run)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set_xlabel("FD-EffNet after / before (1: as far from the real images as before)")
     axes[1].set_ylabel("accuracy change (paired, ± 1 s.e.)")
     axes[1].grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
     fig.suptitle("ditkit dpo: Diffusion-DPO with a LoRA on the bundled model, judged by the shipped classifier", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "dpo.png", dpi=130)
