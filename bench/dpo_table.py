@@ -70,15 +70,23 @@ def main() -> None:
     p.add_argument("--plot", help="the run whose per-class accuracy is plotted (default: the first)")
     p.add_argument("--out", default="docs/dpo")
     args = p.parse_args()
+    paths = dict(spec.partition("=")[::2] for spec in args.run)
+    if any(not k or not v for k, v in paths.items()) or len(paths) != len(args.run):
+        p.error("--run takes NAME=PATH, one distinct name each.")
+    shown = args.plot or next(iter(paths))
+    if shown not in paths:
+        p.error(f"--plot {shown} names no run; pass one of: {', '.join(paths)}.")
     model = load_classifier()[0]
     runs, rows = {}, []
-    for spec in args.run:
-        name, _, path = spec.partition("=")
-        report = json.loads((Path(path) / "report.json").read_text())
+    for name, path in paths.items():
+        path = Path(path)
+        if not (path / "report.json").is_file():
+            p.error(f"{path} holds no report.json; pass a folder that ditkit dpo --out wrote.")
+        report = json.loads((path / "report.json").read_text())
         settings = report.get("settings")
         if settings is None or "after" not in report:
             p.error(f"{path}/report.json records no settings or no evaluation; run ditkit dpo with --eval-samples above 1280 again.")
-        report["paired"] = report.get("paired") or paired_change(Path(path) / "before.npz", Path(path) / "after.npz")
+        report["paired"] = report.get("paired") or paired_change(path / "before.npz", path / "after.npz")
         runs[name] = report
         b, a, pc = report["before"], report["after"], report["paired"]
         rows.append(f"| {name} | " + " | ".join(f"{settings[k]:g}" for k in SETTINGS) + f" | {report['pairs']} | "
@@ -86,8 +94,7 @@ def main() -> None:
                     f"{b['FD-EffNet']:.1f} → {a['FD-EffNet']:.1f} |")  # fmt: skip
     head = ["| run | samples/class | min margin | steps | lr | beta | LoRA rank | pairs | accuracy | change (paired) | fixed / broken | FD-EffNet |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    shown = args.plot or next(iter(runs))
-    path = Path(dict(s.split("=", 1) for s in args.run)[shown])
+    path = Path(paths[shown])
     before, after = per_class(path / "before.npz", model), per_class(path / "after.npz", model)
     classes = ["| class | " + " | ".join(FASHION_MNIST_CLASSES) + " |", "|---" * (len(FASHION_MNIST_CLASSES) + 1) + "|",
                "| before | " + " | ".join(f"{v:.3f}" for v in before) + " |", f"| after ({shown}) | " + " | ".join(f"{v:.3f}" for v in after) + " |"]  # fmt: skip
