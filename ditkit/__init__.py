@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "DiT": "models", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
+    "DiT": "checkpoints", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
     "GaussianDiffusion": "objectives", "FlowMatching": "objectives", "space_timesteps": "objectives.gaussian",
     "sample": "samplers", "SAMPLERS": "samplers", "cfg_model": "samplers",
     "MMDiT": "models.mmdit", "MMDiTConfig": "config", "MMDIT_PRESETS": "config", "TextCondition": "models.mmdit",
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # what a type checker sees: the same names, imported
     from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, MMDiTConfig as MMDiTConfig, ObjectiveConfig as ObjectiveConfig
     from .config import MMDIT_PRESETS as MMDIT_PRESETS
     from .models.mmdit import MMDiT as MMDiT, TextCondition as TextCondition
-    from .models import DiT as DiT
+    from .checkpoints import DiT as DiT
     from .objectives import FlowMatching as FlowMatching, GaussianDiffusion as GaussianDiffusion
     from .objectives.gaussian import space_timesteps as space_timesteps
     from .samplers import SAMPLERS as SAMPLERS, cfg_model as cfg_model, sample as sample

@@ -1,46 +1,33 @@
-"""Loading and saving DiT weights.
+"""Loading and saving DiT weights, in every format ditkit reads.
 
 Formats: the official release (`DiT-XL-2-256x256.pt`, a raw state dict; training checkpoints,
-a dict with `model`/`ema`/`opt`/`args`, of which `ema` is taken), and ditkit's own, a folder
-(or a `.safetensors` file) with `model.safetensors` and `config.json`. `.pt` files are read
-with `weights_only=True`: no arbitrary object is unpickled.
+a dict with `model`/`ema`/`opt`/`args`, of which `ema` is taken), ditkit's own, a folder (or a
+`.safetensors` file) with `model.safetensors` and `config.json`, and (through ditkit.hub)
+diffusers folders and Hugging Face Hub ids. `.pt` files are read with `weights_only=True`: no
+arbitrary object is unpickled.
+
+`ditkit.DiT` is this module's `DiT`: the network of ditkit.models with `from_pretrained` and
+`save_pretrained`, which need the formats and so live above the models.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from .config import MMDiTConfig
-from .models import PRESET_SIZES, DiT, DiTConfig
+from . import hub
+from .config import PRESET_SIZES, DiTConfig, MMDiTConfig
+from .models import dit
 from .models.mmdit import MMDiT
+from .utils.io import atomic_write, read_pt, safetensors_save
+from .utils.runs import CONFIG_NAME, WEIGHTS_NAME
 
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 META_KEYS = ("objective", "sampling", "text_encoder")  # what a ditkit checkpoint records beside the model config
-TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.XXXXXXXX.tmp beside NAME
-
-
-def read_pt(path: str | Path) -> dict:
-    """torch.load with weights_only=True; official training checkpoints carry an argparse.Namespace."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"cannot read checkpoint {path}: it is not a PyTorch file of tensors ({type(e).__name__}); "
-            "check that the download finished and the path is right."
-        ) from None
 
 
 def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
@@ -145,7 +132,7 @@ def describe(config: DiTConfig | MMDiTConfig) -> str:
     return f"{name} at {size}, {config.in_channels} channels, {config.num_classes} classes"
 
 
-def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """load_state_dict(strict=True), failing with one sentence that says what does not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -162,6 +149,38 @@ def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(state, strict=True)
 
 
+class DiT(dit.DiT):
+    """The DiT of ditkit.models with the Hugging Face way of loading and saving it."""
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> DiT:
+        """A DiT in eval mode from a ditkit folder, an official .pt, a diffusers DiTPipeline or
+        DiTTransformer2DModel folder, or the Hugging Face Hub id of any of these (fetched while online)."""
+        return load_pretrained(name)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """folder/model.safetensors + folder/config.json (the DiTConfig), which from_pretrained reads."""
+        return save_pretrained(self, self.config, folder)
+
+
+def read_any(name: str | os.PathLike) -> Checkpoint:
+    """Every format ditkit reads, by path or Hub id."""
+    path = hub.resolve(name)
+    if hub.is_diffusers(path):
+        config, state, meta = hub.read_diffusers(path)
+        return Checkpoint(state, config, meta, path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists():
+        pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
+        if len(pts) == 1:
+            return read_checkpoint(pts[0])
+    return read_checkpoint(path)
+
+
+def load_pretrained(name: str | os.PathLike) -> DiT:
+    """`DiT.from_pretrained`: a DiT in eval mode from any format ditkit reads, by path or Hub id."""
+    return load_model(read_any(name))
+
+
 def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | None = None) -> DiT | MMDiT:
     """A DiT (or MMDiT) with the checkpoint's weights: `config` if given, else the checkpoint's own
     config (ditkit format) or the config read off its shapes (official files)."""
@@ -172,62 +191,6 @@ def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | 
     model = MMDiT(config) if isinstance(config, MMDiTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()
-
-
-class NoSpaceError(OSError):
-    """The disk filled up during an atomic write; the file it was replacing is untouched."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), fsync it, rename it over `path` and fsync the folder: a crash or a power
-    loss leaves the old file or the new one, never half of one. A full disk raises NoSpaceError."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself reaches the disk
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpaceError(f"no space left on {path.parent} while writing {path.name}") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(folder: str | Path, name: str = "*") -> None:
-    """Delete what interrupted atomic writes of `folder/name` left behind (.NAME.XXXXXXXX.tmp, each
-    as large as the file it was to become)."""
-    for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-
-
-def torch_save(obj, path: str | Path) -> None:
-    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) and not torch's
-    "unexpected pos" RuntimeError."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def safetensors_save(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """safetensors' bytes written through a Python file: its own save_file can miss a write error."""
-    with open(path, "wb") as f:
-        f.write(safetensors.torch.save(state, metadata=metadata))
 
 
 def save_pretrained(model_or_state, config: DiTConfig | MMDiTConfig, folder: str | Path, extra: dict | None = None) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import tomllib
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config
-from .config import _unwrap
+from .config import build_config, flag, leaf_fields, leaf_hints, unwrap_optional
+from .version import __version__
 
 # name -> (config class, module and function that run it, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -25,22 +27,21 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "eval": ("EvalConfig", "ditkit.eval.evaluate", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
     "train": ("TrainConfig", "ditkit.train", "run_train", "train a DiT (torchrun for many processes)"),
     "distill": ("DistillConfig", "ditkit.distill", "run_distill", "distil a flow teacher: guidance as an input, or few-step students (progressive, reflow)"),
-    "extract": ("ExtractConfig", "ditkit.data", "run_extract", "encode a dataset with the VAE into a latent store"),
+    "extract": ("ExtractConfig", "ditkit.data.extract", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
     "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
     "serve": ("ServeConfig", "ditkit.serve", "run_serve", "a web page and JSON API over a checkpoint, batching requests that arrive together"),
     "dpo": ("DPOConfig", "ditkit.dpo", "run_dpo", "Diffusion-DPO with a LoRA: prefer the model's own samples that a judge (the classifier) ranks higher"),
-    "export": ("ExportConfig", "ditkit.hub", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
+    "export": ("ExportConfig", "ditkit.export", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
 }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    hints = leaf_hints(cls)
+    for f in leaf_fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
-        tp, _ = _unwrap(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        tp, _ = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
         if default is not None and default != () and tp is not bool:
@@ -56,7 +57,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, *f.metadata.get("aliases", ()), **kwargs)
+        parser.add_argument(flag(f.name), *f.metadata.get("aliases", ()), **kwargs)
 
 
 RECIPES = Path(__file__).parent / "recipes"
@@ -87,15 +88,6 @@ def load_config_file(path: str | Path, command: str = RECIPE_COMMAND) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(cls: type, values: dict) -> Any:
-    """The config from a dict of field values; unknown names fail with the list of known ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(names))}.")
-    return cls(**values)  # validated (types, ranges) by the config itself
-
-
 def parse_config(cls: type, args: argparse.Namespace) -> Any:
     values = load_config_file(args.config, args.command) if getattr(args, "config", None) else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
@@ -107,15 +99,12 @@ def _config_class(command: str) -> type:
 
 
 def _runner(command: str) -> Callable:
-    import importlib
-
+    # The command's module loads when it runs, so --help and argument errors answer without torch.
     _, module_name, fn_name, _ = COMMANDS[command]
     return getattr(importlib.import_module(module_name), fn_name)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

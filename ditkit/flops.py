@@ -18,9 +18,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .checkpoints import infer_config, read_checkpoint
 from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, MMDIT_PRESETS, SD_VAE_FACTOR, FlopsConfig, MMDiTConfig
 from .models import PRESETS, DiT, DiTConfig
 from .models.mmdit import MMDiT, TextCondition
+from .utils.runs import find_checkpoint
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -148,9 +150,6 @@ def measure_preset(name: str, **overrides) -> Cost:
 
 def checkpoint_config(ckpt: str) -> DiTConfig:
     """The DiTConfig of a checkpoint (what it records, or what its shapes say)."""
-    from .checkpoints import infer_config, read_checkpoint
-    from .pipeline import find_checkpoint
-
     ck = read_checkpoint(find_checkpoint(ckpt))
     config = ck.config or infer_config(ck.state)
     if config is None:

@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write, remove_temporaries
 from .config import SampleConfig, SampleNpzConfig
-from .eval.npz import save_npz
-from .pipeline import IMAGENET_DEMO_CLASSES, Pipeline, load_pipeline, save_grid, to_uint8
+from .parallel import barrier, setup_distributed
+from .pipeline import IMAGENET_DEMO_CLASSES, Pipeline, load_pipeline
 from .samplers import check_labels
+from .text.prompts import read_prompts
+from .utils.images import save_grid, to_uint8
+from .utils.io import atomic_write, remove_temporaries, save_npz
 
 
 def prompt_list(cfg: SampleConfig | SampleNpzConfig) -> list[str]:
     """--prompt values, then the lines of --prompts (a file or a fashion-mnist-captions suite)."""
-    from .eval.prompts import read_prompts
-
     return [*cfg.prompt, *(read_prompts(cfg.prompts) if cfg.prompts else [])]
 
 
@@ -81,8 +81,6 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
     its noise comes from a generator seeded by (seed, i), so the result depends neither on the
     number of processes nor on interruptions: the same command resumes where a killed run
     stopped. Rank 0 joins the shards into OUT at the end."""
-    from .parallel import barrier, setup_distributed
-
     d = setup_distributed(cfg.device)
     try:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py

@@ -32,10 +32,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoints import Checkpoint, describe, load_model, read_checkpoint, read_pt, save_pretrained
-from .config import DIFFUSERS_SAMPLERS, DiTConfig, ExportConfig, field_default
+from .config import DiTConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
+from .objectives import GaussianDiffusion
+from .samplers.gaussian import multistep_scheduler
+from .utils.io import read_pt
+from .utils.runs import bundled_model
+from .utils.vae import load_vae
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class, hard-coded there
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -145,9 +149,6 @@ def scheduler(sampler: str):
     (tests/test_hub.py measures it), "linspace" takes the official timesteps but steps to t - 1000 // N."""
     from diffusers import DDIMScheduler
 
-    from .objectives import GaussianDiffusion
-    from .samplers.gaussian import multistep_scheduler
-
     diffusion = GaussianDiffusion()
     if sampler == "ddim":
         return DDIMScheduler(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas, clip_sample=False,
@@ -155,7 +156,7 @@ def scheduler(sampler: str):
     return multistep_scheduler(sampler, diffusion)
 
 
-def _fresh_folder(out: Path):
+def fresh_folder(out: Path):
     """A temporary folder beside `out`, renamed onto it by the caller once complete."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; pass a new --out folder (nothing was written).")
@@ -163,9 +164,9 @@ def _fresh_folder(out: Path):
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
 
 
-def _finish(tmp: Path, out: Path) -> Path:
+def finish_folder(tmp: Path, out: Path) -> Path:
     if out.exists():
-        out.rmdir()  # empty (checked by _fresh_folder)
+        out.rmdir()  # empty (checked by fresh_folder)
     os.replace(tmp, out)
     return out
 
@@ -174,8 +175,6 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
     """Write `model` as a diffusers folder. A latent model gets a full DiTPipeline (its VAE copied from
     `vae`); a pixel model, which DiTPipeline cannot decode, gets transformer/ and scheduler/ only."""
     from diffusers import DiTPipeline, DiTTransformer2DModel
-
-    from .pipeline import load_vae
 
     c, out = model.config, Path(out)
     if c.cfg_embed:
@@ -191,7 +190,7 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
     autoencoder = load_vae(vae, torch.device("cpu")) if latent else None
     if autoencoder is not None and autoencoder.config.latent_channels != c.in_channels:
         raise ValueError(f"the VAE makes {autoencoder.config.latent_channels}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
-    tmp = _fresh_folder(out)
+    tmp = fresh_folder(out)
     try:
         if latent:
             DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler(sampler)).save_pretrained(tmp)
@@ -202,7 +201,7 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
         else:
             transformer.save_pretrained(tmp / "transformer")
             scheduler(sampler).save_pretrained(tmp / "scheduler")
-        return _finish(tmp, out)
+        return finish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -220,8 +219,9 @@ def is_diffusers(path: Path) -> bool:
 _SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc"}
 
 
-def read_diffusers(path: str | Path) -> Checkpoint:
-    """A diffusers DiT folder as a ditkit Checkpoint (weights converted, config, the scheduler's sampler)."""
+def read_diffusers(path: str | Path) -> tuple[DiTConfig, dict[str, torch.Tensor], dict]:
+    """A diffusers DiT folder as ditkit's (config, state dict, what it records): weights converted,
+    the scheduler's sampler."""
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
     folder = path / "transformer" if (path / "transformer").is_dir() else path
@@ -238,14 +238,12 @@ def read_diffusers(path: str | Path) -> Checkpoint:
         sampler = _SAMPLER_OF_SCHEDULER.get(json.loads(scheduler_file.read_text()).get("_class_name"))
         if sampler is not None:
             meta["sampling"] = {"sampler": sampler}
-    return Checkpoint(state, config, meta, path)
+    return config, state, meta
 
 
 def resolve(name: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a Hub id (owner/name), fetched into the Hugging Face cache
     (only the files a DiT needs; works offline once cached)."""
-    from .pipeline import bundled_model
-
     path = Path(name)
     if path.exists():
         return path
@@ -266,58 +264,3 @@ def resolve(name: str | os.PathLike) -> Path:
         raise OSError(f"{name} is not a local path and could not be fetched from the Hugging Face Hub ({type(e).__name__}); "
                       "check the id and the network, or pass a local folder.") from None  # fmt: skip
     return folder
-
-
-def read_any(name: str | os.PathLike) -> Checkpoint:
-    """Every format ditkit reads, by path or Hub id."""
-    path = resolve(name)
-    if is_diffusers(path):
-        return read_diffusers(path)
-    if path.is_dir() and not (path / "model.safetensors").exists():
-        pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
-        if len(pts) == 1:
-            return read_checkpoint(pts[0])
-    return read_checkpoint(path)
-
-
-def load_pretrained(name: str | os.PathLike) -> DiT:
-    """`DiT.from_pretrained`: a DiT in eval mode from any format ditkit reads, by path or Hub id."""
-    return load_model(read_any(name))
-
-
-def run_export(cfg: ExportConfig) -> Path:
-    from .pipeline import BUNDLED, find_checkpoint
-
-    adapter = None
-    if cfg.lora:
-        from .lora import read_adapter
-
-        adapter = read_adapter(cfg.lora)
-    ck = read_any(cfg.ckpt or (find_checkpoint(adapter.base) if adapter and adapter.base else BUNDLED))
-    objective = ck.meta.get("objective", {}).get("objective", "gaussian")
-    model = load_model(ck)
-    if adapter is not None:
-        from .lora import apply_adapter
-
-        model = apply_adapter(model, adapter)  # merged: a plain model of the base's layout
-    out = Path(cfg.out)
-    if cfg.format == "ditkit":
-        tmp = _fresh_folder(out)
-        try:
-            save_pretrained(model, model.config, tmp, extra=ck.meta)
-            _finish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"wrote {out}: {describe(model.config)} (ditkit format: model.safetensors + config.json)")
-        return out
-    if objective != "gaussian":
-        raise ValueError(f"DiTPipeline samples diffusion models; this is a {objective} model, so export it with --format ditkit.")
-    recorded = ck.meta.get("sampling", {}).get("sampler")
-    sampler = cfg.sampler or (recorded if recorded in DIFFUSERS_SAMPLERS else "ddim")
-    export_diffusers(model, out, vae=cfg.vae, sampler=sampler)
-    if model.config.in_channels in (1, 3):
-        print(f"wrote {out}: {describe(model.config)} as transformer/ and scheduler/ ({sampler}); a pixel-space model has no VAE, "
-              "so DiTPipeline cannot decode it: load DiTTransformer2DModel.from_pretrained(OUT, subfolder='transformer').")  # fmt: skip
-    else:
-        print(f"wrote {out}: {describe(model.config)} as a DiTPipeline ({sampler}); load it with diffusers.DiTPipeline.from_pretrained('{out}').")
-    return out

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import atomic_write, config_from_dict, describe, safetensors_save
+from .checkpoints import config_from_dict, describe
+from .utils.io import atomic_write, safetensors_save
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 BASE_CONFIG_KEY = "ditkit_base_config"  # safetensors metadata: the base model's config, as JSON

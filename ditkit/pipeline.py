@@ -1,32 +1,36 @@
-"""A checkpoint -> model + objective + sampling settings + VAE: the one setup behind `ditkit sample`,
-`ditkit sample-npz`, the training sample grids and `ditkit study`.
+"""A checkpoint -> model + objective + sampling settings + VAE (+ text encoder): the one setup behind
+`ditkit sample`, `ditkit sample-npz`, `ditkit serve`, the training sample grids and `ditkit study`.
 
 Sampling settings resolve in this order: what the caller gives, what the checkpoint records
 (`config.json`'s "sampling", a training checkpoint's "sampling"), and the official defaults of the
-objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4).
+objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4). They are checked once,
+when the pipeline is built.
+
+The bottom utilities README examples reach through this module (BUNDLED, BUNDLED_TEXT, load_vae,
+decode, save_grid, to_uint8) are the ones in ditkit.utils.
 """
 
 from __future__ import annotations
 
-import math
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, SamplingOptions
+from .checkpoints import infer_config, load_model, read_checkpoint
+from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, check_sampler
+from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
-from .samplers import DEFAULT_SAMPLER, check_embedded_guidance, check_guidance, check_sampler, sample
+from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
+from .text.encoder import TextEncoder
+from .utils.images import save_grid, to_uint8
+from .utils.runs import BUNDLED, BUNDLED_TEXT, find_checkpoint
+from .utils.devices import resolve_device
+from .utils.vae import decode, find_vae, load_vae, vae_factor
 
-ASSETS = Path(__file__).parent / "assets"
-BUNDLED = ASSETS / "fashion-mnist"
-BUNDLED_NAME = "bundled"  # what --ckpt calls it; the other bundled models go by their folder names
-BUNDLED_TEXT = ASSETS / "fashion-mnist-text"  # the default when prompts are given
-VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+__all__ = ["Pipeline", "load_pipeline", "grid_pipeline", "default_sampling", "resolve_sampling",
+           "BUNDLED", "BUNDLED_TEXT", "load_vae", "decode", "save_grid", "to_uint8"]  # fmt: skip
+
 # The official sample.py's demo classes (ImageNet): used for 1000-class models when none are given.
 IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 # The official sample.py defaults of DiT and SiT (`sample.py ODE`), used when nothing else says.
@@ -34,155 +38,6 @@ OFFICIAL_SAMPLING = {
     "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
 }
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Resolved sampling settings of a pipeline."""
-
-    sampler: str
-    steps: int
-    cfg_scale: float = 1.0
-    cfg_channels: int | None = None
-    cfg_interval: tuple[float, float] | None = None
-    eta: float = 0.0
-    time_shift: float | None = None
-    precision: str = "fp32"
-
-    def to_dict(self) -> dict:
-        """The "sampling" entry a model folder records (the keys of SamplingOptions)."""
-        d = {"sampler": self.sampler, "num_sampling_steps": self.steps, "cfg_scale": self.cfg_scale}
-        if self.cfg_interval is not None:
-            d["cfg_interval"] = list(self.cfg_interval)
-        if self.time_shift is not None:
-            d["time_shift"] = self.time_shift
-        return d
-
-    def describe(self) -> str:
-        text = f"{self.sampler}, {self.steps} steps, cfg {self.cfg_scale:g}"
-        if self.cfg_interval is not None and self.cfg_scale != 1:
-            text += f" on t in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
-        if self.cfg_channels is not None:
-            text += f" ({self.cfg_channels} channels)"
-        if self.sampler == "ddim" and self.eta:
-            text += f", eta {self.eta:g}"
-        if self.time_shift not in (None, 1.0):
-            text += f", time shift {self.time_shift:g}"
-        if self.precision != "fp32":
-            text += f", {self.precision}"
-        return text
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto.") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu.")
-    return device
-
-
-# A hub id is ORG/NAME; anything else (or an ORG/NAME folder that exists) is a local folder.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class VaeSource:
-    """Where an AutoencoderKL comes from, found before any weights are read: a local folder, the
-    hub's local cache, or the hub itself; `config` is its config.json."""
-
-    name: str  # folder path or hub id
-    config: dict
-    local_only: bool  # a folder or the hub cache: load with no network access
-
-
-def _quietly(fn, repo: str, **kwargs):
-    """A diffusers loading call without huggingface_hub's deprecation warnings (it passes old arguments)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="huggingface_hub")
-        return fn(repo, **kwargs)
-
-
-def find_vae(name: str) -> VaeSource:
-    """The VAE `name` stands for ('ema'/'mse' shorthands, a folder, a hub id) with its config, in one
-    sentence when it is not there: a missing folder is named as such, an unreachable hub is said
-    once (no retries), so the image size and channels can be checked before any weights load."""
-    from diffusers import AutoencoderKL
-
-    repo = VAE_SHORTHANDS.get(name, name)
-    folder = Path(repo).expanduser()
-    if folder.is_file():
-        raise ValueError(f"--vae {folder} is a file; pass the AutoencoderKL folder that holds config.json and the weights.")
-    if folder.is_dir() or not HUB_ID.match(repo):
-        if not folder.is_dir():
-            raise ValueError(f"VAE folder {folder} does not exist; pass --vae with an AutoencoderKL folder (config.json + weights), a hub id (ORG/NAME) or ema / mse.")
-        if not (folder / "config.json").is_file():
-            raise ValueError(f"VAE folder {folder} has no config.json; pass a folder written by AutoencoderKL.save_pretrained.")
-        return VaeSource(str(folder), AutoencoderKL.load_config(folder), local_only=True)
-    try:  # downloaded before: the hub cache, with no network access
-        return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo, local_files_only=True), local_only=True)
-    except OSError:
-        pass
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.utils import EntryNotFoundError, RepositoryNotFoundError
-
-    try:  # one request, no retries: an offline machine answers at once
-        get_hf_file_metadata(hf_hub_url(repo, "config.json"))
-    except (RepositoryNotFoundError, EntryNotFoundError):
-        raise ValueError(f"the Hugging Face hub has no AutoencoderKL {repo!r} (and there is no folder of that name); check the id or pass a local folder.") from None
-    except Exception as e:
-        raise ValueError(
-            f"cannot reach the Hugging Face hub for VAE {repo!r} ({type(e).__name__}), and it is not in the local cache or a folder of "
-            f"that name; download it where you are online (huggingface-cli download {repo} --local-dir DIR) and pass --vae DIR."
-        ) from None
-    return VaeSource(repo, _quietly(AutoencoderKL.load_config, repo), local_only=False)
-
-
-def load_vae(vae: str | VaeSource, device: torch.device | str = "cpu"):
-    """diffusers' AutoencoderKL from a local folder or a hub id (the local cache first), in eval mode."""
-    from diffusers import AutoencoderKL
-    from diffusers.utils import is_accelerate_available
-
-    source = vae if isinstance(vae, VaeSource) else find_vae(vae)
-    try:
-        model = _quietly(AutoencoderKL.from_pretrained, source.name, local_files_only=source.local_only,
-                          low_cpu_mem_usage=is_accelerate_available())  # fmt: skip
-    except Exception as e:
-        raise ValueError(f"cannot load the VAE weights from {source.name!r} ({type(e).__name__}); pass --vae with a complete AutoencoderKL folder (config.json + weights).") from None
-    return model.to(device).eval()
-
-
-def vae_factor(vae) -> int:
-    """Pixels per latent cell of a VAE (or of its config): one halving per encoder block after the first."""
-    config = getattr(vae, "config", vae)
-    return 2 ** (len(config["block_out_channels"]) - 1)
-
-
-@torch.no_grad()
-def decode(vae, z: torch.Tensor) -> torch.Tensor:
-    """Latents (scaled as in training) -> images in [-1, 1]."""
-    return vae.decode(z / vae.config.scaling_factor).sample
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8, rounded as the official sample_ddp.py."""
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
-
-
-def save_grid(images: np.ndarray, path: str | Path, ncol: int, pad: int = 2) -> None:
-    """(N, H, W, C) uint8 -> one PNG grid with `ncol` columns."""
-    n, h, w, c = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.zeros((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
 @dataclass
@@ -204,10 +59,7 @@ class Pipeline:
 
     def __post_init__(self):
         self.network = torch.compile(self.model) if self.compile else self.model  # what the samplers call
-        check_sampler(self.sampling.sampler, objective_name(self.objective))
-        check_guidance(self.sampling.cfg_scale, self.sampling.cfg_channels, self.sampling.cfg_interval, self.config.in_channels)
-        if getattr(self.config, "cfg_embed", False):
-            check_embedded_guidance(self.config, self.sampling.cfg_scale, self.sampling.cfg_channels)
+        check_setup(self.model, self.objective, self.sampling, self.config.in_channels)  # the one check of these settings
 
     @property
     def config(self) -> DiTConfig | MMDiTConfig:
@@ -228,12 +80,9 @@ class Pipeline:
         """Samples in the model's input space for labels y; noise from `generator` (or the global RNG)
         unless given, and the per-step noise of stochastic samplers from the same source. `callback`
         gets the sampler's {"i": steps left, "x", ...} after every step."""
-        s = self.sampling
         noise = self.noise(len(y), generator) if noise is None else noise
-        options = {"time_shift": s.time_shift} if isinstance(self.objective, FlowMatching) and s.time_shift is not None else {}
-        return sample(self.network, self.objective, noise, y.to(self.device), sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
-                      cfg_channels=s.cfg_channels, cfg_interval=s.cfg_interval, eta=s.eta, generator=generator,
-                      precision=s.precision, progress=progress, callback=callback, clip_denoised=self.vae is None, **options)  # fmt: skip
+        return run_sampling(self.network, self.objective, noise, y.to(self.device), self.sampling, generator=generator,
+                            progress=progress, callback=callback, clip_denoised=self.vae is None)  # fmt: skip
 
     def images(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip
@@ -256,60 +105,15 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     )  # fmt: skip
 
 
-def bundled_model(name: str) -> Path | None:
-    """The bundled model a name means ("bundled", or an assets folder name such as
-    fashion-mnist-turbo), or None; callers look for a path of that name first."""
-    if name == BUNDLED_NAME:
-        return BUNDLED
-    return ASSETS / name if "/" not in name and (ASSETS / name / "model.safetensors").exists() else None
-
-
-def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
-    """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
-    model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
-    checkpoints/ folder; None (or "bundled") is the bundled model (`bundled`: the class-conditional
-    one, or the text-to-image one), and a bundled model's folder name (fashion-mnist-turbo, ...)
-    names it unless a path of that name exists. Only looks at the file system."""
-    from .checkpoints import WEIGHTS_NAME
-    from .train import checkpoint_steps
-
-    if ckpt is None or (ckpt == BUNDLED_NAME and not Path(ckpt).exists()):
-        if not (bundled / WEIGHTS_NAME).exists():
-            raise FileNotFoundError(f"this install has no bundled model at {bundled}; pass --ckpt with a checkpoint.")
-        return bundled
-    path = Path(ckpt).expanduser()
-    if not path.exists() and bundled_model(ckpt) is not None:
-        return bundled_model(ckpt)
-    if not path.exists():
-        names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
-    if not path.is_dir() or (path / WEIGHTS_NAME).exists():
-        return path
-    if (path / "model" / WEIGHTS_NAME).exists():
-        return path / "model"
-    for folder in (path / "checkpoints", path):
-        steps = checkpoint_steps(folder)
-        if steps:
-            return folder / f"{steps[-1]:07d}.pt"
-    raise FileNotFoundError(f"{path} holds no {WEIGHTS_NAME}, model/ or checkpoints/*.pt; point --ckpt at a .pt file, a ditkit model folder or a run folder (RESULTS/NNN-MODEL).")
-
-
 def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = None) -> Pipeline:
     """Model, objective, sampling settings and VAE from the SamplingOptions fields. The cheap checks
     come first (files, arguments, the VAE's config.json), then the checkpoint; the VAE's weights last."""
-    from .checkpoints import infer_config, load_model, read_checkpoint
-
     device = resolve_device(opts.device) if device is None else torch.device(device)
-    adapter = None
-    if opts.lora:
-        from .lora import read_adapter
-
-        adapter = read_adapter(opts.lora)
+    adapter = read_adapter(opts.lora) if opts.lora else None
     # Without --ckpt, an adapter's own base; prompts: the text-to-image model.
     path = find_checkpoint(opts.ckpt or (adapter.base if adapter else None), BUNDLED_TEXT if opts.text else BUNDLED)
     if opts.sampler is not None and opts.objective is not None:
         check_sampler(opts.sampler, opts.objective)
-    check_guidance(opts.cfg_scale if opts.cfg_scale is not None else 1.0, None, opts.cfg_interval or None, 1)
     vae = find_vae(opts.vae) if opts.vae else None
     factor = vae_factor(vae.config) if vae is not None else 1
     if opts.image_size is not None and opts.image_size % factor:
@@ -328,8 +132,6 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         if opts.path is not None and kind != "flow":
             raise ValueError("--path applies to flow models; add --objective flow.")
         objective_config = ObjectiveConfig(objective=kind, **({"path": opts.path} if opts.path else {}))
-    if opts.sampler is not None:
-        check_sampler(opts.sampler, objective_config.objective)
     requested = None
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
@@ -347,8 +149,6 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
             requested = DiTConfig.from_preset(opts.model, **overrides)
     model = load_model(ck, requested)
     if adapter is not None:
-        from .lora import apply_adapter
-
         model = apply_adapter(model, adapter)  # merged: sampling costs what the base costs
     model = model.to(device)
     c = model.config
@@ -367,7 +167,7 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
     pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
-                    lora=adapter.path if adapter else None, compile=opts.compile)  # checks the guidance settings
+                    lora=adapter.path if adapter else None, compile=opts.compile)  # checks the sampling settings, once
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
@@ -376,12 +176,10 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
 def load_text_encoder(opts: SamplingOptions, ck, config, device: torch.device):
     """The text encoder of a text-to-image model (the flag's, else the one it records); None for
     a class-conditional model, which takes no prompts."""
-    if not isinstance(config, MMDiTConfig):
+    if config.conditioning != "text":
         if opts.text:
             raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts; drop --prompt/--prompts or pass --ckpt with a text-to-image model.")
         return None
-    from .text import TextEncoder
-
     if opts.num_classes is not None:
         raise ValueError("this is a text-to-image model: it has no classes; drop --num-classes.")
     recorded = ck.meta.get("text_encoder", {})

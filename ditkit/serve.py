@@ -35,11 +35,11 @@ import torch
 from PIL import Image
 
 from .checkpoints import describe
-from .cli import build_config
-from .config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
+from .config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig, build_config
 from .objectives import objective_name
-from .pipeline import Pipeline, load_pipeline, to_uint8
+from .pipeline import Pipeline, load_pipeline
 from .samplers import check_labels
+from .utils.images import to_uint8
 
 PAGE = Path(__file__).parent / "serve_static" / "index.html"
 # Samplers whose per-sample result does not depend on the rest of the batch (see the module docstring).

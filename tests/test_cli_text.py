@@ -55,7 +55,7 @@ def test_sample_npz_and_eval_prompt_following(text_ckpt, tmp_path, capsys, monke
     with np.load(out) as data:
         assert data["arr_0"].shape == (12, 32, 32, 1) and "labels" not in data.files
         prompts = data["prompts"]
-    assert prompts[:3].tolist() == ditkit.eval.prompts.read_prompts("fashion-mnist-captions")[:3]
+    assert prompts[:3].tolist() == ditkit.text.prompts.read_prompts("fashion-mnist-captions")[:3]
     tiny = TinyNet()
     tiny.dims = {"pool": 5}
     monkeypatch.setattr(evaluate, "EffNetFeatures", lambda device: tiny)
@@ -133,7 +133,7 @@ def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsy
 def test_prompt_alone_samples_the_bundled_text_model(tmp_path, monkeypatch):
     """`ditkit sample --prompt ...` with no other argument: the shipped MMDiT and encoder, offline;
     the shipped classifier recognises the classes it draws and the pixels show the brightness asked."""
-    from ditkit.captions import measure_attributes
+    from ditkit.text.captions import measure_attributes
     from ditkit.eval.classifier import classifier_predictions, load_classifier
 
     monkeypatch.chdir(tmp_path)

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import ditkit.data as data
+from ditkit.data import named
 from ditkit.cli import main
 from ditkit.data import LatentDataset, build_dataset, item_seed
 
@@ -191,7 +192,7 @@ def test_fashion_mnist():
 
 
 def test_missing_fashion_mnist_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setattr(named, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         build_dataset("fashion-mnist")
 

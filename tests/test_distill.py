@@ -16,7 +16,7 @@ from ditkit.cli import main
 from ditkit.config import DistillConfig, ObjectiveConfig, SamplingOptions
 from ditkit.distill import Distiller, guided_velocity, ode_step
 from ditkit.pipeline import load_pipeline
-from ditkit.train import latest_checkpoint
+from ditkit.utils.runs import latest_checkpoint
 
 TINY = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False,
             mlp="swiglu", norm="rmsnorm", qk_norm=True, pos_embed="rope")  # fmt: skip

@@ -130,7 +130,8 @@ from ditkit.checkpoints import read_pt  # noqa: E402
 from ditkit.cli import main  # noqa: E402
 from ditkit.config import SampleConfig, TrainConfig  # noqa: E402
 from ditkit.pipeline import load_pipeline  # noqa: E402
-from ditkit.train import Trainer, latest_checkpoint  # noqa: E402
+from ditkit.train import Trainer  # noqa: E402
+from ditkit.utils.runs import latest_checkpoint  # noqa: E402
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, log_every=2)
 

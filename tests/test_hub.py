@@ -11,7 +11,9 @@ from conftest import rel, tiny_vae
 import ditkit
 from ditkit import cli
 from ditkit.hub import diffusers_config, export_diffusers, scheduler, to_diffusers
-from ditkit.pipeline import ASSETS, Pipeline, Sampling, decode
+from ditkit.config import Sampling
+from ditkit.pipeline import Pipeline, decode
+from ditkit.utils.runs import ASSETS
 
 LABELS = [1, 3, 7]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores

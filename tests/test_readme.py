@@ -20,7 +20,7 @@ import ditkit
 from ditkit.cli import _config_class, main, make_parser, parse_config
 from ditkit.config import DistillConfig, DPOConfig, ServeConfig, TrainConfig
 from ditkit.eval.classifier import classifier_accuracy, classifier_predictions, load_classifier
-from ditkit.eval.prompts import read_prompts
+from ditkit.text.prompts import read_prompts
 from ditkit.train import Trainer
 from conftest import tiny_vae
 

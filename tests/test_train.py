@@ -16,11 +16,13 @@ from conftest import free_port, tiny_vae
 from PIL import Image
 
 import ditkit
-from ditkit import checkpoints
-from ditkit.checkpoints import atomic_write, load_model, read_pt
+from ditkit.checkpoints import load_model
+from ditkit.utils import io as checkpoints
+from ditkit.utils.io import atomic_write, read_pt
 from ditkit.cli import main
 from ditkit.config import TrainConfig
-from ditkit.train import Trainer, latest_checkpoint
+from ditkit.train import Trainer
+from ditkit.utils.runs import latest_checkpoint
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, log_every=2)
 TINY_FLAGS = ["--data-path", "digits", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints import atomic_write
 from ..data import FASHION_MNIST_CLASSES
-from .npz import ImageArray, _to_float, fashion_mnist
+from ..utils.io import atomic_write
+from .npz import ImageArray, fashion_mnist, to_float
 
 CLASSIFIER_PATH = Path(__file__).parent.parent / "assets" / "fmnist_classifier.safetensors"
 CLASSIFIER_IMAGE = (32, 32, 1)
@@ -37,7 +37,7 @@ class FashionClassifier(nn.Module):
 
 
 def _classifier_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return _to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
+    return to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
 
 
 def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,

@@ -1,4 +1,5 @@
-"""Networks: forward(...) only; no loss, no guidance, no distributed code."""
+"""Networks: forward(...) only; no loss, no guidance, no distributed code. They import nothing of
+ditkit but its configs and each other."""
 
 from ..config import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiTConfig, UNetConfig
 from .dit import DiT

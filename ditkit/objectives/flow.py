@@ -18,14 +18,7 @@ import math
 import torch
 
 from ..config import FLOW_PATHS, T_SAMPLINGS, ObjectiveConfig
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=list(range(1, x.ndim)))
-
-
-def _expand(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, *([1] * (x.ndim - 1)))  # (N,) -> (N, 1, ..., 1)
+from .common import expand_to, mean_flat
 
 
 def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -69,7 +62,7 @@ class FlowMatching:
 
     def interpolate(self, data: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, u_t) for data, noise and times t of shape (N,)."""
-        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(_expand(t, data))
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(t, data))
         return alpha * data + sigma * noise, d_alpha * data + d_sigma * noise
 
     # -- training ---------------------------------------------------------------------------
@@ -114,13 +107,13 @@ class FlowMatching:
 
     def score(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """grad log p_t(x) from the velocity (SiT's get_score_from_velocity)."""
-        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(_expand(t, x))
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(t, x))
         ratio = alpha / d_alpha
         return (ratio * v - x) / (sigma**2 - ratio * d_sigma * sigma)
 
     def sde_diffusion(self, x: torch.Tensor, t: torch.Tensor, form: str = "sigma", norm: float = 1.0) -> torch.Tensor:
         """SiT's diffusion coefficient w(t) of the reverse SDE dx = (v + w score) dt + sqrt(2 w) dW."""
-        t = _expand(t, x)
+        t = expand_to(t, x)
         alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(t)
         forms = {
             "constant": lambda: norm * torch.ones_like(t),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..config import ObjectiveConfig
+from .common import mean_flat
 
 NUM_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # linear schedule endpoints for 1000 steps
@@ -46,10 +47,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         steps += [start + round(stride * k) for k in range(count)]  # round() as the official loop
         start += size
     return set(steps)
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=list(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..utils.devices import autocast
 
 
 def cfg_model(model_fn: Callable, cfg_scale: float, cfg_channels: int | None = None,
@@ -63,13 +62,17 @@ def embedded_cfg_model(model_fn: Callable, cfg_scale: float, interval: tuple[flo
 
 def autocast_model(model: torch.nn.Module, precision: str) -> Callable:
     """The model as a function run under autocast in `precision`, returning float32."""
-    if precision not in DTYPES:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(DTYPES)}.")
-    dtype = DTYPES[precision]
 
     def fn(x, t, y, **kwargs):
-        ctx = torch.autocast(x.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with ctx:
+        with autocast(x.device, precision):
             return model(x, t, y, **kwargs).float()
 
     return fn
+
+
+def null_condition(y, config):
+    """The null condition of guidance for conditions y: the condition's own (the empty prompt of a
+    prompt batch) or, for class ids, the network's null class (`config.null_class`)."""
+    if isinstance(y, torch.Tensor):
+        return torch.full_like(y, config.null_class if hasattr(config, "null_class") else config.num_classes)
+    return y.null()

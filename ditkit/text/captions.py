@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import NAMED, OFFICIAL_IMAGE_SIZE, DitDataset, ImageFolderDataset, NamedDataset, _is_image
+from ..data import NAMED, OFFICIAL_IMAGE_SIZE, DitDataset, ImageFolderDataset, NamedDataset, is_image
 
 # -- attributes measured from pixels ------------------------------------------------------------
 INK = 32  # a pixel (of 255) brighter than this belongs to the garment; the background is 0
@@ -170,7 +170,7 @@ class CaptionedFolder(ImageFolderDataset):
 
 def read_captions(root: Path) -> dict[str, str]:
     """{image path: caption} for every image under `root`; one sentence if any image has none."""
-    images = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files if _is_image(f))
+    images = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files if is_image(f))
     if not images:
         raise ValueError(f"{root} holds no images; put images with a caption each (name.txt beside them or metadata.jsonl) in it.")
     listed: dict[str, str] = {}

@@ -1,0 +1,48 @@
+"""What a network is trained to predict and how its times are drawn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .base import FLOW_PATHS, OBJECTIVES, T_SAMPLINGS, Config, nonnegative, option, positive
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(Config):
+    """What the network is trained to predict and how t is drawn; recorded with every model.
+    gaussian: the paper's diffusion (eps and, with learn_sigma, the variance; uniform integer t).
+    flow: SiT's interpolant (velocity; t in [0, 1], 0 = noise, 1 = data)."""
+
+    objective: str = field(default="gaussian", metadata=option("gaussian (the paper's diffusion) or flow (SiT / rectified flow)", choices=OBJECTIVES))
+    path: str = field(default="linear", metadata=option("flow path: linear (alpha = t, sigma = 1 - t) or gvp (sin, cos of pi t / 2)", choices=FLOW_PATHS))
+    t_sampling: str = field(default="uniform", metadata=option("flow training times: uniform, or logit-normal (SD3)", choices=T_SAMPLINGS))
+    t_mean: float = field(default=0.0, metadata=option("mean of the logit-normal times (SD3: 0)"))
+    t_std: float = field(default=1.0, metadata=positive("standard deviation of the logit-normal times (SD3: 1)"))
+    time_shift: float = field(default=1.0, metadata=positive("SD3 time shift s: t -> t / (t + s (1 - t)), more time near noise for s > 1; training times and the default sampling grid"))
+    time_scale: float = field(default=1.0, metadata=positive("the network sees t * time_scale (SiT: 1; 1000 puts flow times on the diffusion's scale)"))
+    cos_loss: float = field(default=0.0, metadata=nonnegative("weight of LightningDiT's velocity-direction term 1 - cos(v, u_t) added to the loss"))
+
+    def check(self) -> None:
+        if self.objective == "gaussian":
+            changed = [f.name for f in fields(ObjectiveConfig) if f.name != "objective" and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply to --objective flow; drop them or use --objective flow.")
+
+    def to_dict(self) -> dict:
+        if self.objective == "gaussian":
+            return {"objective": "gaussian"}
+        return {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)}
+
+
+@dataclass(frozen=True)
+class ObjectiveFlags(ObjectiveConfig):
+    """ObjectiveConfig as ditkit train's flags give it. With --init-from and no --objective the
+    objective is the base model's, known only once the base is read, so its cross-field rule waits
+    for TrainConfig.check (`settled`)."""
+
+    def check(self) -> None:
+        pass
+
+    def settled(self) -> ObjectiveConfig:
+        """The objective these flags describe, checked."""
+        return ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
