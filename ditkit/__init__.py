@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .version import __version__
+from .version import __version__ as __version__  # one source, read by pyproject.toml too
 
 # public name -> the submodule that defines it
 _EXPORTS = {

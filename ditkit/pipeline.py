@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import infer_config, load_model, read_checkpoint
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, check_sampler
+from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions
 from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
@@ -112,8 +112,6 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     adapter = read_adapter(opts.lora) if opts.lora else None
     # Without --ckpt, an adapter's own base; prompts: the text-to-image model.
     path = find_checkpoint(opts.ckpt or (adapter.base if adapter else None), BUNDLED_TEXT if opts.text else BUNDLED)
-    if opts.sampler is not None and opts.objective is not None:
-        check_sampler(opts.sampler, opts.objective)
     vae = find_vae(opts.vae) if opts.vae else None
     factor = vae_factor(vae.config) if vae is not None else 1
     if opts.image_size is not None and opts.image_size % factor:
