@@ -215,7 +215,8 @@ CHECKS = {
     "pip install -e .[serve]": ("not run", "installs"),
     "ditkit serve": ("parsed", ServeConfig),
     "ditkit serve --ckpt DiT-XL-2-256x256.pt --vae ema --max-batch-size 32": ("parsed", ServeConfig),
-    "curl -s 127.0.0.1:7860/api/generate -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
+    "ditkit serve --ckpt fashion-mnist-text": ("parsed", ServeConfig),
+    "curl -s 127.0.0.1:7860/api/generate -H Content-Type: application/json -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
         ("not run", "needs a running server: tests/test_serve.py starts one and posts such requests"),
     "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt is not a local path"),
     "ditkit export --format ditkit --ckpt facebook/DiT-XL-2-256 --out dit-xl/": ("fails", "facebook/DiT-XL-2-256 is not a local path"),

@@ -165,8 +165,9 @@ class SampleNpzConfig(SamplingOptions):
 class ServeConfig(SamplingOptions):
     """Serve a web page and a JSON API (POST /api/generate) over a checkpoint (the bundled model by
     default, offline). Requests that share sampler, steps and guidance scale are sampled as one model
-    batch; the sampling flags set the defaults a request may override. A full queue and a missed
-    deadline answer HTTP 503 with Retry-After."""
+    batch, and batches take turns step by step; the sampling flags set the defaults a request may
+    override. A full queue and a missed deadline answer HTTP 503 with Retry-After. Requests from
+    other sites' pages, for other host names, or with bodies that are not small JSON are refused."""
 
     host: str = field(default="127.0.0.1", metadata=option("address to listen on (0.0.0.0: every interface)"))
     port: int = field(default=7860, metadata=option("port to listen on", ge=1, le=65535))
@@ -175,15 +176,31 @@ class ServeConfig(SamplingOptions):
     queue_size: int = field(default=256, metadata=positive("most requests waiting; beyond it the server answers 503 with Retry-After"))
     timeout: float = field(default=300.0, metadata=positive("deadline of a request in seconds; one not answered by then gets 503 with Retry-After"))
     max_samples: int = field(default=16, metadata=option("most images one request may ask for", gt=0, le=1024))
-    max_steps: int = field(default=250, metadata=option("most sampling steps one request may ask for", gt=0, le=1000))
+    max_steps: int = field(default=250, metadata=option("most sampling steps one request may ask for (dopri5: most steps it may try)", gt=0, le=1000))
+    active_batches: int = field(default=4, metadata=option("batches sampled in turns, step by step, so that a small request need not wait for a large one to finish; each holds its memory meanwhile (1: one batch at a time)", gt=0, le=64))
+    max_body: int = field(default=16384, metadata=option("largest request body in bytes; a larger one gets 413 (the default holds 16 prompts of 77 tokens)", ge=1024, le=2**24))
+    allow_origin: tuple[str, ...] = field(default=(), metadata=option("origins (scheme://host[:port]) whose web pages may call the API besides the server's own page, or '*' for any (other sites' requests are refused)"))
+    allow_host: tuple[str, ...] = field(default=(), metadata=option("host names the server answers to besides its address and this machine's names (a DNS name, a reverse proxy's), or '*' for any (requests for other names are refused: DNS rebinding)"))
+
+    def check(self) -> None:
+        super().check()
+        for origin in self.allow_origin:
+            scheme, _, where = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not where or "/" in where or not where.isprintable() or " " in where):
+                raise ValueError(f"--allow-origin {origin[:60]!r} is not an origin; pass scheme://host[:port] as a browser sends it "
+                                 "(http://localhost:3000, with no path or trailing slash), or '*'.")  # fmt: skip
+        for host in self.allow_host:
+            if host != "*" and not (host.isascii() and host.replace(".", "").replace("-", "").isalnum()):
+                raise ValueError(f"--allow-host {host[:60]!r} is not a host name; pass the name alone (dit.example.org: no scheme, port or path), or '*'.")
 
 
 @dataclass(frozen=True)
 class GenerateRequest(Config):
     """The JSON body of `ditkit serve`'s POST /api/generate; unset fields take the server's defaults."""
 
-    classes: tuple[int, ...] = field(default=(), metadata=option("class ids, cycled over the images", ge=0))
-    num_samples: int = field(default=1, metadata=positive("number of images"))
+    classes: tuple[int, ...] = field(default=(), metadata=option("class ids, cycled over the images (a class-conditional model)", ge=0))
+    prompts: tuple[str, ...] = field(default=(), metadata=option("prompts, cycled over the images (a text-to-image model)"))
+    num_samples: int | None = field(default=None, metadata=positive("number of images (default: one per class id or prompt)"))
     seed: int = field(default=0, metadata=option("seed of the request's noise: the same seed gives the same images", ge=0, lt=2**63))
     sampler: str | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["sampler"].metadata)
     num_sampling_steps: int | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["num_sampling_steps"].metadata)
