@@ -1,68 +1,33 @@
-"""`ditkit serve`: a web page and a JSON API over one pipeline, with dynamic batching and fair turns.
-
-    POST /api/generate {"classes": [3], "num_samples": 4, "seed": 7, "sampler": "ddim",
-                        "num_sampling_steps": 25, "cfg_scale": 4.0}        (a class-conditional model)
-    POST /api/generate {"prompts": ["a dark ankle boot"], "num_samples": 2}  (a text-to-image model)
-      -> {"images": ["data:image/png;base64,...", ...], "labels": [3, 3, 3, 3] or "prompts": [...], ...}
-    GET /api/info (model, samplers, defaults, limits), GET /api/status (queue, progress), GET / (the page)
-
-Batching. Requests wait in one bounded queue. A worker takes the oldest request and every queued
-request that shares its sampler, steps and guidance scale, up to --max-batch-size images, as one
-model batch. Each request draws its noise from its own torch.Generator(seed), so its images do not
-depend on what it was batched with (up to the float round-off of batched matmuls, ~1e-5, which can
-move a pixel by one level). Samplers that draw per-step noise for the whole batch (ddpm, ddim with
-eta > 0, sde-euler, sde-heun) or pick their steps from the whole batch's error (dopri5) run each
-request as its own batch, where the request's generator also draws the per-step noise.
-
-Turns. Up to --active-batches batches are under way at once, each in its own thread, but one
-computes at a time: after every step the model goes to the batch that has had the least model
-time per request (a batch that starts begins level with the least served). A 1-image request
-behind a 16-image one so finishes in about twice its own time instead of waiting for the other,
-and every batch's images are still exactly what it would get alone, whatever its sampler. A full
-queue and a missed deadline answer 503 with Retry-After: the unfinished work (images x steps)
-times the measured seconds per image-step.
-
-Refusals, before any sampling (README, "Serve"): a Host header that is not a name of this server
-(DNS rebinding: another site's name made to point here) answers 400; an Origin of another site's
-page, unless --allow-origin names it, 403; a body that is not application/json (what any page may
-send without a CORS preflight) 415; a body over --max-body bytes 413, read in chunks and given up
-early; bad values, nesting included, 400 in one sentence that quotes a few dozen characters of
-them at most. A request whose client has gone is cancelled, and dopri5 may try --max-steps steps.
-"""
+"""The server's queue and its worker: requests become jobs, jobs that share a model batch are
+sampled together, and batches take turns step by step, so a small request need not wait for a large
+one (see ditkit.serve's docstring)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import errno
 import io
-import ipaddress
 import json
 import logging
 import math
-import re
-import socket
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .checkpoints import describe
-from .config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
-from .objectives import objective_name
-from .pipeline import Pipeline, load_pipeline
-from .utils.images import to_uint8
+from ..checkpoints import describe
+from ..config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
+from ..objectives import objective_name
+from ..pipeline import Pipeline
+from ..utils.images import to_uint8
+from .guard import clip
 
-PAGE = Path(__file__).parent / "serve_static" / "index.html"
 # Samplers whose per-sample result does not depend on the rest of the batch (see the module docstring).
 BATCH_INVARIANT = frozenset({"ddim", "dpm++2m", "unipc", "euler", "heun", "heun2"})
-QUOTE = 40  # characters of a bad value an error message quotes back
 log = logging.getLogger("uvicorn.error")  # the server's log, which uvicorn prints
 
 
@@ -76,83 +41,6 @@ class Busy(Exception):
 
 class Abandoned(Exception):
     """Every request of a batch has gone (deadline passed, client left), or the server is closing: stop sampling it."""
-
-
-class Refused(Exception):
-    """A request the server does not take: an HTTP status and one sentence."""
-
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-
-
-# -- what the server answers to ------------------------------------------------------------------
-def host_name(header: str) -> str:
-    """The Host header without its port, lower case: "[::1]:7860" -> "::1"."""
-    name = header[1 : header.find("]")] if header.startswith("[") else header.rsplit(":", 1)[0]
-    return name.lower().rstrip(".")
-
-
-def address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(name)
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class Hosts:
-    """The host names a server answers to. DNS rebinding points another site's name at this machine,
-    so that site's pages reach the server with their own name in Host: only names that are this
-    server's are taken. Listening on loopback: localhost and loopback addresses. Listening on other
-    addresses: any address (an address cannot be rebound), localhost, this machine's name and the
-    address listened on. And --allow-host's names (a DNS name or a reverse proxy's) everywhere."""
-
-    loopback: bool
-    names: frozenset[str]
-    any_name: bool
-
-    @classmethod
-    def of(cls, cfg: ServeConfig) -> Hosts:
-        host = cfg.host.lower()
-        loopback = host == "localhost" or bool((a := address(host)) and a.is_loopback)
-        names = {"localhost", *(h.lower() for h in cfg.allow_host)}
-        if not loopback:
-            names |= {host, socket.gethostname().lower()}
-        return cls(loopback, frozenset(names), "*" in cfg.allow_host)
-
-    def __contains__(self, name: str) -> bool:
-        if self.any_name or name in self.names:
-            return True
-        ip = address(name)
-        return ip is not None and (ip.is_loopback or not self.loopback)
-
-
-def clip(value, n: int = QUOTE) -> str:
-    """At most `n` characters of a value quoted back to a client."""
-    text = str(value)
-    return text if len(text) <= n else text[: n - 1] + "…"
-
-
-# A list repr, a quoted string repr, or any other word: what an error message may quote at length.
-_QUOTED = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\""
-_TOKEN = re.compile(rf"\[(?:{_QUOTED}|[^\[\]'\"])*\]|{_QUOTED}|\S+")
-
-
-def _cut(token: str) -> str:
-    if len(token) <= QUOTE:
-        return token
-    end = {"'": "'", '"': '"', "[": "]"}.get(token[0], "")
-    return token[: QUOTE - 1 - len(end)] + "…" + end
-
-
-def api_message(error: Exception) -> str:
-    """One sentence for the API: the first line, flags named as the API's fields (--num-sampling-steps
-    -> num_sampling_steps), and every quoted value, list or word over a few dozen characters cut short."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), text)
-    text = _TOKEN.sub(lambda m: _cut(m.group()), text)
-    return text if len(text) <= 10 * QUOTE else text[: 10 * QUOTE - 1] + "…"  # many short words: still a sentence, not a page
 
 
 def check_limits(pipe: Pipeline, cfg: ServeConfig) -> None:
@@ -490,175 +378,3 @@ class Batcher:
         if not self.text:
             info["num_classes"] = c.num_classes
         return info
-
-
-# -- the app ---------------------------------------------------------------------------------------
-async def read_body(request, limit: int) -> bytes:
-    """The body, read in chunks and given up on as soon as it passes `limit` bytes."""
-    too_large = Refused(413, f"the request body is over this server's limit of {limit} bytes (--max-body); send fewer or shorter values.",
-                        {"Connection": "close"})  # fmt: skip
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and (len(length) > 12 or int(length) > limit):
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-def make_app(pipe: Pipeline, cfg: ServeConfig):
-    """The Starlette app: the page, /api/info, /api/status and POST /api/generate, behind the guard."""
-    from starlette.applications import Starlette
-    from starlette.datastructures import Headers
-    from starlette.middleware import Middleware
-    from starlette.middleware.cors import CORSMiddleware
-    from starlette.requests import ClientDisconnect
-    from starlette.responses import HTMLResponse, JSONResponse, Response
-    from starlette.routing import Route
-
-    state: dict = {}
-    page = PAGE.read_text()
-    hosts = Hosts.of(cfg)
-    origins = {o.lower() for o in cfg.allow_origin}
-
-    def error(status: int, message: str, retry_after: int | None = None, headers: dict | None = None) -> JSONResponse:
-        headers = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after is not None else {})}
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    def guard(app):
-        """Refuses, before any route runs, a request for a host name this server does not answer to,
-        and one from another site's page (a browser sends the page's Origin)."""
-
-        async def guarded(scope, receive, send):
-            if scope["type"] == "http":
-                headers = Headers(scope=scope)
-                host, origin = headers.get("host", ""), headers.get("origin")
-                if host_name(host) not in hosts:
-                    response = error(400, f"this server does not answer to the host name {clip(host_name(host))!r} (a guard against "
-                                          "DNS rebinding); open it by its address, or start it with --allow-host NAME if the name is yours.")  # fmt: skip
-                    return await response(scope, receive, send)
-                if origin is not None and origin.lower() not in (f"http://{host}".lower(), f"https://{host}".lower()) \
-                        and origin.lower() not in origins and "*" not in origins:  # fmt: skip
-                    response = error(403, f"requests from the pages of another site ({clip(origin)}) are refused; start ditkit serve "
-                                          f"with --allow-origin {clip(origin)} if that site is yours.")  # fmt: skip
-                    return await response(scope, receive, send)
-            await app(scope, receive, send)
-
-        return guarded
-
-    async def generate(request):
-        batcher: Batcher = state["batcher"]
-        try:
-            if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-                raise Refused(415, "the API takes JSON only: send the body with Content-Type: application/json.")
-            body = await read_body(request, cfg.max_body)
-            job = batcher.parse(body)
-        except Refused as e:
-            return error(e.status, str(e), headers=e.headers)
-        except ValueError as e:
-            return error(400, api_message(e))
-        except ClientDisconnect:
-            log.warning("a client went away while sending its request to /api/generate; nothing was sampled for it.")
-            return Response(status_code=400)
-        start = time.monotonic()
-        job.future = asyncio.get_running_loop().create_future()
-        try:
-            batcher.submit(job)
-        except Busy as e:
-            return error(503, str(e), e.retry_after)
-        # With the body read, the next message is http.disconnect, when the client goes.
-        gone = asyncio.ensure_future(request.receive())
-        try:
-            await asyncio.wait({job.future, gone}, timeout=cfg.timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not job.future.done():  # the client went away or the deadline passed: the worker drops the job
-            job.future.cancel()
-            if gone.done() and not gone.cancelled():
-                return Response(status_code=400)  # nobody reads it
-            wait = batcher.retry_after()
-            return error(503, f"the images were not ready within the server's {cfg.timeout:g} s deadline; retry in {wait} s.", wait)
-        try:
-            urls, batch_images = job.future.result()
-        except Busy as e:
-            return error(503, str(e), e.retry_after)
-        except ArithmeticError as e:  # sampling went to NaN, or dopri5 did not settle: a setting of this request
-            return error(422, api_message(e))
-        except Exception as e:
-            return error(500, f"sampling failed ({type(e).__name__}: {api_message(e)}); the server goes on serving.")
-        s = job.pipe.sampling
-        conditions = {"prompts": job.items} if batcher.text else {"labels": job.items}
-        return JSONResponse({
-            "images": urls, **conditions, "seed": job.seed, "sampler": s.sampler, "num_sampling_steps": s.steps,
-            "cfg_scale": s.cfg_scale, "seconds": round(time.monotonic() - start, 3), "batch_images": batch_images,
-        })  # fmt: skip
-
-    async def info(request):
-        return JSONResponse(state["batcher"].info())
-
-    async def status(request):
-        return JSONResponse(state["batcher"].status())
-
-    async def index(request):
-        return HTMLResponse(page)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        batcher = state["batcher"] = Batcher(pipe, cfg)
-        worker = asyncio.create_task(batcher.work())
-        try:
-            yield
-        finally:
-            worker.cancel()
-            batcher.close()
-
-    routes = [Route("/", index), Route("/api/info", info), Route("/api/status", status), Route("/api/generate", generate, methods=["POST"])]
-    middleware = [Middleware(guard)]
-    if cfg.allow_origin:  # the pages of the named sites may read the answers (and send JSON, after a preflight)
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(cfg.allow_origin), allow_methods=["GET", "POST"],
-                                     allow_headers=["Content-Type"], max_age=600))  # fmt: skip
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on host:port, or one sentence saying why not (a port in use, an address
-    that is not this machine's), before the model is loaded and before anything claims to serve."""
-    try:
-        family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror:
-        raise ValueError(f"cannot listen on {host!r}: it is not an address or a name of this machine; pass --host 127.0.0.1 "
-                         "(this machine only) or 0.0.0.0 (every interface).") from None  # fmt: skip
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(where)
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise ValueError(f"port {port} on {host} is in use (another ditkit serve?); pass --port with a free one, or stop what holds it.") from None
-        if e.errno == errno.EACCES:
-            raise ValueError(f"port {port} needs administrator rights; pass --port 1024 or above.") from None
-        raise ValueError(f"cannot listen on {host} port {port} ({e.strerror}); pass --host with an address of this machine.") from None
-    return sock
-
-
-def run_serve(cfg: ServeConfig) -> None:
-    try:
-        import uvicorn
-    except ImportError:
-        raise RuntimeError("ditkit serve needs starlette and uvicorn; pip install 'ditkit[serve]'.") from None
-    sock = listen(cfg.host, cfg.port)
-    try:
-        pipe = load_pipeline(cfg)
-        check_limits(pipe, cfg)
-        app = make_app(pipe, cfg)
-        print(f"serving {describe(pipe.config)} ({pipe.sampling.describe()}) at http://{cfg.host}:{cfg.port}/ "
-              f"(batches of up to {cfg.max_batch_size} images, queue {cfg.queue_size}, deadline {cfg.timeout:g} s)", flush=True)  # fmt: skip
-        if not Hosts.of(cfg).loopback and "*" not in cfg.allow_host:
-            print(f"answering to this machine's addresses, localhost and {socket.gethostname()}; other names (DNS, a proxy's) need --allow-host", flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
-    finally:
-        sock.close()
