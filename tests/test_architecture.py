@@ -38,10 +38,14 @@ def cycles(graph: grimp.ImportGraph) -> list[list[str]]:
             if len(component) > 1:
                 found.append(sorted(component))
 
-    sys.setrecursionlimit(10_000)
-    for m in sorted(graph.modules):
-        if m not in index:
-            visit(m)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))  # the depth of an import chain; restored for the tests after this one
+    try:
+        for m in sorted(graph.modules):
+            if m not in index:
+                visit(m)
+    finally:
+        sys.setrecursionlimit(limit)
     return found
 
 
