@@ -21,9 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from . import hub
-from .config import PRESET_SIZES, DiTConfig, MMDiTConfig
+from .config import PRESET_SIZES, DiTConfig, MMDiTConfig, VideoDiTConfig
 from .models import dit
 from .models.mmdit import MMDiT
+from .models.video import VideoDiT
 from .utils.io import atomic_write, read_pt, safetensors_save
 from .utils.runs import CONFIG_NAME, WEIGHTS_NAME
 
@@ -87,8 +88,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def config_from_dict(d: dict) -> DiTConfig | MMDiTConfig:
-    """The model config a config.json records: an MMDiT's has a text width (context_dim)."""
-    cls = MMDiTConfig if "context_dim" in d else DiTConfig
+    """The model config a config.json records: an MMDiT's has a text width (context_dim), a video DiT's frames."""
+    cls = MMDiTConfig if "context_dim" in d else VideoDiTConfig if "frames" in d else DiTConfig
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -123,6 +124,9 @@ def describe(config: DiTConfig | MMDiTConfig) -> str:
     if isinstance(config, MMDiTConfig):
         return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
                 f"{config.in_channels} channels, text {config.context_dim} wide")  # fmt: skip
+    if isinstance(config, VideoDiTConfig):
+        return (f"a video DiT (depth {config.depth}, hidden {config.hidden_size}, tubelets {config.tubelet}x{config.patch_size}x{config.patch_size}, "
+                f"{config.attention} attention) on {config.frames} frames of {config.input_size} px, {config.num_classes} classes")  # fmt: skip
     name = next(
         (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
          if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
@@ -181,14 +185,14 @@ def load_pretrained(name: str | os.PathLike) -> DiT:
     return load_model(read_any(name))
 
 
-def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | None = None) -> DiT | MMDiT:
-    """A DiT (or MMDiT) with the checkpoint's weights: `config` if given, else the checkpoint's own
+def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | None = None) -> DiT | MMDiT | VideoDiT:
+    """A DiT (or MMDiT, or video DiT) with the checkpoint's weights: `config` if given, else the checkpoint's own
     config (ditkit format) or the config read off its shapes (official files)."""
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     config = config or ck.config or infer_config(ck.state)
     if config is None:
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
-    model = MMDiT(config) if isinstance(config, MMDiTConfig) else DiT(config)
+    model = MMDiT(config) if isinstance(config, MMDiTConfig) else VideoDiT(config) if isinstance(config, VideoDiTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()
 

@@ -19,9 +19,20 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from .checkpoints import infer_config, read_checkpoint
-from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, MMDIT_PRESETS, SD_VAE_FACTOR, FlopsConfig, MMDiTConfig
+from .config import (
+    FLOPS_IMAGE_SIZE,
+    FLOPS_IN_CHANNELS,
+    FLOPS_NUM_CLASSES,
+    MMDIT_PRESETS,
+    SD_VAE_FACTOR,
+    VIDEO_PRESETS,
+    FlopsConfig,
+    MMDiTConfig,
+    VideoDiTConfig,
+)
 from .models import PRESETS, DiT, DiTConfig
 from .models.mmdit import MMDiT, TextCondition
+from .models.video import VideoDiT
 from .utils.runs import find_checkpoint
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
@@ -60,7 +71,7 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
     device = next(model.parameters()).device
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-        x = torch.empty(batch_size, c.in_channels, c.input_size, c.input_size, device=device)
+        x = torch.empty(batch_size, *c.sample_shape, device=device)
         t = torch.empty(batch_size, device=device)
         if isinstance(c, MMDiTConfig):
             y = TextCondition(torch.empty(batch_size, FLOPS_TEXT_TOKENS, c.context_dim, device=device),
@@ -75,7 +86,8 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
 
 @dataclass(frozen=True)
 class Cost:
-    """Size and compute of one DiT; `gflops` is the paper's unit, G multiply-adds per image."""
+    """Size and compute of one DiT; `gflops` is the paper's unit, G multiply-adds per image (per clip
+    for a video DiT, whose `block` also names its attention)."""
 
     model: str  # the paper's name of the config's size ("DiT-S/4"), or "custom"
     block: str
@@ -85,7 +97,8 @@ class Cost:
     depth: int
     hidden_size: int
     num_heads: int
-    tokens: int  # image tokens; in-context conditioning adds 2 more inside the blocks
+    tokens: int  # image (or clip) tokens; in-context conditioning adds 2 more inside the blocks
+    frames: int  # 1 for images
     params: int  # every parameter, the fixed pos_embed included (the official count)
     trainable_params: int
     macs: int
@@ -105,6 +118,10 @@ def preset_name(config: DiTConfig | MMDiTConfig) -> str:
         data = {f: getattr(config, f) for f in ("input_size", "in_channels", "context_dim", "pooled_dim", "learn_sigma")}
         same = (n for n in MMDIT_PRESETS if n.endswith(f"/{config.patch_size}") and MMDiTConfig.from_preset(n, **data) == config)
         return next(same, "custom")
+    if isinstance(config, VideoDiTConfig):
+        data = {f: getattr(config, f) for f in ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block", "frames", "attention", "window")}
+        same = (n for n in VIDEO_PRESETS if n.endswith(f"/{config.patch_size}x{config.tubelet}") and VideoDiTConfig.from_preset(n, **data) == config)
+        return next(same, "custom")
     data = {f: getattr(config, f) for f in ("input_size", "in_channels", "num_classes", "learn_sigma", "class_dropout_prob", "block")}
     same = (n for n in PRESETS if n.endswith(f"/{config.patch_size}") and DiTConfig.from_preset(n, **data) == config)
     return next(same, "custom")
@@ -121,14 +138,14 @@ def paper_gflops(name: str, config: DiTConfig) -> float | None:
 
 def measure(config: DiTConfig | MMDiTConfig, name: str | None = None) -> Cost:
     """Parameters and multiply-adds of the DiT (or MMDiT) `config` describes, built on "meta" (no memory)."""
-    text = isinstance(config, MMDiTConfig)
+    text, video = isinstance(config, MMDiTConfig), isinstance(config, VideoDiTConfig)
     name = name or preset_name(config)
     with torch.device("meta"):
-        model = MMDiT(config) if text else DiT(config)
+        model = MMDiT(config) if text else VideoDiT(config) if video else DiT(config)
     params = list(model.parameters())
     return Cost(
         model=name,
-        block="joint" if text else config.block,
+        block="joint" if text else f"{config.block} {config.attention}" if video else config.block,
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,
@@ -136,10 +153,11 @@ def measure(config: DiTConfig | MMDiTConfig, name: str | None = None) -> Cost:
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
         tokens=model.num_patches,
+        frames=config.frames if video else 1,
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(model),
-        paper_gflops=None if text else paper_gflops(name, config),
+        paper_gflops=None if text or video else paper_gflops(name, config),
     )
 
 
@@ -170,16 +188,26 @@ def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
     else:
         in_channels = cfg.in_channels or FLOPS_IN_CHANNELS
         input_size = cfg.input_size_for(in_channels) or (PAPER_INPUT_SIZE if in_channels not in (1, 3) else FLOPS_IMAGE_SIZE)
-        bases = [MMDiTConfig.from_preset(name) if name in MMDIT_PRESETS else DiTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES)
-                 for name in cfg.model or PRESETS]  # fmt: skip
+        bases = [preset_config(name) for name in cfg.model or PRESETS]
+    if (cfg.frames or cfg.attention) and not any(isinstance(b, VideoDiTConfig) for b in bases):
+        raise ValueError("--frames and --attention shape video models; count a VDiT-* --model (or a video checkpoint), or drop them.")
     configs = []
     for base in bases:
-        if isinstance(base, MMDiTConfig):
+        if isinstance(base, VideoDiTConfig):
+            base = replace(base, input_size=input_size, in_channels=in_channels, **sizes, **({"frames": cfg.frames} if cfg.frames else {}))
+            configs += [replace(base, block=block, attention=attention) for block in cfg.block or (base.block,) for attention in cfg.attention or (base.attention,)]
+        elif isinstance(base, MMDiTConfig):
             configs.append(replace(base, input_size=input_size, in_channels=in_channels, **{k: v for k, v in sizes.items() if k != "num_classes"}))
         else:
             base = replace(base, input_size=input_size, in_channels=in_channels, **sizes)
             configs += [replace(base, block=block) for block in cfg.block or (base.block,)]
     return configs
+
+
+def preset_config(name: str) -> DiTConfig | MMDiTConfig | VideoDiTConfig:
+    if name in MMDIT_PRESETS:
+        return MMDiTConfig.from_preset(name)
+    return (VideoDiTConfig if name in VIDEO_PRESETS else DiTConfig).from_preset(name, num_classes=FLOPS_NUM_CLASSES)
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:
@@ -190,7 +218,7 @@ def format_table(costs: list[Cost]) -> str:
     rows = [("model", "block", "input", "patch", "depth", "hidden", "heads", "tokens", "params (M)", "Gflops", "paper")]
     for c in costs:
         paper = f"{c.paper_gflops:.2f}" if c.paper_gflops is not None else "-"
-        size = f"{c.input_size}x{c.input_size}x{c.in_channels}"
+        size = f"{f'{c.frames}x' if c.frames > 1 else ''}{c.input_size}x{c.input_size}x{c.in_channels}"
         rows.append((c.model, c.block, size, *map(str, (c.patch_size, c.depth, c.hidden_size, c.num_heads, c.tokens)),
                      f"{c.params / 1e6:.2f}", f"{c.gflops:.2f}", paper))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

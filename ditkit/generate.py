@@ -1,5 +1,6 @@
-"""`ditkit sample` (a PNG grid and per-image PNGs) and `ditkit sample-npz` (the ADM evaluator's
-.npz, torchrun-parallel), both on the one pipeline."""
+"""`ditkit sample` (a PNG grid and per-image PNGs; for a video model an animated grid, its frames and
+per-clip GIFs) and `ditkit sample-npz` (the ADM evaluator's .npz, torchrun-parallel; clips as
+N×T×H×W×C), both on the one pipeline."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .samplers import check_labels
 from .text.prompts import read_prompts
 from .utils.images import save_grid, to_uint8
 from .utils.io import atomic_write, remove_temporaries, save_npz
+from .video.io import save_clip_grid, write_gif
 
 
 def prompt_list(cfg: SampleConfig | SampleNpzConfig) -> list[str]:
@@ -45,19 +47,23 @@ def conditioner(pipe: Pipeline, cfg: SampleConfig | SampleNpzConfig) -> tuple[li
 def run_sample(cfg: SampleConfig) -> Path:
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample.py
     torch.backends.cudnn.allow_tf32 = True
-    out = Path(cfg.out)
-    to_file = out.suffix.lower() in Image.registered_extensions()  # --out grid.png: the grid is that file
-    grid_path = out if to_file else out / "grid.png"
-    save_images = cfg.save_images if cfg.save_images is not None else not to_file
     pipe = load_pipeline(cfg)
     c = pipe.config
+    video = len(c.sample_shape) == 4
+    out = Path(cfg.out)
+    # --out grid.png (clips.gif, clips.mp4): the grid is that file
+    to_file = out.suffix.lower() in Image.registered_extensions() or (video and out.suffix.lower() == ".mp4")
+    if video and to_file and out.suffix.lower() not in (".gif", ".mp4"):
+        raise ValueError(f"--out {out}: a video model's grid is animated; name it NAME.gif or NAME.mp4, or pass a folder.")
+    grid_path = out if to_file else out / ("grid.gif" if video else "grid.png")
+    save_images = cfg.save_images if cfg.save_images is not None else not to_file
     items, condition = conditioner(pipe, cfg)
     if not items:
         items = list(cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES))
         check_labels(torch.tensor(items), c.num_classes)
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
-    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    print(f"sampling {n} {'clips' if video else 'images'} from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -65,14 +71,23 @@ def run_sample(cfg: SampleConfig) -> Path:
     for i in range(0, n, cfg.batch_size):
         chunks.append(to_uint8(pipe.images(condition(order[i : i + cfg.batch_size]), progress=True)))
         print(f"sampled {min(i + cfg.batch_size, n)}/{n} ({time.perf_counter() - start:.1f}s)", flush=True)
-    images = np.concatenate(chunks)
-    if save_images:  # into the --out folder, or beside an --out file as NAME-000000.png
-        name = f"{out.stem}-{{:06d}}.png" if to_file else "{:06d}.png"
+    images = np.concatenate(chunks)  # (N, H, W, C), clips (N, T, H, W, C)
+    ext = "gif" if video else "png"
+    if save_images:  # into the --out folder, or beside an --out file as NAME-000000.png (.gif)
+        name = f"{out.stem}-{{:06d}}.{ext}" if to_file else f"{{:06d}}.{ext}"
         for i, img in enumerate(images):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(grid_path.parent / name.format(i))
+            if video:
+                write_gif(img, grid_path.parent / name.format(i))
+            else:
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(grid_path.parent / name.format(i))
     ncol = len(items) if len(items) <= 16 else min(8, n)
-    save_grid(images, grid_path, ncol=ncol)
-    print(f"wrote {grid_path}{f' and {n} images' if save_images else ''} in {time.perf_counter() - start:.1f}s")
+    if video:  # the animated grid; in a folder also its MP4 (with PyAV) and its frames
+        written = save_clip_grid(images, grid_path, ncol, mp4=not to_file, frames=not to_file)
+    else:
+        save_grid(images, grid_path, ncol=ncol)
+        written = [grid_path]
+    what = f" and {n} {'clips' if video else 'images'}" if save_images else ""
+    print(f"wrote {', '.join(map(str, written))}{what} in {time.perf_counter() - start:.1f}s")
     return grid_path
 
 

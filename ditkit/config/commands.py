@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import (
+    ATTENTIONS,
     BAD_IMAGE_ACTIONS,
     BLOCK_ALIASES,
     BLOCKS,
@@ -20,6 +21,8 @@ from .base import (
     SPLITS,
     STORE_DTYPES,
     VAE_HELP,
+    VIDEO_METRICS,
+    VIDEO_PRESETS,
     Config,
     nonnegative,
     option,
@@ -38,19 +41,21 @@ class EvalConfig(Config):
     cannot be computed is an error."""
 
     samples: str | None = field(default=None, metadata=option("samples .npz (arr_0 uint8 N×H×W×C, optional labels), or a dataset name such as fashion-mnist-train:10000"))
-    ref: str | None = field(default=None, metadata=option("reference .npz in the same format, or fashion-mnist (its test split); not needed for --metrics accuracy"))
-    metrics: tuple[str, ...] = field(default=(), metadata=option(f"metrics to report: {', '.join(METRICS)} (default: every one that can be computed)", choices=METRICS))
+    ref: str | None = field(default=None, metadata=option("reference .npz in the same format, or fashion-mnist (its test split), moving-fashion-mnist (its test clips), each with an optional :N; not needed for --metrics accuracy"))
+    metrics: tuple[str, ...] = field(default=(), metadata=option(f"metrics to report: {', '.join(METRICS)}; for clips FD-EffNet (per frame), accuracy (per clip), "
+                                                                 f"{', '.join(VIDEO_METRICS)} (default: every one that can be computed)", choices=METRICS + VIDEO_METRICS))
     inception: str | None = field(default=None, metadata=option("FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: look in ~/.cache/ditkit and torch hub's checkpoints; skip FID etc. if absent)"))
     batch_size: int = field(default=64, metadata=positive("images per feature-network batch"))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     cache_dir: str | None = field(default=None, metadata=option("where reference statistics and dataset .npz files are kept (default: $XDG_CACHE_HOME/ditkit or ~/.cache/ditkit)"))
+    i3d: str | None = field(default=None, metadata=option("clips: FVD's TorchScript I3D weights, i3d_torchscript.pt (default: look in the cache folder; skip FVD if absent)"))
     json: bool = field(default=False, metadata=option("print the results as JSON instead of a table"))
 
     def check(self) -> None:
         if not self.samples:
             raise ValueError("--samples is required; pass the .npz written by ditkit sample-npz.")
-        if not self.ref and set(self.metrics) != {"accuracy"}:
-            raise ValueError("--ref is required; pass a reference .npz or fashion-mnist (or ask for --metrics accuracy alone).")
+        if not self.ref and not (self.metrics and set(self.metrics) <= {"accuracy", "consistency"}):
+            raise ValueError("--ref is required; pass a reference .npz, fashion-mnist or moving-fashion-mnist (or ask for --metrics accuracy alone).")
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,8 @@ class FlopsConfig(Config):
     presets, resized with the model flags if you like, or the model of a checkpoint (--ckpt bundled
     for the bundled one)."""
 
-    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt; MMDiT-*: the text at 77 tokens)", aliases=("--models",), choices=PRESETS + MMDIT_PRESETS))
+    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt; MMDiT-*: the text at 77 tokens; VDiT-*: clips of --frames)",
+                                                               aliases=("--models",), choices=PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
     ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
     block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))
@@ -93,6 +99,8 @@ class FlopsConfig(Config):
     input_size: int | None = field(default=None, metadata=positive("the model's input size (latent or pixels), overriding --image-size"))
     in_channels: int | None = field(default=None, metadata=positive("input channels: 4 for SD-VAE latents, 1 or 3 for pixel models (default: 4, or the checkpoint's)"))
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: 1000, or the checkpoint's)"))
+    frames: int | None = field(default=None, metadata=positive("video models: frames per clip (default: 16, or the checkpoint's)"))
+    attention: tuple[str, ...] = field(default=(), metadata=option(f"video models: attention arrangement(s), {', '.join(ATTENTIONS)} (default: joint, or the checkpoint's)", choices=ATTENTIONS))
     json: bool = field(default=False, metadata=option("print a JSON list instead of the table"))
 
     def check(self) -> None:

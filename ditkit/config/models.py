@@ -1,5 +1,6 @@
-"""Configs of the networks: DiT (the paper's, with the modern options), MMDiT (text to image) and the
-U-Net baseline. The transformers share their size fields (`TransformerConfig`) and the presets."""
+"""Configs of the networks: DiT (the paper's, with the modern options), MMDiT (text to image), the
+video DiT and the U-Net baseline. The transformers share their size fields (`TransformerConfig`) and
+the presets."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from .base import (
+    ATTENTIONS,
     BLOCK_ALIASES,
     BLOCKS,
     MLPS,
@@ -15,6 +17,7 @@ from .base import (
     POS_EMBEDS,
     PRESET_SIZES,
     PRESETS,
+    VIDEO_PRESETS,
     Config,
     option,
     positive,
@@ -24,10 +27,16 @@ from .base import (
 class DataShape:
     """What the trainer and the samplers read off any network config (a DiT's, the U-Net's)."""
 
+    input_size: int
     in_channels: int
     num_classes: int
     learn_sigma: bool
     conditioning = "class"  # what forward's third argument is: class ids ("class") or encoded prompts ("text")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample as the network takes it: (C, H, W), or (C, T, H, W) for a video network."""
+        return (self.in_channels, self.input_size, self.input_size)
 
     @property
     def out_channels(self) -> int:
@@ -119,6 +128,66 @@ class DiTConfig(DiTDesign, TransformerConfig, DataShape):
         return DiTConfig.from_size_preset(name, "DiT-", PRESETS, overrides)
 
 
+def axis_split(width: int) -> tuple[int, int, int]:
+    """How a width splits over (frame, row, column) for 3-D positions, each part even: rows and
+    columns 3/8 each and frames the rest (CogVideoX's 2:3:3), e.g. 64 -> (16, 24, 24)."""
+    spatial = 2 * (3 * width // 16)
+    return width - 2 * spatial, spatial, spatial
+
+
+@dataclass(frozen=True)
+class VideoDesign(Config):
+    """How a video DiT's attention covers its spacetime tokens. joint: every block attends over all
+    tokens of all frames (its cost grows with the square of frames x patches); factorized: Latte's
+    best arrangement, blocks alternating between attention within each frame (spatial) and across
+    frames at each position (temporal); windowed: every block attends within `window` consecutive
+    token frames, odd blocks over windows shifted by half of one (Swin's shift, in time)."""
+
+    attention: str = field(default="joint", metadata=option("video models: joint, factorized (spatial and temporal blocks in turn) or windowed", choices=ATTENTIONS))
+    window: int = field(default=4, metadata=option("video models, windowed attention: token frames (frames / tubelet) per window, even", ge=2))
+
+
+@dataclass(frozen=True)
+class VideoDiTConfig(VideoDesign, DiTConfig):
+    """A DiT over clips (N, C, T, H, W): tubelets of `tubelet` frames x patch x patch become tokens
+    (Sora's spacetime patches), placed by 3-D sin-cos positions and/or 3-D RoPE, conditioned on
+    time and class by the DiT's blocks; `attention` arranges their attention (VideoDesign)."""
+
+    frames: int = field(default=16, metadata=positive("frames per clip"))
+    tubelet: int = field(default=1, metadata=positive("frames per token (the tubelet's depth)"))
+
+    def check(self) -> None:
+        TransformerConfig.check(self)
+        if self.frames % self.tubelet:
+            raise ValueError(f"{self.frames} frames do not split into tubelets of {self.tubelet}; use a frame count that is a multiple of {self.tubelet}.")
+        if self.block == "in_context" or self.cfg_embed or self.cfg_range:
+            raise ValueError("video DiTs take the paper's adaLN-Zero, adaLN or cross-attention blocks without cfg_embed; pick one of those.")
+        if self.hidden_size % 2 or (self.hidden_size // self.num_heads) % 2 or min(axis_split(self.hidden_size // self.num_heads)) <= 0:
+            raise ValueError(f"3-D positions split the width and each head over frames, rows and columns; hidden {self.hidden_size} over "
+                             f"{self.num_heads} heads must give an even head width of at least 6.")  # fmt: skip
+        steps = self.frames // self.tubelet
+        if self.attention == "windowed" and (self.window % 2 or steps % self.window):
+            raise ValueError(f"windowed attention needs an even window that divides the {steps} token frames (frames / tubelet); pass --window with one.")
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, self.frames, self.input_size, self.input_size)
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Tokens along (frames, rows, columns)."""
+        side = self.input_size // self.patch_size
+        return self.frames // self.tubelet, side, side
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> VideoDiTConfig:
+        """"VDiT-S/4x2" (DiT-S/4 over 2-frame tubelets), ... with any field overridden; None values are ignored."""
+        if name not in VIDEO_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(VIDEO_PRESETS)}.")
+        size_patch, _, tubelet = name.rpartition("x")
+        return VideoDiTConfig.from_size_preset(size_patch, "VDiT-", VIDEO_PRESETS, {**overrides, "tubelet": int(tubelet)}, prefix_required=True)
+
+
 @dataclass(frozen=True)
 class MMDiTConfig(TransformerConfig):
     """Hyper-parameters of an MMDiT (SD3): image and text tokens in two streams with their own
@@ -133,6 +202,7 @@ class MMDiTConfig(TransformerConfig):
     prompt_dropout_prob: float = field(default=0.1, metadata=option("share of training prompts replaced by the empty prompt (the null condition)", ge=0, lt=1))
 
     conditioning = "text"
+    sample_shape = DataShape.sample_shape
 
     @property
     def out_channels(self) -> int:

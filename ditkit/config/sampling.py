@@ -128,14 +128,16 @@ class SamplingOptions(Config):
 
 @dataclass(frozen=True)
 class SampleConfig(SamplingOptions):
-    """Sample a checkpoint to a PNG grid (the bundled Fashion-MNIST model by default)."""
+    """Sample a checkpoint to a PNG grid (the bundled Fashion-MNIST model by default), or a video
+    model (--ckpt fashion-mnist-video) to an animated one."""
 
     classes: tuple[int, ...] = field(default=(), metadata=option("class ids to sample, cycled over the samples (default: every class, or 8 ImageNet demo classes)", ge=0))
     num_samples: int | None = field(default=None, metadata=option("number of samples (default: 4 per class for up to 16 classes, else one per class)", gt=0, le=100_000))
     seed: int = field(default=0, metadata=option("global seed for the initial and per-step noise"))
     batch_size: int = field(default=64, metadata=positive("samples per model batch"))
-    out: str = field(default="samples", metadata=option("output folder (grid.png and one PNG per sample), or an image file such as grid.png for the grid alone"))
-    save_images: bool | None = field(default=None, metadata=option("also write one PNG per sample (default: yes into an --out folder; beside an --out image file as NAME-000000.png only when asked)"))
+    out: str = field(default="samples", metadata=option("output folder (grid.png and one PNG per sample; for a video model grid.gif, grid.mp4 with PyAV, "
+                                                        "grid-frames/ and one GIF per clip), or an image file such as grid.png (clips.gif, clips.mp4) for the grid alone"))
+    save_images: bool | None = field(default=None, metadata=option("also write one PNG (GIF for a clip) per sample (default: yes into an --out folder; beside an --out file as NAME-000000.png only when asked)"))
 
     def check(self) -> None:
         super().check()

@@ -14,6 +14,7 @@ from .base import (
     LORA_TARGETS_HELP,
     LR_SCHEDULES,
     MAX_SAMPLING_STEPS,
+    MIN_FRAMES,
     MMDIT_PRESETS,
     PRESETS,
     SAMPLER_OBJECTIVE,
@@ -21,6 +22,7 @@ from .base import (
     TEXT_MAX_LENGTH,
     TRAIN_PRECISIONS,
     VAE_HELP,
+    VIDEO_PRESETS,
     Config,
     Grouped,
     field_default,
@@ -28,7 +30,7 @@ from .base import (
     option,
     positive,
 )
-from .models import DiTConfig, DiTDesign
+from .models import DiTConfig, DiTDesign, VideoDesign, VideoDiTConfig
 from .objectives import ObjectiveConfig, ObjectiveFlags
 
 # -- the groups of ditkit train's settings -----------------------------------------------------
@@ -38,7 +40,8 @@ from .objectives import ObjectiveConfig, ObjectiveFlags
 class NetOptions(Config):
     """Which network: a preset, resized if you like (its design is DiTDesign's)."""
 
-    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional) or MMDiT-* (text-to-image, flow objective)", choices=PRESETS + MMDIT_PRESETS))
+    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional), MMDiT-* (text-to-image, flow objective) or VDiT-*/PxT "
+                                                          "(video, P x P patches over T-frame tubelets)", choices=PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
     depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
     hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
     num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
@@ -57,7 +60,9 @@ class NetOptions(Config):
 class DataOptions(Config):
     """What the model learns from."""
 
-    data_path: str = field(default="fashion-mnist", metadata=option("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits; for MMDiT models a folder of captioned images or fashion-mnist-captions"))
+    data_path: str = field(default="fashion-mnist", metadata=option("image folder, latent store (ditkit extract), or fashion-mnist / mnist / digits; for MMDiT models a folder of captioned images or fashion-mnist-captions; "
+                                                                    "for video models a folder of clips (GIF, MP4, folders of frames) or moving-fashion-mnist"))
+    frames: int | None = field(default=None, metadata=option(f"video models: frames per clip (default: the data's; moving-fashion-mnist: 16, at least {MIN_FRAMES})", gt=0))
     image_size: int | None = field(default=None, metadata=positive("image size in pixels (default: the dataset's own)"))
     channels: int | None = field(default=None, metadata=option("1 or 3 image channels (default: the dataset's own)", choices=(1, 3)))
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
@@ -146,6 +151,7 @@ class TrainConfig(Grouped):
 
     net: NetOptions = field(default_factory=NetOptions)
     design: DiTDesign = field(default_factory=DiTDesign)
+    spacetime: VideoDesign = field(default_factory=VideoDesign)
     loss: ObjectiveFlags = field(default_factory=ObjectiveFlags)
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
@@ -173,13 +179,28 @@ class TrainConfig(Grouped):
                                  f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
         if self.text and self.objective != "flow":
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
+        if self.video:
+            self._check_video()
+        elif self.data_path == "moving-fashion-mnist" or self.frames is not None or self.spacetime != VideoDesign():
+            raise ValueError(f"moving-fashion-mnist, --frames, --attention and --window are for video models; pick a VDiT-* --model (e.g. {VIDEO_PRESETS[4]}).")
         if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
             raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
+
+    def _check_video(self) -> None:
+        if self.vae is not None or self.init_from is not None:
+            raise ValueError(f"{self.model} is a video model, trained from scratch in pixel space; drop --vae and --init-from.")
+        if self.data_path in ("fashion-mnist", "mnist", "digits", "fashion-mnist-captions"):
+            raise ValueError(f"{self.model} is a video model and {self.data_path} holds images; pass --data-path moving-fashion-mnist or a folder of clips.")
 
     @property
     def text(self) -> bool:
         """Whether this run trains a text-to-image model (MMDiT)."""
         return self.model in MMDIT_PRESETS
+
+    @property
+    def video(self) -> bool:
+        """Whether this run trains a video model (VDiT)."""
+        return self.model in VIDEO_PRESETS
 
     def objective_config(self) -> ObjectiveConfig:
         return self.loss.settled()
@@ -190,6 +211,13 @@ class TrainConfig(Grouped):
         return DiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                                      learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob,
                                      **{f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__})  # fmt: skip
+
+    def video_model_config(self, num_classes: int, input_size: int, in_channels: int, frames: int) -> VideoDiTConfig:
+        """The video DiT these settings make for clips of `frames` frames of `in_channels` x input_size^2."""
+        n = self.net
+        design = {f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__} | {f: getattr(self.spacetime, f) for f in VideoDesign.__dataclass_fields__}
+        return VideoDiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                          learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob, frames=frames, **design)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""The small Fashion-MNIST classifier behind the class-accuracy metric, and its training."""
+"""The small Fashion-MNIST classifiers behind the class-accuracy metrics, and their training: one on
+the centred images, one on moving-fashion-mnist's frames (the item anywhere on the canvas), which
+judges clips frame by frame."""
 
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data import FASHION_MNIST_CLASSES
+from ..data import FASHION_MNIST_CLASSES, NAMED
 from ..utils.io import atomic_write
+from ..video.moving import TRAVEL, render, resized_items
 from .npz import ImageArray, fashion_mnist, to_float
 
 CLASSIFIER_PATH = Path(__file__).parent.parent / "assets" / "fmnist_classifier.safetensors"
+VIDEO_CLASSIFIER_PATH = CLASSIFIER_PATH.with_name("fmnist_video_classifier.safetensors")  # trained on moving frames
+CLASSIFIER_DATA = ("fashion-mnist", "moving-fashion-mnist")
 CLASSIFIER_IMAGE = (32, 32, 1)
 FMNIST_CLASSES = len(FASHION_MNIST_CLASSES)
 TRAIN_SHIFT = 2  # classifier augmentation: shifts up to the 2-px black border of the 32-px frame
@@ -40,17 +45,30 @@ def _classifier_input(images: np.ndarray, device: torch.device | str) -> torch.T
     return to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
 
 
+def moving_frames(split: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 1) uint8 frames of moving-fashion-mnist, one per item of `split`, the item at a
+    uniformly random whole-pixel position, and the labels."""
+    images, labels = NAMED["fashion-mnist"].load(split)
+    corners = rng.integers(0, TRAVEL + 1, size=(len(images), 1, 2))
+    return np.stack([render(item, xy)[0] for item, xy in zip(resized_items(images), corners)])[..., None], labels
+
+
 def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,
-                     seed: int = 0, log: Callable[[str], None] = print) -> float:  # fmt: skip
+                     seed: int = 0, log: Callable[[str], None] = print, data: str = "fashion-mnist") -> float:  # fmt: skip
     """Train FashionClassifier on the Fashion-MNIST training split (random flips and +-2 px
-    shifts), save it to `out` (safetensors, test accuracy in its metadata) and return the test
-    accuracy. The shipped weights come from `python scripts/train_fmnist_classifier.py`."""
+    shifts), or on frames of moving-fashion-mnist (the items at new random places every epoch,
+    random flips), save it to `out` (safetensors, test accuracy in its metadata) and return the
+    test accuracy. The shipped weights come from `python scripts/train_fmnist_classifier.py [--data ...]`."""
     from safetensors.torch import save_file
 
+    if data not in CLASSIFIER_DATA:
+        raise ValueError(f"the classifier trains on {' or '.join(CLASSIFIER_DATA)}, not {data}.")
+    moving = data == "moving-fashion-mnist"
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    train_x, train_y = fashion_mnist("train")
-    test_x, test_y = fashion_mnist("test")
+    train_set = lambda: moving_frames("train", rng) if moving else fashion_mnist("train")  # noqa: E731
+    train_x, train_y = train_set()
+    test_x, test_y = moving_frames("test", np.random.default_rng(seed + 1)) if moving else fashion_mnist("test")
     x, y = _classifier_input(train_x, "cpu"), torch.from_numpy(train_y)
     model = FashionClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -58,6 +76,9 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start = time.perf_counter()
     for epoch in range(epochs):
+        if moving and epoch:  # the items at new places
+            train_x, train_y = train_set()
+            x, y = _classifier_input(train_x, "cpu"), torch.from_numpy(train_y)
         model.train()
         order = torch.from_numpy(rng.permutation(len(x)))
         total = 0.0
@@ -65,8 +86,9 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
             xb, yb = x[idx], y[idx]
             flip = torch.from_numpy(rng.random(len(idx)) < 0.5).view(-1, 1, 1, 1)
             xb = torch.where(flip, xb.flip(3), xb)
-            dy, dx = rng.integers(-TRAIN_SHIFT, TRAIN_SHIFT + 1, size=2)  # one shift per batch: within the black border
-            xb = torch.roll(xb, shifts=(int(dy), int(dx)), dims=(2, 3))
+            if not moving:  # moving items are placed anywhere already
+                dy, dx = rng.integers(-TRAIN_SHIFT, TRAIN_SHIFT + 1, size=2)  # one shift per batch: within the black border
+                xb = torch.roll(xb, shifts=(int(dy), int(dx)), dims=(2, 3))
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -75,7 +97,8 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
             total += loss.item() * len(idx)
         acc = classifier_accuracy(model, test_x, test_y)
         log(f"epoch {epoch + 1}/{epochs}: train loss {total / len(x):.4f}, test accuracy {acc:.4f} ({time.perf_counter() - start:.0f}s)")
-    meta = {"test_accuracy": f"{acc:.4f}", "epochs": str(epochs), "seed": str(seed), "data": "fashion-mnist 28px padded to 32px"}
+    what = "moving-fashion-mnist frames (20px items anywhere on 32px)" if moving else "fashion-mnist 28px padded to 32px"
+    meta = {"test_accuracy": f"{acc:.4f}", "epochs": str(epochs), "seed": str(seed), "data": what}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(out, lambda p: save_file(state, p, metadata=meta))
     return acc
@@ -88,7 +111,8 @@ def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[FashionClassifi
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"the Fashion-MNIST classifier {path} is missing; train it with python scripts/train_fmnist_classifier.py.")
+        flag = " --data moving-fashion-mnist" if path == VIDEO_CLASSIFIER_PATH else ""
+        raise FileNotFoundError(f"the Fashion-MNIST classifier {path} is missing; train it with python scripts/train_fmnist_classifier.py{flag}.")
     model = FashionClassifier()
     model.load_state_dict(load_file(str(path)))
     with safe_open(str(path), "pt") as f:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import METRICS, EvalConfig
+from ..config import METRICS, VIDEO_METRICS, EvalConfig
 from ..text.prompts import format_prompt_following, prompt_following
 from ..utils.devices import resolve_device
 from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, classifier_predictions, load_classifier
@@ -41,6 +41,7 @@ from .features import (
     inception_search_dirs,
     reference_features,
 )
+from .clips import evaluate_clips, format_clip_table
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, precision_recall
 from .npz import ImageArray, read_images, resolve_images
 
@@ -116,9 +117,16 @@ def _shape(images: ImageArray) -> str:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config: every metric
+    """{"samples", "ref", "num_samples", "num_ref", "metrics", "skipped"} for a config (clips: see
+    eval.clips.evaluate_clips): every metric
     of --metrics (default: all) that can be computed here; "skipped" says why each other one is not;
     "prompt_following" when the samples carry the prompts they were made from (and accuracy is wanted)."""
+    samples = read_images(resolve_images(cfg.samples, "samples", cfg.cache_dir), "samples")
+    if samples.clips:
+        return evaluate_clips(cfg, samples)
+    clip_only = [m for m in cfg.metrics if m in VIDEO_METRICS]
+    if clip_only:
+        raise ValueError(f"{_and(clip_only)} {'is' if len(clip_only) == 1 else 'are'} measured on clips; pass samples of N×T×H×W×C clips (a video model's sample-npz).")
     wanted = list(cfg.metrics or METRICS)
     skipped: list[str] = []
 
@@ -131,7 +139,6 @@ def evaluate(cfg: EvalConfig) -> dict:
             skipped.append(reason)
             wanted[:] = [m for m in wanted if m not in names]
 
-    samples = read_images(resolve_images(cfg.samples, "samples", cfg.cache_dir), "samples")
     prompts = read_sample_prompts(samples)
     follow = prompts is not None and "accuracy" in wanted  # prompt following stands in for class accuracy
     if follow:
@@ -205,7 +212,8 @@ def format_table(result: dict) -> str:
 
 def run_eval(cfg: EvalConfig) -> dict:
     result = evaluate(cfg)
-    print(json.dumps(result, indent=2) if cfg.json else format_table(result))
+    table = format_clip_table if result.get("kind") == "clips" else format_table
+    print(json.dumps(result, indent=2) if cfg.json else table(result))
     return result
 
 

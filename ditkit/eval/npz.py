@@ -1,5 +1,5 @@
-"""ADM-format image arrays (.npz: arr_0 uint8 N×H×W×C, optional labels), read in batches; datasets
-as reference sets; the cache of dataset files and reference statistics."""
+"""ADM-format image arrays (.npz: arr_0 uint8 N×H×W×C, optional labels; clips N×T×H×W×C), read in
+batches; datasets as reference sets; the cache of dataset files and reference statistics."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import torch
 
 from ..data import NAMED
 from ..utils.io import cache_dir, save_npz
+from ..video.moving import moving_clips
 
-DATASET_SPEC = re.compile(r"^(fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
+DATASET_SPEC = re.compile(r"^(fashion-mnist|moving-fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
 
 
 @contextlib.contextmanager
@@ -39,12 +40,16 @@ class ImageArray:
     50 000 256-px samples never sit in memory at once."""
 
     path: Path
-    shape: tuple[int, int, int, int]
+    shape: tuple[int, ...]  # (N, H, W, C), or (N, T, H, W, C) for clips
     labels: np.ndarray | None
     name: str = ""
 
     def __len__(self) -> int:
         return self.shape[0]
+
+    @property
+    def clips(self) -> bool:
+        return len(self.shape) == 5
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         per_image = int(np.prod(self.shape[1:]))
@@ -79,13 +84,13 @@ def read_images(path: str | Path, what: str = "samples") -> ImageArray:
         if dtype.kind == "f" and np.isnan(np.load(path)["arr_0"]).any():
             raise ValueError(f"arr_0 in {path} contains NaN values; the sampler diverged, so re-sample (e.g. with --precision fp32) before evaluating.")
         raise ValueError(f"arr_0 in {path} has dtype {dtype}, not uint8; store images as uint8 in 0..255 (ditkit.generate.to_uint8 converts [-1, 1] tensors).")
-    if len(shape) != 4 or shape[-1] not in (1, 3):
+    if len(shape) not in (4, 5) or shape[-1] not in (1, 3):
         hint = ""
-        if len(shape) == 4 and shape[1] in (1, 3):
-            hint = " It looks channels-first: transpose it with np.transpose(x, (0, 2, 3, 1))."
+        if len(shape) in (4, 5) and shape[1] in (1, 3):
+            hint = f" It looks channels-first: transpose it with np.transpose(x, {(0, *range(2, len(shape)), 1)})."
         elif len(shape) == 3:
             hint = " Add a channel axis with x[..., None]."
-        raise ValueError(f"arr_0 in {path} has shape {tuple(shape)}; it must be N×H×W×C with C = 1 or 3 (channels last).{hint}")
+        raise ValueError(f"arr_0 in {path} has shape {tuple(shape)}; it must be N×H×W×C images or N×T×H×W×C clips with C = 1 or 3 (channels last).{hint}")
     if shape[0] == 0:
         raise ValueError(f"arr_0 in {path} holds no images; sample some first.")
     labels, key = None, "labels"
@@ -103,6 +108,32 @@ def read_images(path: str | Path, what: str = "samples") -> ImageArray:
             raise ValueError(f"{key} in {path} has a negative class id ({labels.min()}); class ids start at 0.")
         labels = labels.astype(np.int64)
     return ImageArray(path=path, shape=tuple(int(s) for s in shape), labels=labels, name=path.name)
+
+
+@dataclass(frozen=True)
+class FrameView:
+    """The frames of a clip array, each an image, for per-frame metrics: what an ImageArray of
+    (N T, H, W, C) would be, read from the clips file."""
+
+    clips: ImageArray
+
+    @property
+    def path(self) -> Path:
+        return self.clips.path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        n, t, *rest = self.clips.shape
+        return (n * t, *rest)
+
+    labels = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        for clips in self.clips.batches(max(1, batch_size // self.clips.shape[1])):
+            yield clips.reshape(-1, *clips.shape[2:])
 
 
 def to_float(images: np.ndarray, device: torch.device, channels: int | None = None) -> torch.Tensor:
@@ -129,31 +160,38 @@ def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
 
 def dataset_npz(name: str = "fashion-mnist", split: str = "test", n: int | None = None, seed: int = 0,
                 out: str | Path | None = None, cache: str | Path | None = None) -> Path:  # fmt: skip
-    """Write (once) a dataset split as an ADM-format .npz (arr_0, labels); `n` takes a seeded
-    random subset. Without `out` the file goes to the ditkit cache and is reused."""
-    if name != "fashion-mnist":
-        raise ValueError(f"unknown dataset {name!r}; ditkit knows fashion-mnist (or pass an .npz file).")
+    """Write (once) a dataset split as an ADM-format .npz (arr_0, labels): fashion-mnist's images or
+    moving-fashion-mnist's clips; `n` takes a seeded random subset. Without `out` the file goes to
+    the ditkit cache and is reused."""
+    if name not in ("fashion-mnist", "moving-fashion-mnist"):
+        raise ValueError(f"unknown dataset {name!r}; ditkit knows fashion-mnist and moving-fashion-mnist (or pass an .npz file).")
     out = Path(out) if out is not None else cache_dir(cache) / "datasets" / f"{name}-{split}{f'-{n}-seed{seed}' if n else ''}.npz"
     if out.exists():
         return out
-    images, labels = fashion_mnist(split)
-    if n is not None:
-        if not 0 < n <= len(images):
-            raise ValueError(f"{name} {split} has {len(images)} images; ask for 1 to {len(images)}, not {n}.")
-        keep = np.random.default_rng(seed).choice(len(images), size=n, replace=False)
-        images, labels = images[keep], labels[keep]
+    size = len(NAMED["fashion-mnist"].load(split)[1])
+    if n is not None and not 0 < n <= size:
+        raise ValueError(f"{name} {split} has {size} items; ask for 1 to {size}, not {n}.")
+    keep = np.random.default_rng(seed).choice(size, size=n, replace=False) if n is not None else None
+    if name == "moving-fashion-mnist":  # clip i is the same clip whichever subset holds it
+        images, labels = moving_clips(split, keep)
+    else:
+        images, labels = fashion_mnist(split)
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
     return save_npz(out, arr_0=images, labels=labels)
 
 
 def resolve_images(spec: str, what: str, cache: str | Path | None = None) -> Path:
     """An .npz path, or a dataset name: fashion-mnist (the test split), fashion-mnist-train,
-    fashion-mnist-test, each with an optional :N for a seeded random subset of N images."""
+    fashion-mnist-test, the same of moving-fashion-mnist (clips), each with an optional :N for a
+    seeded random subset of N images."""
     if Path(spec).exists():
         return Path(spec)
     m = DATASET_SPEC.match(spec)
     if m is None and (spec.endswith(".npz") or os.sep in spec):
         raise FileNotFoundError(f"{what} file {spec} does not exist; pass an .npz written by ditkit sample-npz (or np.savez).")
     if m is None:
-        raise FileNotFoundError(f"{what} {spec} is neither an existing .npz file nor a dataset name; pass a path, or fashion-mnist / fashion-mnist-train[:N].")
+        raise FileNotFoundError(f"{what} {spec} is neither an existing .npz file nor a dataset name; pass a path, or fashion-mnist / fashion-mnist-train[:N] "
+                                "(moving-fashion-mnist[-train][:N] for clips).")
     name, split, n = m.group(1), m.group(2) or "test", int(m.group(3)) if m.group(3) else None
     return dataset_npz(name, split, n, cache=cache)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import axis_split
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
@@ -63,6 +65,18 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
+
+
+class TubeletEmbed(nn.Module):
+    """t x p x p tubelets of a clip to tokens with a strided 3-D conv (Sora's spacetime patches)."""
+
+    def __init__(self, tubelet: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        size = (tubelet, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=size, stride=size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, T, H, W) -> (N, T' * H' * W', D), frame-major
 
 
 # PyTorch's CPU flash-attention kernel is quick forward but slow backward in bf16 and fp16: at 64
@@ -206,3 +220,39 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     omega = 1.0 / 10000**omega  # (D/2,)
     out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def grid_positions(grid: tuple[int, ...]) -> np.ndarray:
+    """(L, len(grid)) float64 coordinates of a token grid in flatten order (the first axis slowest)."""
+    return np.stack([a.reshape(-1) for a in np.meshgrid(*(np.arange(n, dtype=np.float64) for n in grid), indexing="ij")], axis=1)
+
+
+def get_3d_sincos_pos_embed(embed_dim: int, grid: tuple[int, int, int]) -> np.ndarray:
+    """(T * H * W, embed_dim) sin-cos embedding of a (frames, rows, columns) token grid, the width
+    split over the three axes by `axis_split`, each part MAE's 1-D table of that coordinate."""
+    pos = grid_positions(grid)
+    return np.concatenate([_1d_sincos(d, pos[:, a]) for a, d in enumerate(axis_split(embed_dim))], axis=1)
+
+
+def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (L, head_dim), of axial 3-D rotary embeddings (CogVideoX) on a (frames, rows,
+    columns) token grid: each head is split over the axes by `axis_split`, and each axis's part into
+    pairs (i, i + part/2) that turn with that coordinate."""
+    pos = grid_positions(grid)
+    parts = []
+    for a, d in enumerate(axis_split(head_dim)):
+        inv = 1.0 / theta ** (np.arange(d // 2, dtype=np.float64) / (d // 2))  # (d/2,)
+        angles = pos[:, a : a + 1] * inv  # (L, d/2)
+        parts += [angles, angles]  # the pair's two members turn together
+    angles = np.concatenate(parts, axis=1)  # (L, head_dim)
+    # torch.tensor (not from_numpy) follows a default-device context, as the model's other tensors do.
+    return torch.tensor(np.cos(angles), dtype=torch.float32), torch.tensor(np.sin(angles), dtype=torch.float32)
+
+
+def apply_rope_axes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, H, L, d) queries or keys by the angles of `rope_3d`: in each axis's part, pairs (i, i + part/2)."""
+    rotated = []
+    for part in x.split(axis_split(x.shape[-1]), dim=-1):
+        x1, x2 = part.chunk(2, dim=-1)
+        rotated += [-x2, x1]
+    return x * cos.to(x.dtype) + torch.cat(rotated, dim=-1) * sin.to(x.dtype)

@@ -121,6 +121,10 @@ class UViTConfig:
         return self.in_chans
 
     @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.in_chans, self.img_size, self.img_size)
+
+    @property
     def learn_sigma(self) -> bool:
         return False  # every U-ViT predicts the noise (or x0) only
 

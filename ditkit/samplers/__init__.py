@@ -123,7 +123,7 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
         raise ValueError(f"got {noise.shape[0]} noises but {len(y)} {what}s; pass one {what} per noise.")
     config = getattr(model, "config", None)
     if config is not None:
-        expected = (config.in_channels, config.input_size, config.input_size)
+        expected = config.sample_shape
         if tuple(noise.shape[1:]) != expected:
             raise ValueError(f"noise has shape {tuple(noise.shape[1:])} per sample but the model takes {expected}.")
     kind = objective_name(objective)

@@ -4,6 +4,7 @@
                         "num_sampling_steps": 25, "cfg_scale": 4.0}        (a class-conditional model)
     POST /api/generate {"prompts": ["a dark ankle boot"], "num_samples": 2}  (a text-to-image model)
       -> {"images": ["data:image/png;base64,...", ...], "labels": [3, 3, 3, 3] or "prompts": [...], ...}
+         (a video model's are animated GIFs, "data:image/gif;base64,...")
     GET /api/info (model, samplers, defaults, limits), GET /api/status (queue, progress), GET / (the page)
 
 Batching. Requests wait in one bounded queue. A worker takes the oldest request and every queued

@@ -24,6 +24,7 @@ from ..config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
 from ..objectives import objective_name
 from ..pipeline import Pipeline
 from ..utils.images import to_uint8
+from ..video.io import gif_bytes
 from .guard import clip
 
 # Samplers whose per-sample result does not depend on the rest of the batch (see the module docstring).
@@ -159,7 +160,10 @@ class Turns:
 
 
 def png_data_url(image) -> str:
-    """(H, W, C) uint8 -> a data: URL of a PNG (grayscale for one channel)."""
+    """(H, W, C) uint8 -> a data: URL of a PNG (grayscale for one channel); a clip (T, H, W, C) -> an
+    animated GIF's."""
+    if image.ndim == 4:
+        return "data:image/gif;base64," + base64.b64encode(gif_bytes(image)).decode("ascii")
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -295,7 +299,7 @@ class Batcher:
             items = [item for j in batch.jobs for item in j.items]
             condition = pipe.condition(items) if self.text else torch.tensor(items)
             # A lone job's generator goes on to draw the per-step noise; batched samplers draw none that counts.
-            images = to_uint8(pipe.images(condition, noise=noise, generator=generators[0], callback=callback))  # (N, H, W, C)
+            images = to_uint8(pipe.images(condition, noise=noise, generator=generators[0], callback=callback))  # (N, H, W, C), clips (N, T, H, W, C)
         finally:
             self.turns.leave(batch)
         urls, i = [], 0

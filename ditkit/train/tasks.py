@@ -10,8 +10,10 @@ task for
     recorded(cfg) -> dict                           what a model records beside objective and sampling
 
 and, where a task changes the step itself (distillation), loss(trainer, x, y), after_step(trainer),
-prepare(trainer), state() and load_state(ck). `ClassTask` is the paper's class-conditional DiT;
-the text-to-image task is ditkit.text.task.TextTask, the distillations ditkit.distill's.
+prepare(trainer), state() and load_state(ck); where its samples are not images, save_grid(samples,
+path, ncol) (a video task's animated grid). `ClassTask` is the paper's class-conditional DiT;
+the text-to-image task is ditkit.text.task.TextTask, the video one ditkit.video.task.VideoTask, the
+distillations ditkit.distill's.
 """
 
 from __future__ import annotations

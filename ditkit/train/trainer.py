@@ -38,6 +38,7 @@ from ..utils.images import save_grid, to_uint8
 from ..utils.io import NoSpaceError, atomic_write, remove_temporaries, torch_save
 from ..utils.runs import checkpoint_steps, prune_checkpoints
 from ..utils.vae import load_vae
+from ..video.task import VideoTask
 from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, data_shape, total_steps
 from .log import RunLog
 from .resume import resolve_base, resolve_resume
@@ -50,10 +51,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, task=None):
         """`task` says what trains (see ditkit.train.tasks): a class-conditional DiT by default, an
-        MMDiT for MMDiT presets; the study passes one that builds a U-Net, ditkit distill its own."""
+        MMDiT for MMDiT presets, a video DiT for VDiT presets; the study passes one that builds a
+        U-Net, ditkit distill its own."""
         cfg, self.resume_from, resume_state, note = resolve_resume(cfg)
         cfg, self.base, self.base_name = resolve_base(cfg)
-        self.cfg, self.task = cfg, task or (TextTask(cfg) if cfg.text else ClassTask())
+        self.cfg, self.task = cfg, task or (TextTask(cfg) if cfg.text else VideoTask() if cfg.video else ClassTask())
         self.d = d = setup_distributed(cfg.device)
         if cfg.global_batch_size % d.world:
             raise ValueError(f"global batch {cfg.global_batch_size} is not divisible by {d.world} processes; use a multiple of {d.world}.")
@@ -282,8 +284,7 @@ class Trainer:
             lines.append(f"adapter       {self.exp_dir / 'adapter'}  (ditkit sample --lora {self.exp_dir / 'adapter'})")
         else:
             lines.append(f"model folder  {self.exp_dir / 'model'}  (ditkit sample --ckpt {self.exp_dir / 'model'})")
-        grid = self.exp_dir / "samples" / f"{self.step:07d}.png"
-        if grid.exists():
+        for grid in sorted((self.exp_dir / "samples").glob(f"{self.step:07d}.*")):
             lines.append(f"sample grid   {grid}")
         print(f"at step {self.step}{steps}:\n  " + "\n  ".join(lines), flush=True)
 
@@ -322,7 +323,8 @@ class Trainer:
         x = pipe.images(y, generator=g)
         if self.d.main:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
-            save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=ncol)
+            write = getattr(self.task, "save_grid", save_grid)  # a video task animates its grid
+            write(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=ncol)
 
 
 def run_train(cfg: TrainConfig) -> Path:
