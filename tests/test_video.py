@@ -38,9 +38,9 @@ TINY = dict(model="VDiT-S/4x2", data_path="moving-fashion-mnist", objective="flo
             num_heads=2, frames=8, attention="factorized", num_workers=0, lr=1e-3, log_every=1, device="cpu")  # fmt: skip
 
 
-def tiny_config(**kw) -> VideoDiTConfig:
+def tiny_config(preset: str = "VDiT-S/4x2", **kw) -> VideoDiTConfig:
     base = dict(input_size=16, in_channels=1, num_classes=10, frames=8, depth=2, hidden_size=48, num_heads=2)
-    return VideoDiTConfig.from_preset("VDiT-S/4x2", **{**base, **kw})
+    return VideoDiTConfig.from_preset(preset, **{**base, **kw})
 
 
 # -- the data -------------------------------------------------------------------------------
@@ -128,9 +128,8 @@ def test_clip_files_and_folders(tmp_path):
 
 # -- the network ----------------------------------------------------------------------------
 def test_video_dit_shapes_and_zero_start():
-    for attention, tubelet in (("joint", 1), ("factorized", 2), ("windowed", 2)):
-        c = tiny_config(attention=attention, window=2, pos_embed="sincos+rope", learn_sigma=True)
-        c = VideoDiTConfig(**{**c.__dict__, "tubelet": tubelet})
+    for attention, preset in (("joint", "VDiT-S/4x1"), ("factorized", "VDiT-S/4x2"), ("windowed", "VDiT-S/4x2")):
+        c = tiny_config(preset, attention=attention, window=2, pos_embed="sincos+rope", learn_sigma=True)
         model = VideoDiT(c)
         x = torch.randn(2, 1, 8, 16, 16)
         out = model(x, torch.rand(2), torch.tensor([3, 10]))  # 10: the null label
@@ -178,7 +177,7 @@ def test_3d_rope_turns_by_the_relative_position():
 
 
 def test_flops_count_video_presets_and_factorized_is_cheaper():
-    costs = {a: measure(tiny_config(attention=a, frames=32, input_size=32, hidden_size=64, tubelet=1, window=4)) for a in ("joint", "factorized", "windowed")}
+    costs = {a: measure(tiny_config("VDiT-S/4x1", attention=a, frames=32, input_size=32, hidden_size=64, window=4)) for a in ("joint", "factorized", "windowed")}
     assert costs["joint"].tokens == 32 * 64 and costs["joint"].frames == 32
     assert costs["joint"].macs > 2 * costs["factorized"].macs and costs["joint"].macs > costs["windowed"].macs > costs["factorized"].macs
     assert main(["flops", "--json", "--model", "VDiT-S/4x2", "--in-channels", "1", "--image-size", "32", "--frames", "8", "--attention", "joint", "factorized"]) == 0
@@ -216,7 +215,7 @@ def test_sample_writes_animated_grids_and_sample_npz_writes_clips(run, tmp_path)
     args = ["--ckpt", str(run / "model"), "--num-sampling-steps", "2", "--cfg-scale", "1.5"]
     assert main(["sample", *args, "--num-samples", "3", "--out", str(tmp_path / "s")]) == 0
     with Image.open(tmp_path / "s" / "grid.gif") as grid:
-        assert grid.n_frames == 8 and grid.size == (3 * 34 + 2, 34 + 2)
+        assert grid.n_frames == 8 and grid.size == (10 * 34 + 2, 34 + 2)  # a column per class
     assert len(list((tmp_path / "s" / "grid-frames").glob("*.png"))) == 8 and (tmp_path / "s" / "000002.gif").exists()
     assert (tmp_path / "s" / "grid.mp4").exists() == has_av()
     assert main(["sample", *args, "--num-samples", "2", "--out", str(tmp_path / "clips.gif")]) == 0
