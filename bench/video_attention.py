@@ -5,9 +5,11 @@ forward's multiply-adds (`ditkit flops`) beside.
 The step is `Trainer.train_step` (flow matching, AdamW, EMA) on clips already in memory. Each
 (attention, frames) runs in a process of its own, so its peak RSS is its own: "peak MiB" is that
 process's peak resident memory, "step MiB" what it grew by from just before the first step (the
-step's activations, gradients and optimizer state).
+step's activations, gradients and optimizer state). "CPU s / step" is the process's CPU time per
+step (user + system, both threads), which other jobs on the cores disturb far less than the
+wall-clock "s / step".
 
-    python bench/video_attention.py                      # the bundled model's size, batch 4, fp32
+    python bench/video_attention.py                      # the bundled model's widths, batch 8, bf16
     python bench/video_attention.py --frames 8 16 --attention joint factorized --steps 3
 """
 
@@ -49,6 +51,11 @@ class ClipsInMemory(torch.utils.data.Dataset):
         pass
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -71,12 +78,12 @@ def one(attention: str, frames: int, batch: int, steps: int, warmup: int, precis
     before = rss_mib()
     for i in range(warmup + steps):
         if i == warmup:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
         trainer.train_step(x, y).item()  # .item() waits for the step
         trainer.step += 1
-    seconds = (time.perf_counter() - start) / steps
+    seconds, cpu = (time.perf_counter() - start) / steps, (cpu_seconds() - cpu) / steps
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
-    return {"step_s": seconds, "peak_mib": peak, "step_mib": peak - before, "tokens": trainer.model.num_patches,
+    return {"step_s": seconds, "cpu_s": cpu, "peak_mib": peak, "step_mib": peak - before, "tokens": trainer.model.num_patches,
             "gflops": measure(trainer.model_config).gflops}  # fmt: skip
 
 
@@ -84,10 +91,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attention", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
     p.add_argument("--frames", nargs="+", type=int, default=[8, 16, 32])
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     p.add_argument("--one", nargs=2, metavar=("ATTENTION", "FRAMES"), help=argparse.SUPPRESS)  # run one row, print JSON
     args = p.parse_args()
     if args.one:
@@ -104,13 +111,13 @@ def main() -> None:
                 raise SystemExit(f"{attention} at {frames} frames failed:\n{out.stderr[-2000:]}")
             rows[attention, frames] = json.loads(out.stdout.strip().splitlines()[-1])
             r = rows[attention, frames]
-            print(f"  {attention:<10} {frames:>3} frames: {r['step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB", flush=True)
-    print("\n| frames | tokens | attention | G multiply-adds / clip | s / step | clips / s | peak MiB | step MiB | joint's step time / this |")
+            print(f"  {attention:<10} {frames:>3} frames: {r['step_s']:.3f} s/step, {r['cpu_s']:.3f} CPU s/step, peak {r['peak_mib']:.0f} MiB", flush=True)
+    print("\n| frames | tokens | attention | G multiply-adds / clip | CPU s / step | s / step | peak MiB | step MiB | joint / this: multiply-adds, CPU s, s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (attention, frames), r in rows.items():
         joint = rows.get(("joint", frames))
-        ratio = f"{joint['step_s'] / r['step_s']:.2f}" if joint else "-"
-        print(f"| {frames} | {r['tokens']} | {attention} | {r['gflops']:.2f} | {r['step_s']:.3f} | {args.batch / r['step_s']:.1f} | "
+        ratio = f"{joint['gflops'] / r['gflops']:.2f}, {joint['cpu_s'] / r['cpu_s']:.2f}, {joint['step_s'] / r['step_s']:.2f}" if joint else "-"
+        print(f"| {frames} | {r['tokens']} | {attention} | {r['gflops']:.2f} | {r['cpu_s']:.2f} | {r['step_s']:.2f} | "
               f"{r['peak_mib']:.0f} | {r['step_mib']:.0f} | {ratio} |")  # fmt: skip
 
 

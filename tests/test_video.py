@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 from ditkit.cli import main
 from ditkit.config import TrainConfig, VideoDiTConfig
@@ -224,6 +224,27 @@ def test_sample_writes_animated_grids_and_sample_npz_writes_clips(run, tmp_path)
     assert main(["sample-npz", *args, "--num-samples", "5", "--batch-size", "3", "--out", str(tmp_path / "c.npz")]) == 0
     with np.load(tmp_path / "c.npz") as data:
         assert data["arr_0"].shape == (5, 8, 32, 32, 1) and data["arr_0"].dtype == np.uint8 and data["labels"].shape == (5,)
+
+
+def test_serve_answers_animated_gifs(run):
+    import base64
+    import io
+
+    from test_serve import direct, post, serving
+
+    from ditkit.config import SamplingOptions
+    from ditkit.pipeline import load_pipeline
+
+    pipe = load_pipeline(SamplingOptions(ckpt=str(run / "model"), device="cpu"))
+    with serving(pipe) as client:
+        response = post(client, {"classes": [3], "num_samples": 2, "seed": 5, "num_sampling_steps": 2})
+    assert response.status_code == 200, response.text
+    urls = response.json()["images"]
+    assert len(urls) == 2 and all(u.startswith("data:image/gif;base64,") for u in urls)
+    with Image.open(io.BytesIO(base64.b64decode(urls[1].split(",", 1)[1]))) as gif:
+        frames = [np.array(frame.convert("L")) for frame in ImageSequence.Iterator(gif)]
+    alone = direct(pipe, [3, 3], 5, steps=2)  # (2, T, H, W, 1): what ditkit sample draws with that seed
+    np.testing.assert_array_equal(np.stack(frames), alone[1, ..., 0])
 
 
 def test_eval_of_clips_and_fvd_through_torchscript(tmp_path, capsys, monkeypatch):
