@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoints import infer_config, load_model, read_checkpoint
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions
+from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, VideoDiTConfig
 from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
@@ -133,6 +133,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
         input_size = opts.image_size // factor if opts.image_size is not None else base.input_size
+        if isinstance(base, VideoDiTConfig):
+            raise ValueError(f"{path} holds a video DiT, which samples at the size it was trained at; drop --model.")
         if isinstance(base, MMDiTConfig) != (opts.model in MMDIT_PRESETS):
             raise ValueError(f"{path} holds {'an MMDiT' if isinstance(base, MMDiTConfig) else 'a DiT'}, not {opts.model}; drop --model or pick a preset of that kind.")
         if isinstance(base, MMDiTConfig):
@@ -152,6 +154,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if c.in_channels not in (1, 3) and vae is None:
         raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
     if vae is not None:
+        if isinstance(c, VideoDiTConfig):
+            raise ValueError("this video DiT makes clips in pixel space; drop --vae.")
         if vae.config["latent_channels"] != c.in_channels:
             raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
         if opts.image_size is not None and opts.image_size != c.input_size * factor:

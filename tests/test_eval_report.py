@@ -61,4 +61,5 @@ def test_help_states_the_defaults(capsys):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--accuracy" not in text
-    assert "--metrics [METRICS ...] metrics to report: FD-EffNet, accuracy, FID, sFID, IS, precision, recall (default: every one that can be computed)" in text
+    assert ("--metrics [METRICS ...] metrics to report: FD-EffNet, accuracy, FID, sFID, IS, precision, recall; for clips FD-EffNet (per frame), "
+            "accuracy (per clip), consistency, motion, FVD (default: every one that can be computed)") in text
