@@ -9,7 +9,7 @@ step's activations, gradients and optimizer state). "CPU s / step" is the proces
 step (user + system, both threads), which other jobs on the cores disturb far less than the
 wall-clock "s / step".
 
-    python bench/video_attention.py                      # the bundled model's widths, batch 8, bf16
+    python bench/video_attention.py                      # the bundled image model's widths, batch 8, bf16
     python bench/video_attention.py --frames 8 16 --attention joint factorized --steps 3
 """
 
@@ -28,7 +28,7 @@ from ditkit.config import ATTENTIONS, TrainConfig
 from ditkit.flops import measure
 from ditkit.video.task import VideoTask
 
-MODEL = dict(model="VDiT-S/4x1", hidden_size=160, depth=8, num_heads=4, window=4)  # the bundled video model's widths, 1-frame tubelets
+MODEL = dict(model="VDiT-S/4x1", hidden_size=160, depth=8, num_heads=4, window=4)  # the bundled image model's widths (DiT-S/4 at 160 wide, 8 blocks), 1-frame tubelets
 
 
 class ClipsInMemory(torch.utils.data.Dataset):

@@ -1,7 +1,8 @@
 """Train the Fashion-MNIST classifier behind `ditkit eval`'s accuracy metric and write it to
 ditkit/assets/fmnist_classifier.safetensors: 10 epochs, test accuracy 0.9138 (a few minutes
 on an idle 2-core CPU, 25 on a busy one). With --data moving-fashion-mnist, the one that judges
-clips frame by frame, on 20 px items anywhere on the canvas (ditkit/assets/fmnist_video_classifier.safetensors).
+clips frame by frame, on 20 px items anywhere on the canvas, written to
+ditkit/assets/fmnist_video_classifier.safetensors (not shipped: `ditkit eval` looks for it there).
 
     python scripts/train_fmnist_classifier.py [--epochs 10] [--seed 0] [--out PATH] [--data moving-fashion-mnist]
 """

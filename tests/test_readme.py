@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
 import ditkit
 from ditkit.cli import _config_class, main, make_parser, parse_config
 from ditkit.config import DistillConfig, DPOConfig, ServeConfig, TrainConfig
-from ditkit.eval.classifier import classifier_accuracy, classifier_predictions, load_classifier
+from ditkit.eval.classifier import VIDEO_CLASSIFIER_PATH, classifier_accuracy, classifier_predictions, load_classifier
 from ditkit.text.prompts import read_prompts
 from ditkit.train import Trainer
 from conftest import tiny_vae
@@ -127,6 +127,36 @@ def eval_prompts(out: str, err: str) -> None:
     assert "seen" in out and "held-out" in out and "skipped FD-EffNet needs at least 1281 samples" in out, out
 
 
+def video_grid(out: str, err: str) -> None:
+    """A trained video model (the tiny stand-in): every class, 4 rows, 16 frames, animated."""
+    with Image.open("clips.gif") as gif:
+        grid = np.stack([np.array(frame.convert("L")) for frame in ImageSequence.Iterator(gif)])  # (T, H, W)
+    assert grid.shape == (16, 4 * 34 + 2, 10 * 34 + 2)
+    assert grid[:, 2:34, 2:34].std(axis=0).mean() > 0  # the frames differ
+
+
+def video_npz(out: str, err: str) -> None:
+    with np.load("clips.npz") as data:
+        assert data["arr_0"].shape == (4, 16, 32, 32, 1) and data["labels"].shape == (4,)
+
+
+def eval_clips(out: str, err: str) -> None:
+    assert out.splitlines()[0].startswith("4 clips (clips.npz) vs 2000 reference clips"), out
+    assert "speed" in out and "(reference " in out, out
+    if VIDEO_CLASSIFIER_PATH.is_file():  # trained by the README's script
+        assert re.search(r"consistency\s+(0\.\d+|1\.0+)\s", out), out
+    else:
+        assert "skipped accuracy and consistency need the classifier of moving items" in out, out
+    assert "skipped FD-EffNet needs more than 1280 frames" in out, out
+
+
+def flops_video(out: str, err: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[2] for r in rows] == ["joint", "factorized", "windowed"] and all(r[3] == "32x32x32x1" for r in rows), out
+    joint, factorized, windowed = (float(r[-2]) for r in rows)
+    assert joint > 1.5 * factorized and joint > windowed > factorized  # 82.2, 44.4, 48.4 G multiply-adds per clip
+
+
 def flops_mmdit(out: str, err: str) -> None:
     rows = [line.split() for line in out.splitlines()[1:]]
     assert [r[:2] for r in rows] == [["MMDiT-S/2", "joint"], ["MMDiT-B/2", "joint"]], out
@@ -212,6 +242,14 @@ CHECKS = {
     "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz": ("scaled", ["--num-samples", "20"], prompt_npz),
     "ditkit eval --samples p.npz --ref fashion-mnist": ("run", eval_prompts),
     "ditkit flops --model MMDiT-S/2 MMDiT-B/2": ("run", flops_mmdit),
+    "pip install -e .[video]": ("not run", "installs"),
+    "ditkit train --config fmnist-video": ("parsed",),
+    "ditkit train --data-path ./my_clips --model VDiT-B/4x2 --objective flow --frames 16 --attention factorized": ("parsed",),
+    "ditkit sample --ckpt results/002-VDiT-S-4x2/model --out clips.gif": ("run", video_grid),
+    "ditkit sample-npz --ckpt results/002-VDiT-S-4x2/model --num-samples 500 --out clips.npz": ("scaled", ["--num-samples", "4"], video_npz),
+    "python scripts/train_fmnist_classifier.py --data moving-fashion-mnist": ("not run", "a training of minutes; tests/test_video.py runs eval with a stand-in"),
+    "ditkit eval --samples clips.npz --ref moving-fashion-mnist-test:2000": ("run", eval_clips),
+    "ditkit flops --model VDiT-S/4x1 --in-channels 1 --image-size 32 --frames 32 --attention joint factorized windowed": ("run", flops_video),
     "pip install -e .[serve]": ("not run", "installs"),
     "ditkit serve": ("parsed", ServeConfig),
     "ditkit serve --ckpt DiT-XL-2-256x256.pt --vae ema --max-batch-size 32": ("parsed", ServeConfig),
@@ -224,6 +262,7 @@ CHECKS = {
 NEEDS = {  # made by an earlier command
     "ditkit eval --samples samples.npz": "ditkit sample-npz --num-samples 10000 --out samples.npz",
     "ditkit eval --samples p.npz": "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz",
+    "ditkit eval --samples clips.npz": "ditkit sample-npz --ckpt results/002-VDiT-S-4x2/model --num-samples 500 --out clips.npz",
 }
 
 
@@ -284,13 +323,18 @@ class Workspace:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A folder with what the README's reader would have made by then: a trained run (a tiny
-    stand-in for results/000-DiT-S-4 of `ditkit train --config fmnist-cpu`)."""
+    """A folder with what the README's reader would have made by then: trained runs (tiny
+    stand-ins for results/000-DiT-S-4 of `ditkit train --config fmnist-cpu` and
+    results/002-VDiT-S-4x2 of `ditkit train --config fmnist-video`)."""
     root = tmp_path_factory.mktemp("readme")
     with cwd(root):
         Trainer(TrainConfig(model="DiT-S/4", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,
                             max_steps=1, global_batch_size=8)).run()  # fmt: skip
+        (root / "results" / "001-MMDiT-S-4").mkdir()  # the text run's index, left empty (its README command fails on the missing model)
+        Trainer(TrainConfig(model="VDiT-S/4x2", depth=1, hidden_size=32, num_heads=2, data_path="moving-fashion-mnist", objective="flow",
+                            learn_sigma=False, frames=16, num_workers=0, max_steps=1, global_batch_size=8)).run()  # fmt: skip
     assert (root / "results" / "000-DiT-S-4" / "model" / "config.json").exists()
+    assert (root / "results" / "002-VDiT-S-4x2" / "model" / "config.json").exists()
     return Workspace(root)
 
 

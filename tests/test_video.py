@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageSequence
+from safetensors.torch import save_file
 
 from ditkit.cli import main
 from ditkit.config import TrainConfig, VideoDiTConfig
 import ditkit.eval.clips as clips_module
 from ditkit.config import EvalConfig
+from ditkit.eval.classifier import FashionClassifier
 from ditkit.eval.clips import evaluate_clips
 from ditkit.eval.npz import read_images
 from ditkit.flops import measure
@@ -282,7 +284,14 @@ def test_eval_of_clips_and_fvd_through_torchscript(tmp_path, capsys, monkeypatch
     (tmp_path / "bad.pt").write_bytes(b"not a network")
     with pytest.raises(ValueError, match="is not a TorchScript I3D"):
         load_i3d(tmp_path / "bad.pt")
-    # The command line, with the shipped classifier of moving items.
+    # The command line: the classifier of moving items is not shipped (the script trains it), so
+    # without it accuracy and consistency end in one sentence; with one (untrained here) they run.
+    missing = tmp_path / "fmnist_video_classifier.safetensors"
+    monkeypatch.setattr(clips_module, "VIDEO_CLASSIFIER_PATH", missing)
+    assert main(["eval", "--samples", str(tmp_path / "real.npz"), "--metrics", "accuracy", "consistency"]) == 2
+    err = capsys.readouterr().err
+    assert "train it with python scripts/train_fmnist_classifier.py --data moving-fashion-mnist" in err and err.count("\n") == 1, err
+    save_file(FashionClassifier().state_dict(), str(missing))
     assert main(["eval", "--samples", str(tmp_path / "real.npz"), "--metrics", "accuracy", "consistency"]) == 0
     out = capsys.readouterr().out
     assert "40 clips" in out and "consistency" in out

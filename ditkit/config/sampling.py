@@ -128,8 +128,8 @@ class SamplingOptions(Config):
 
 @dataclass(frozen=True)
 class SampleConfig(SamplingOptions):
-    """Sample a checkpoint to a PNG grid (the bundled Fashion-MNIST model by default), or a video
-    model (--ckpt fashion-mnist-video) to an animated one."""
+    """Sample a checkpoint to a PNG grid (the bundled Fashion-MNIST model by default), or a trained
+    video model (--ckpt results/NNN-VDiT-S-4x2/model) to an animated one."""
 
     classes: tuple[int, ...] = field(default=(), metadata=option("class ids to sample, cycled over the samples (default: every class, or 8 ImageNet demo classes)", ge=0))
     num_samples: int | None = field(default=None, metadata=option("number of samples (default: 4 per class for up to 16 classes, else one per class)", gt=0, le=100_000))
