@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from .checkpoints import describe, load_model, read_any, save_pretrained
+from .checkpoints import describe, family, load_model, read_any, save_pretrained
 from .config import DIFFUSERS_SAMPLERS, ExportConfig
 from .hub import export_diffusers, finish_folder, fresh_folder
 from .lora import apply_adapter, read_adapter
@@ -29,6 +29,8 @@ def run_export(cfg: ExportConfig) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"wrote {out}: {describe(model.config)} (ditkit format: model.safetensors + config.json)")
         return out
+    if family(model.config) != "DiT":
+        raise ValueError(f"DiTPipeline runs DiTs; this is {describe(model.config)}, so export it with --format ditkit.")
     if objective != "gaussian":
         raise ValueError(f"DiTPipeline samples diffusion models; this is a {objective} model, so export it with --format ditkit.")
     recorded = ck.meta.get("sampling", {}).get("sampler")

@@ -19,6 +19,7 @@ from .base import (
     SD_VAE_FACTOR,
     SPLITS,
     STORE_DTYPES,
+    UVIT_PRESETS,
     VAE_HELP,
     Config,
     nonnegative,
@@ -82,7 +83,8 @@ class FlopsConfig(Config):
     presets, resized with the model flags if you like, or the model of a checkpoint (--ckpt bundled
     for the bundled one)."""
 
-    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt; MMDiT-*: the text at 77 tokens)", aliases=("--models",), choices=PRESETS + MMDIT_PRESETS))
+    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: the 12 DiTs, or none with --ckpt; MMDiT-*: the text at 77 tokens; U-ViT-*: with a null class)",
+                                                                aliases=("--models",), choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS))
     ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
     block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))

@@ -51,7 +51,7 @@ def check_condition(y, config) -> None:
     elif not isinstance(y, torch.Tensor):
         raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts.")
     else:
-        check_labels(y, config.num_classes)
+        check_labels(y, config.num_real_classes if hasattr(config, "num_real_classes") else config.num_classes)
 
 
 def check_embedded_guidance(config, cfg_scale: float, cfg_channels: int | None) -> None:
@@ -74,6 +74,8 @@ def check_setup(model: torch.nn.Module, objective, sampling: Sampling, channels:
     config = getattr(model, "config", None)
     if getattr(config, "cfg_embed", False):
         check_embedded_guidance(config, sampling.cfg_scale, sampling.cfg_channels)
+    elif sampling.cfg_scale != 1.0 and getattr(config, "conditioning", "class") == "class" and getattr(config, "null_class", 0) is None:
+        raise ValueError("this model was trained without label dropout, so it has no null class to guide with; use --cfg-scale 1.")
 
 
 @torch.no_grad()
