@@ -58,6 +58,11 @@ METRICS = ("FD-EffNet", "accuracy", "FID", "sFID", "IS", "precision", "recall") 
 MAX_SAMPLING_STEPS = 10_000  # the most steps any sampling setting may ask for
 SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
 FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the setting of the paper's Table 1
+# `ditkit study`: the DiT sizes of its grids, (width, depth, heads), small enough for a CPU, with a patch
+# size after the slash ("S/4"); its grids; and the families of its backbone comparison.
+STUDY_SIZES = {"XS": (32, 2, 2), "S": (64, 4, 4), "B": (128, 6, 4), "L": (192, 6, 6)}
+STUDY_MODELS = tuple(f"{size}/{p}" for size in STUDY_SIZES for p in (1, 2, 4, 8))
+STUDY_GRIDS = ("sizes", "blocks", "backbones")
 
 # Help texts shared by several commands' flags.
 CKPT_HELP = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"

@@ -285,12 +285,3 @@ class UViTConfig(Config):
     def num_blocks(self) -> int:
         """Transformer blocks in the network: depth // 2 in, one mid, depth // 2 out."""
         return 2 * (self.depth // 2) + 1
-
-
-def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:
-    """depth, hidden_size and num_heads of a preset after the study's divisors."""
-    depth, hidden, heads = PRESET_SIZES[preset.removeprefix("DiT-").partition("/")[0]]
-    if hidden % (width_divisor * heads):
-        raise ValueError(f"--width-divisor {width_divisor} does not divide {preset}'s hidden size {hidden} into {heads} equal heads; "
-                         f"use a divisor of {hidden // heads}.")  # fmt: skip
-    return {"depth": max(1, round(depth / depth_divisor)), "hidden_size": hidden // width_divisor, "num_heads": heads}
