@@ -49,7 +49,6 @@ UVIT_RELEASES = {
     (32, 4, 1152, 28): ("imagenet256_uvit_huge.pth", _SD_DISCRETE, {"sampler": "dpm-solver++", "num_sampling_steps": 50, "cfg_scale": 1.4}),
     (64, 4, 1152, 28): ("imagenet512_uvit_huge.pth", _SD_DISCRETE, {"sampler": "dpm-solver++", "num_sampling_steps": 50, "cfg_scale": 1.7}),
 }  # fmt: skip
-UVIT_RELEASE_NAMES = tuple(name for name, _, _ in UVIT_RELEASES.values())
 
 
 def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
@@ -81,9 +80,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint (its EMA weights), an official DiT or SiT .pt (raw, or a training dict's EMA)."""
     path = Path(path)
     if not path.exists():
-        if path.name in UVIT_RELEASE_NAMES:
-            raise FileNotFoundError(f"checkpoint {path} is not on disk; download {path.name} from the U-ViT release (github.com/baofff/U-ViT, "
-                                    "its README's table) on a machine that is online and pass its path.")  # fmt: skip
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
     files = _ditkit_files(path)
     if files is not None:

@@ -105,6 +105,9 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     path = Path(ckpt).expanduser()
     if not path.exists() and bundled_model(ckpt) is not None:
         return bundled_model(ckpt)
+    if not path.exists() and path.suffix == ".pth" and "uvit" in path.name:
+        raise FileNotFoundError(f"checkpoint {path} is not on disk; download {path.name} from the U-ViT release (github.com/baofff/U-ViT, "
+                                "its README's table) on a machine that is online and pass its path.")  # fmt: skip
     if not path.exists():
         names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
