@@ -1,10 +1,12 @@
 """`ditkit study`: train every run of the plan, score it, and write the tables and plots.
 
-Layout of OUT (a killed study run again with the same flags picks up where it stopped):
+Layout of OUT (a killed study run again with the same flags picks up where it stopped; several
+study processes may share one OUT: each run is trained by whichever takes its lock first):
 
     study.json                the settings, checked on every restart
     reference.npz, cache/     the reference images and their feature statistics
     runs/NAME/run.json        the run: family, sizes, params, Gflops, its TrainConfig
+    runs/NAME/.lock           held by the process training or scoring the run
     runs/NAME/NNN-MODEL/      the Trainer's experiment: checkpoints/, model/, log.csv
     runs/NAME/samples.npz     the samples scored (ADM format: ditkit eval reads them)
     runs/NAME/done.json       the run's metrics and its training time
@@ -15,7 +17,9 @@ Layout of OUT (a killed study run again with the same flags picks up where it st
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import os
 import shutil
@@ -94,19 +98,36 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         check_settings(cfg)
         runs = self.plan()
-        for run in runs:  # every config is built before any training, so a bad one fails at once
-            run.train.model_config(self.info.num_classes, self.info.input_size, self.info.in_channels)
+        for run in runs:  # every config is built (and its run.json written) before any training, so a bad one fails at once
+            self.run_dir(run)
         # The biggest first: they say soonest whether the budget is long enough for the goal.
-        runs.sort(key=lambda r: (r.seed, -(read_json(Path(r.train.results_dir) / "run.json") or describe_run(r, self.info))["gflops"]))
+        runs.sort(key=lambda r: (r.seed, -read_json(Path(r.train.results_dir) / "run.json")["gflops"]))
         start = time.perf_counter()
-        for i, run in enumerate(runs, 1):
-            if cfg.time_runs:
-                self.time_one(run, f"[{i}/{len(runs)}]")
-            else:
-                self.run_one(run, f"[{i}/{len(runs)}]")
-            self.write_results(runs)
+        waiting = []  # runs another process holds: left for later, then waited for
+        for wait, todo in ((False, list(enumerate(runs, 1))), (True, waiting)):
+            for i, run in todo:
+                with self.lock(run, wait) as mine:
+                    if not mine:
+                        waiting.append((i, run))
+                        continue
+                    (self.time_one if cfg.time_runs else self.run_one)(run, f"[{i}/{len(runs)}]")
+                self.write_results(runs)
         print(f"study done in {time.perf_counter() - start:.0f}s: {self.out / 'table.md'} and plots in {self.out}", flush=True)
         return self.out
+
+    @contextlib.contextmanager
+    def lock(self, run: Run, wait: bool):
+        """Whether this process holds the run's lock (waiting for it if `wait`), for the block."""
+        with open(Path(run.train.results_dir) / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def run_dir(self, run: Run) -> Path:
         path = Path(run.train.results_dir)
