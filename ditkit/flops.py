@@ -128,7 +128,7 @@ def paper_gflops(name: str, config: DiTConfig) -> float | None:
 def measure(config: DiTConfig | MMDiTConfig | UViTConfig, name: str | None = None) -> Cost:
     """Parameters and multiply-adds of the DiT (or MMDiT, or U-ViT) `config` describes, built on "meta"
     (no memory). A U-ViT's depth is its paper's layer count (in-blocks, the mid block, out-blocks)
-    and its block "long skips" (or "no skips")."""
+    and its block "long-skips" (or "no-skips")."""
     text, uvit = isinstance(config, MMDiTConfig), isinstance(config, UViTConfig)
     name = name or preset_name(config)
     with torch.device("meta"):
@@ -136,7 +136,7 @@ def measure(config: DiTConfig | MMDiTConfig | UViTConfig, name: str | None = Non
     params = list(model.parameters())
     return Cost(
         model=name,
-        block="joint" if text else ("long skips" if config.skip else "no skips") if uvit else config.block,
+        block="joint" if text else ("long-skips" if config.skip else "no-skips") if uvit else config.block,
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,

@@ -88,7 +88,7 @@ def test_model_folder_samples_exports_and_counts(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["flops", "--ckpt", str(trained / "model"), "--json"]) == 0
     counted = json.loads(capsys.readouterr().out)[0]
-    assert counted["params"] == sum(p.numel() for p in model.parameters()) and counted["block"] == "long skips"
+    assert counted["params"] == sum(p.numel() for p in model.parameters()) and counted["block"] == "long-skips"
 
 
 def test_lora_on_a_uvit(trained, tmp_path):
