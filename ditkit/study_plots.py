@@ -123,7 +123,7 @@ def plot_results(rows: list[dict], cfg: StudyConfig, out: Path) -> list[Path]:
                              out / "fd_vs_gflops.png")]  # fmt: skip
     if any(g["images_per_s"] for g in groups):
         seconds = lambda g: cfg.images / g["images_per_s"] if g["images_per_s"] else None  # noqa: E731
-        written.append(_quality_plot(plt, groups, seconds, "training wall-clock on this CPU, alone (s)",
+        written.append(_quality_plot(plt, groups, seconds, "training time alone on one core of this CPU (s)",
                                      f"Quality against training time ({where})", out / "fd_vs_wallclock.png"))  # fmt: skip
     blocks = [g for g in groups if "blocks" in g["grids"]]
     if blocks:

@@ -173,7 +173,7 @@ class Study:
                 continue
             speed = read_json(run_dir / "speed.json") or {}
             rows.append({**{k: meta[k] for k in RESULT_COLUMNS[:11]}, "grids": list(run.grids), "images": self.cfg.images,
-                         "train_s": done.get("train_s"), "images_per_s": speed.get("images_per_s"),
+                         "train_s": done.get("train_s"), "images_per_s": speed.get("images_per_cpu_s" if speed.get("threads") == 1 else "images_per_s"),
                          "fd_effnet": done["fd_effnet"], "accuracy": done["accuracy"]})  # fmt: skip
         return rows
 
@@ -191,7 +191,7 @@ class Study:
         notes = {"fd_effnet": f"Fréchet distance of EfficientNet-Lite0 features (not FID), {self.cfg.num_eval_samples} samples ({s.describe()}) "
                               "against the held-out images", "accuracy": "Fashion-MNIST classifier accuracy on the samples' labels",
                  "gflops": "G multiply-adds per forward of one image", "params": "parameters", "train_s": "training seconds as logged (shared machine)",
-                 "images_per_s": "training images/s measured alone (--time-runs)"}  # fmt: skip
+                 "images_per_s": "training images/s alone (--time-runs; with one thread, images per CPU-second: one idle core's rate)"}  # fmt: skip
         write_json(self.out / "results.json", {"study": asdict(self.cfg), "recipe": self.recipe.flat(), "columns": notes, "rows": rows})
         atomic_write(self.out / "table.md", lambda tmp: Path(tmp).write_text(summary_table(rows)))
         if rows:

@@ -105,7 +105,9 @@ def load_checkpoint_model(run: Run, path: Path) -> tuple[nn.Module, object]:
 
 def time_training(run: Run, scratch: Path) -> dict:
     """The run's training images/s measured on TIMED_STEPS steps after WARMUP_STEPS, in a scratch
-    folder: what one step costs on this machine, for the wall-clock plot (run it alone)."""
+    folder: what one step costs on this machine, for the wall-clock plot. Both the wall clock (run
+    it alone) and the process's CPU time, which other jobs on a shared machine inflate far less: with
+    one thread (OMP_NUM_THREADS=1), images per CPU-second are the images/s of one idle core."""
     cfg = replace(run.train, results_dir=str(scratch), max_steps=TIMED_STEPS + WARMUP_STEPS, ckpt_every=10**9)
     trainer = Trainer(cfg, task=ClassTask(run.factory()))
     loader, sampler = trainer.loader()
@@ -113,9 +115,10 @@ def time_training(run: Run, scratch: Path) -> dict:
     batches = iter(loader)
     for i in range(TIMED_STEPS + WARMUP_STEPS):
         if i == WARMUP_STEPS:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         x, y = next(batches)
         trainer.train_step(x.to(trainer.d.device), y.to(trainer.d.device))
         trainer.step += 1
-    seconds = time.perf_counter() - start
-    return {"images_per_s": TIMED_STEPS * cfg.global_batch_size / seconds, "timed_steps": TIMED_STEPS, "threads": torch.get_num_threads()}
+    images = TIMED_STEPS * cfg.global_batch_size
+    return {"images_per_s": images / (time.perf_counter() - start), "images_per_cpu_s": images / (time.process_time() - cpu),
+            "timed_steps": TIMED_STEPS, "threads": torch.get_num_threads()}  # fmt: skip
