@@ -130,7 +130,7 @@ class StudyConfig(Config):
 
     out: str = field(default="study", metadata=option("study folder: runs, results.csv/json, table.md and plots"))
     recipe: str = field(default="fmnist-fast", metadata=option("training recipe every run takes (a recipe name or a TOML file of ditkit train settings); the study sets the model, seed and budget"))
-    images: int = field(default=112_000, metadata=positive("training images of every run (steps = images / the recipe's batch)"))
+    images: int = field(default=80_000, metadata=positive("training images of every run (steps = images / the recipe's batch)"))
     seeds: tuple[int, ...] = field(default=(0, 1), metadata=option("seeds: every run is trained once per seed (the spread of a rerun)", ge=0))
     grids: tuple[str, ...] = field(default=STUDY_GRIDS, metadata=option(f"which comparisons to run: {', '.join(STUDY_GRIDS)}", choices=STUDY_GRIDS))
     models: tuple[str, ...] = field(default=("XS/8", "XS/4", "XS/2", "XS/1", "S/8", "S/4", "S/2", "B/8", "B/4"),
