@@ -26,6 +26,7 @@ def group(rows: list[dict]) -> list[dict]:
                                                           "seeds": [], "fd_effnet": [], "accuracy": [], "train_s": [], "images_per_s": r["images_per_s"]})  # fmt: skip
         g["grids"] |= set(r["grids"])
         g["seeds"].append(r["seed"])
+        g["images_per_s"] = g["images_per_s"] or r["images_per_s"]  # one seed's timing serves the network
         for k in ("fd_effnet", "accuracy", "train_s"):
             if r[k] is not None:
                 g[k].append(r[k])
