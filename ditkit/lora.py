@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from .checkpoints import config_from_dict, describe
@@ -116,9 +118,6 @@ class Adapter:
 
 def read_adapter(path: str | Path) -> Adapter:
     """An adapter folder (or its adapter_model.safetensors), with one sentence when it is not one."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     peft = _peft()
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from ..config import ExtractConfig
 from ..parallel import barrier, setup_distributed
@@ -34,8 +36,6 @@ def _check_out(out: Path, plan: dict) -> bool:
 
 
 def _create_store(out: Path, plan: dict) -> None:
-    from numpy.lib.format import open_memmap
-
     n, shape = plan["num_images"], (plan["num_images"], 2, *plan["latent_shape"])  # (N, plain/mirror, C, h, w)
     out.mkdir(parents=True, exist_ok=True)
     for name, dtype, size in (("mean", plan["dtype"], shape), ("logvar", plan["dtype"], shape),
@@ -49,8 +49,6 @@ def _create_store(out: Path, plan: dict) -> None:
 
 @torch.no_grad()
 def run_extract(cfg: ExtractConfig) -> Path:
-    from tqdm import tqdm
-
     d = setup_distributed(cfg.device)
     device, rank, world, started = d.device, d.rank, d.world, d.started
     try:  # the group is destroyed however this ends
