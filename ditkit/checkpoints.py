@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from . import hub
-from .config import PRESET_SIZES, DiTConfig, MMDiTConfig
+from .config import PRESET_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, RecordedSampling, TextEncoderRecord, from_record
 from .models import dit
 from .models.mmdit import MMDiT
+from .utils.devices import check_model_fits
 from .utils.io import atomic_write, read_pt, safetensors_save
 from .utils.runs import CONFIG_NAME, WEIGHTS_NAME
 
-META_KEYS = ("objective", "sampling", "text_encoder")  # what a ditkit checkpoint records beside the model config
+# What a ditkit checkpoint records beside the model config, and the config that checks each entry.
+RECORDS = {"objective": ObjectiveConfig, "sampling": RecordedSampling, "text_encoder": TextEncoderRecord}
+META_KEYS = tuple(RECORDS)
 
 
 def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
@@ -70,13 +73,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise ValueError(f"cannot read {weights}: not a valid safetensors file ({e}); re-export the model.") from None
         config, meta = None, {}
         if config_file.exists():
-            saved = json.loads(config_file.read_text())
-            config = config_from_dict(saved)
-            meta = {k: saved[k] for k in META_KEYS if k in saved}
+            saved = read_json(config_file)
+            config = config_from_dict(saved, str(config_file))
+            meta = read_records(saved, str(config_file))
         return Checkpoint(state, config, meta, path)
     obj = read_pt(path)
-    saved = config_from_dict(obj["model_config"]) if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) else None
-    meta = {k: obj[k] for k in META_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)}
+    saved = config_from_dict(obj["model_config"], str(path), "model_config.") if isinstance(obj, dict) and obj.get("model_config") is not None else None
+    meta = read_records(obj, str(path)) if isinstance(obj, dict) else {}
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -86,11 +89,27 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
-def config_from_dict(d: dict) -> DiTConfig | MMDiTConfig:
-    """The model config a config.json records: an MMDiT's has a text width (context_dim)."""
-    cls = MMDiTConfig if "context_dim" in d else DiTConfig
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in known})
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); write it again, or export the model again.") from None
+
+
+def config_from_dict(d: dict, source: str = "the model config", prefix: str = "") -> DiTConfig | MMDiTConfig:
+    """The model config a config.json (or a checkpoint's model_config) records, checked as flags
+    are: an MMDiT's has a text width (context_dim); other names the file records are skipped."""
+    cls = MMDiTConfig if isinstance(d, dict) and "context_dim" in d else DiTConfig
+    return from_record(cls, d, source, prefix, strict=False)
+
+
+def read_records(saved: dict, source: str) -> dict:
+    """The entries a checkpoint records beside the model config ("objective", "sampling",
+    "text_encoder"), each checked by its config; kept as recorded."""
+    for key, cls in RECORDS.items():
+        if key in saved:
+            from_record(cls, saved[key], source, f"{key}.")
+    return {k: saved[k] for k in RECORDS if k in saved}
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
@@ -188,6 +207,8 @@ def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | 
     config = config or ck.config or infer_config(ck.state)
     if config is None:
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
+    files = _ditkit_files(ck.path)
+    check_model_fits(config, torch.device("cpu"), source=f"{files[1] if files else ck.path}: ")  # built on the CPU first
     model = MMDiT(config) if isinstance(config, MMDiTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()

@@ -85,6 +85,13 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
     try:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py
         torch.backends.cudnn.allow_tf32 = True
+        out = Path(cfg.out)
+        parts = out.parent / f".{out.name}.parts"
+        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
+        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
+        if out.exists() and not resumed:  # OUT beside its own shards: a join that a kill interrupted, finished below
+            raise FileExistsError(f"{out} already exists; pass another --out, or delete it to sample again "
+                                  "(sample-npz resumes only its own unfinished runs).")  # fmt: skip
         pipe = load_pipeline(cfg, device=d.device)
         n, bs = cfg.num_samples, cfg.batch_size
         prompts, condition = conditioner(pipe, cfg)
@@ -93,10 +100,6 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         else:  # labels are drawn for all N at once, so they do not depend on the number of processes
             labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
         extra = {"prompts": labels} if prompts else {"labels": labels}
-        out = Path(cfg.out)
-        parts = out.parent / f".{out.name}.parts"
-        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
-        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
         barrier(d)
         if d.main:
             remove_temporaries(out.parent, out.name)  # left by a join that a kill interrupted

@@ -212,8 +212,11 @@ def is_diffusers(path: Path) -> bool:
         return False
     if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
         return True
-    config = path / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("_class_name") in DIFFUSERS_CLASSES
+    try:  # a config.json that is not a diffusers model's (not even JSON) is for read_checkpoint to refuse
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") in DIFFUSERS_CLASSES
 
 
 _SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc"}

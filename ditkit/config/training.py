@@ -24,6 +24,7 @@ from .base import (
     Config,
     Grouped,
     field_default,
+    flag,
     nonnegative,
     option,
     positive,
@@ -138,6 +139,21 @@ class LoraOptions(Config):
     lora_rank: int = field(default=0, metadata=nonnegative("train only a LoRA adapter of this rank on the --init-from model and save only it (RUN/adapter); 0 = train every weight"))
     lora_alpha: float | None = field(default=None, metadata=positive("LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)"))
     lora_targets: tuple[str, ...] = field(default=(), metadata=option(LORA_TARGETS_HELP))
+
+
+@dataclass(frozen=True)
+class AdapterRecord(Config):
+    """The settings ditkit writes into an adapter's adapter_config.json (peft's names), checked as
+    flags are when an adapter is read; every other peft setting keeps peft's default."""
+
+    r: int = field(metadata=positive("rank of the LoRA matrices"))
+    lora_alpha: float = field(metadata=positive("scale numerator: the update is (alpha / r) B A"))
+    target_modules: tuple[str, ...] = field(metadata=option("module-name suffixes that carry LoRA"))
+    base_model_name_or_path: str | None = field(default=None, metadata=option("the base checkpoint it was trained on"))
+
+    def check(self) -> None:
+        if not self.target_modules or not all(self.target_modules):
+            raise ValueError(f"{flag('target_modules')} must name the layers that carry LoRA, got {list(self.target_modules)}.")
 
 
 @dataclass(frozen=True, init=False)

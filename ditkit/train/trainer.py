@@ -38,7 +38,7 @@ from ..utils.images import save_grid, to_uint8
 from ..utils.io import NoSpaceError, atomic_write, remove_temporaries, torch_save
 from ..utils.runs import checkpoint_steps, prune_checkpoints
 from ..utils.vae import load_vae
-from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, data_shape, total_steps
+from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, check_network_size, data_shape, total_steps
 from .log import RunLog
 from .resume import resolve_base, resolve_resume
 from .schedule import ema_decay, learning_rate, step_randomness, update_ema
@@ -67,6 +67,7 @@ class Trainer:
         self.grid_vae = None  # a latent store's VAE for sample grids: loaded on first use, False if unavailable
         self.dataset = self.task.dataset(cfg, cfg.channels or (self.vae.config.in_channels if self.vae else None), d)  # gray data goes RGB for a VAE
         self.model_config = self.task.model_config(cfg, *data_shape(self.dataset, self.vae, cfg), self.base)
+        check_network_size(self.model_config, cfg, d.device, self.local_batch)  # before anything is built
         self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
