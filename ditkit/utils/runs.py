@@ -4,8 +4,11 @@ names one of them. Only the file system is looked at here; reading the files is 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from pathlib import Path
+from typing import IO
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # a ditkit model folder
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
@@ -15,6 +18,7 @@ ASSETS = Path(__file__).parent.parent / "assets"
 BUNDLED = ASSETS / "fashion-mnist"
 BUNDLED_NAME = "bundled"  # what --ckpt calls it; the other bundled models go by their folder names
 BUNDLED_TEXT = ASSETS / "fashion-mnist-text"  # the default when prompts are given
+LOCK_NAME = ".lock"  # in a run folder: locked (flock) by the process training it
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
@@ -50,6 +54,25 @@ def create_run_dir(results_dir: Path, name: str) -> Path:
             continue  # another run took this index after the scan: scan again
         (path / "checkpoints").mkdir()
         return path
+
+
+def lock_run(folder: Path) -> IO:
+    """An advisory lock (flock) on folder/.lock, held until the returned file is closed: one process
+    at a time trains a run, so a second resume of a running run is refused here, in one sentence,
+    before it writes anything. The kernel drops the lock when its process dies, even by kill -9."""
+    f = open(Path(folder) / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        raise RuntimeError(f"{folder} is in use: another process{f' ({pid})' if pid.isdigit() else ''} is training this run; "
+                           "wait for it to end (or stop it) before resuming the run.") from None  # fmt: skip
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def is_run_checkpoint(path: Path) -> bool:
