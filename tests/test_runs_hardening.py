@@ -175,7 +175,7 @@ def test_null_or_empty_captions_are_skipped_with_a_count(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipping 3 of 5 images" in err and "empty or null caption" in err
     (root / "4.txt").write_text("")
-    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": None}) + "\n")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": None}) + "\n" for i in range(3)))
     with pytest.raises(ValueError, match="none of the 5 images .* has a caption"):
         build_captioned_dataset(root, image_size=8)
     (root / "metadata.jsonl").write_text(json.dumps({"file_name": "0.png", "text": 5}) + "\n")
