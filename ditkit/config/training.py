@@ -243,7 +243,7 @@ class DistillConfig(Config):
     precision: str = field(default="fp32", metadata=option("fp32, bf16 autocast, or auto (bf16 where its matmuls are fast)", choices=TRAIN_PRECISIONS))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     resume: str | None = field(default=None, metadata=option("continue a distillation: 'latest' in RESULTS_DIR, a run folder, or a checkpoint, with its own settings "
-                                                             "(only --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
+                                                             "(only --max-steps, except for progressive runs, --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
 
     def check(self) -> None:
         if not self.teacher and not self.resume:

@@ -291,7 +291,8 @@ class Trainer:
             return
         steps = f" of {int(total)}" if math.isfinite(total) else ""
         if self.step == start_step:
-            print(f"the run was already at step {self.step}{steps}; pass a larger --max-steps or --epochs to train it further.", flush=True)
+            further = getattr(self.task, "further", "pass a larger --max-steps or --epochs to train it further")
+            print(f"the run was already at step {self.step}{steps}; {further}.", flush=True)
         lines = [f"checkpoint    {self.last_checkpoint}"]
         if self.cfg.lora_rank:
             lines.append(f"adapter       {self.exp_dir / 'adapter'}  (ditkit sample --lora {self.exp_dir / 'adapter'})")
