@@ -25,8 +25,8 @@ from .config import PRESET_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, Recor
 from .models import dit
 from .models.mmdit import MMDiT
 from .utils.devices import check_model_fits
-from .utils.io import atomic_write, read_pt, safetensors_save
-from .utils.runs import CONFIG_NAME, WEIGHTS_NAME
+from .utils.io import atomic_write, read_json, read_pt, safetensors_save
+from .utils.runs import CONFIG_NAME, WEIGHTS_NAME, check_official_download
 
 # What a ditkit checkpoint records beside the model config, and the config that checks each entry.
 RECORDS = {"objective": ObjectiveConfig, "sampling": RecordedSampling, "text_encoder": TextEncoderRecord}
@@ -61,6 +61,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint (its EMA weights), an official DiT or SiT .pt (raw, or a training dict's EMA)."""
     path = Path(path)
     if not path.exists():
+        check_official_download(path)
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
     files = _ditkit_files(path)
     if files is not None:
@@ -89,11 +90,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
-def read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); write it again, or export the model again.") from None
+def peek_config(path: Path) -> DiTConfig | MMDiTConfig | None:
+    """The model config a ditkit model folder's config.json records, read without the weights (None
+    for other formats): what the flags can be checked against before anything large is read."""
+    files = _ditkit_files(Path(path))
+    return config_from_dict(read_json(files[1]), str(files[1])) if files and files[1].exists() else None
 
 
 def config_from_dict(d: dict, source: str = "the model config", prefix: str = "") -> DiTConfig | MMDiTConfig:
@@ -187,7 +188,7 @@ def read_any(name: str | os.PathLike) -> Checkpoint:
     path = hub.resolve(name)
     if hub.is_diffusers(path):
         config, state, meta = hub.read_diffusers(path)
-        return Checkpoint(state, config, meta, path)
+        return Checkpoint(state, config, read_records(meta, str(path / hub.DITKIT_RECORD)), path)
     if path.is_dir() and not (path / WEIGHTS_NAME).exists():
         pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
         if len(pts) == 1:

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import config_from_dict, describe, read_json
+from .checkpoints import config_from_dict, describe
 from .config import AdapterRecord, from_record
-from .utils.io import atomic_write, safetensors_save
+from .utils.io import atomic_write, read_json, safetensors_save
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 BASE_CONFIG_KEY = "ditkit_base_config"  # safetensors metadata: the base model's config, as JSON

@@ -173,12 +173,12 @@ class ExportConfig(Config):
 
     ckpt: str | None = field(default=None, metadata=option("checkpoint: official .pt, ditkit model folder or training checkpoint, diffusers folder, or Hugging Face Hub id (default: the bundled model)"))
     out: str | None = field(default=None, metadata=option("output folder; must not exist yet, or be empty"))
-    format: str = field(default="diffusers", metadata=option("diffusers (DiTPipeline) or ditkit", choices=EXPORT_FORMATS))
+    format: str | None = field(default=None, metadata=option("diffusers (DiTPipeline) or ditkit (default: diffusers for the paper's diffusion DiTs, ditkit for the rest: flow models, modern designs, MMDiTs)", choices=EXPORT_FORMATS))
     vae: str | None = field(default=None, metadata=option(VAE_HELP + "; copied into the diffusers folder (latent models need one)"))
     sampler: str | None = field(default=None, metadata=option("scheduler of the diffusers folder (default: the model's sampler where it is one of these, else ddim)", choices=DIFFUSERS_SAMPLERS))
     lora: str | None = field(default=None, metadata=option("merge this LoRA adapter into the weights first (ditkit train --lora-rank, ditkit dpo); without --ckpt, onto the base it records"))
 
     def check(self) -> None:
         if not self.out:
-            raise ValueError("--out is required; pass the folder to write.")
+            raise ValueError("--out is required; pass the folder to write (ditkit export --out my-model).")
 # Text-to-image

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -109,6 +110,14 @@ def read_pt(path: str | Path) -> dict:
             f"cannot read checkpoint {path}: it is not a PyTorch file of tensors ({type(e).__name__}); "
             "check that the download finished and the path is right."
         ) from None
+
+
+def read_json(path: str | Path):
+    """A JSON file, or one sentence naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); write it again, or export the model again.") from None
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

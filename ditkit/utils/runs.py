@@ -18,6 +18,12 @@ ASSETS = Path(__file__).parent.parent / "assets"
 BUNDLED = ASSETS / "fashion-mnist"
 BUNDLED_NAME = "bundled"  # what --ckpt calls it; the other bundled models go by their folder names
 BUNDLED_TEXT = ASSETS / "fashion-mnist-text"  # the default when prompts are given
+# The official releases the README names, by file name: what each is and where it is downloaded once.
+OFFICIAL_DOWNLOADS = {
+    "DiT-XL-2-256x256.pt": ("the official DiT-XL/2 256x256 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "DiT-XL-2-512x512.pt": ("the official DiT-XL/2 512x512 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
+    "SiT-XL-2-256x256.pt": ("the official SiT-XL/2 256x256 checkpoint", "the release of the SiT repository (github.com/willisma/SiT)"),
+}
 LOCK_NAME = ".lock"  # in a run folder: locked (flock) by the process training it
 
 
@@ -115,6 +121,14 @@ def bundled_model(name: str) -> Path | None:
     return ASSETS / name if "/" not in name and (ASSETS / name / WEIGHTS_NAME).exists() else None
 
 
+def check_official_download(path: str | Path) -> None:
+    """The one sentence for an official checkpoint that is not there: where to download it."""
+    path = Path(path)
+    if path.name in OFFICIAL_DOWNLOADS and not path.exists():
+        what, where = OFFICIAL_DOWNLOADS[path.name]
+        raise FileNotFoundError(f"{path} does not exist: {what} is downloaded once from {where}; pass the path of the downloaded file.")
+
+
 def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
     model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
@@ -129,6 +143,7 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     if not path.exists() and bundled_model(ckpt) is not None:
         return bundled_model(ckpt)
     if not path.exists():
+        check_official_download(path)
         names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
     if not path.is_dir() or (path / WEIGHTS_NAME).exists():
