@@ -138,18 +138,23 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
     )  # fmt: skip
 
 
+def count(n: int, noun: str) -> str:
+    """"1 channel", "3 channels", "10 classes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def describe(config: DiTConfig | MMDiTConfig) -> str:
     """"DiT-XL/2 at 256 px (latent 32), 1000 classes" or the raw sizes for a custom config."""
     if isinstance(config, MMDiTConfig):
         return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
-                f"{config.in_channels} channels, text {config.context_dim} wide")  # fmt: skip
+                f"{count(config.in_channels, 'channel')}, text {config.context_dim} wide")  # fmt: skip
     name = next(
         (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
          if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
         f"a custom DiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size})",
     )  # fmt: skip
     size = f"{config.input_size * 8} px (latent {config.input_size})" if config.in_channels == 4 else f"{config.input_size} px"
-    return f"{name} at {size}, {config.in_channels} channels, {config.num_classes} classes"
+    return f"{name} at {size}, {count(config.in_channels, 'channel')}, {count(config.num_classes, 'class')}"
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

@@ -58,6 +58,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
     print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    if pipe.text_encoder is not None:  # the prompts, as the model reads them (long lists: the first ones)
+        print(f"prompts: {'; '.join(repr(p) for p in items[:16])}{f'; ... ({len(items)} in all)' if len(items) > 16 else ''}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -121,7 +123,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
                 g = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + i) % 2**63)
                 save_npz(parts / SHARD.format(i), arr_0=to_uint8(pipe.images(y, generator=g)))
                 bar.update(min(bs, n - i * bs) * d.world)  # rank 0's pace stands for all
-                if k == 0 and d.main:
+                if k == 0 and d.main and len(todo) > 1:
                     took = time.perf_counter() - start
                     bar.write(f"sample-npz: the first batch of {min(bs, n - i * bs)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
         barrier(d)
@@ -165,4 +167,6 @@ def _join_shards(parts: Path, count: int) -> np.ndarray:
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else "under a second"

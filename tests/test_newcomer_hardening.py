@@ -57,7 +57,8 @@ def test_the_end_of_run_grid_shows_its_progress(tmp_path, capsys, one_thread):
 
 
 def test_data_loader_workers_follow_the_cores(tmp_path, monkeypatch):
-    from ditkit.train.builders import build_loader, num_workers
+    from ditkit.train.builders import build_loader
+    from ditkit.utils.devices import loader_workers as num_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     cfg = TrainConfig(**TINY, results_dir=str(tmp_path))

@@ -84,6 +84,7 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+_KINDS = {bool: "true or false values", int: "whole numbers", float: "numbers", str: "text values"}  # a list of them
 
 
 # While `from_record` checks the settings a file records, fields are named as the file spells them.
@@ -100,9 +101,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     """`value` as type `tp` (ints accepted for floats, lists for tuples), or a ValueError naming it."""
     if typing.get_origin(tp) is tuple:
         inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list of {_KIND.get(inner, inner)} values, got {value!r}.")
-        return tuple(_coerce(name, v, inner) for v in value)
+        try:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(_coerce(name, v, inner) for v in value)
+        except ValueError:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ValueError(f"{name} must be a list of {_KINDS.get(inner, inner)}, got {shown}.") from None
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

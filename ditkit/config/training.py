@@ -64,7 +64,7 @@ class DataOptions(Config):
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
     vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
     flip: bool = field(default=True, metadata=option("random horizontal flips"))
-    num_workers: int = field(default=4, metadata=nonnegative("data loader processes per rank"))
+    num_workers: int | None = field(default=None, metadata=nonnegative("data loader processes per rank (default: 4, or the cores there are where fewer)"))
     on_bad_image: str = field(default="skip", metadata=option("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
 
 

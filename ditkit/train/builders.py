@@ -15,7 +15,7 @@ from ..config import TrainConfig, flag
 from ..lora import add_lora
 from ..models import LabelEmbedder
 from ..parallel import Dist, broadcast_object
-from ..utils.devices import check_model_fits
+from ..utils.devices import check_model_fits, loader_workers
 from ..utils.runs import create_run_dir, is_run_checkpoint
 from ..utils.vae import load_vae, vae_factor
 from .schedule import ResumableSampler
@@ -83,9 +83,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 def build_loader(dataset, d: Dist, cfg: TrainConfig, local_batch: int) -> tuple[DataLoader, ResumableSampler]:
     sampler = ResumableSampler(len(dataset), d.rank, d.world, cfg.global_seed, local_batch)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
+    workers = loader_workers(cfg.num_workers)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
                         pin_memory=d.device.type == "cuda", drop_last=True, persistent_workers=False,
-                        prefetch_factor=4 if cfg.num_workers else None)  # fmt: skip
+                        prefetch_factor=4 if workers else None)  # fmt: skip
     return loader, sampler
 
 

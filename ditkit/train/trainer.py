@@ -345,7 +345,9 @@ class Trainer:
                              precision=self.precision, device=self.d.device)  # fmt: skip
         y, ncol = self.task.grid_condition(self.dataset, self.model_config, self.d.device)
         g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
-        x = pipe.images(y, generator=g)
+        if self.d.main:  # tens of seconds on a CPU: say what runs
+            print(f"sample grid at step {self.step}: {len(y)} images, {pipe.sampling.describe()}", flush=True)
+        x = pipe.images(y, generator=g, progress=self.d.main)
         if self.d.main:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
             save_grid(to_uint8(x), self.exp_dir / "samples" / f"{self.step:07d}.png", ncol=ncol)

@@ -49,6 +49,15 @@ def autocast(device: torch.device | str, precision: str):
     return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])
 
 
+def loader_workers(requested: int | None) -> int:
+    """Data-loader processes: the number asked for, else 4, or as many as the cores this process may
+    run on where they are fewer (more would only wait, and DataLoader warns of them)."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(4, cores)
+
+
 def memory_bytes(device: torch.device) -> int:
     """The memory a network on `device` can use: the GPU's own and this machine's RAM (where it is
     built first), whichever is less."""
