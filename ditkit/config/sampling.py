@@ -84,6 +84,7 @@ class Sampling(Config):
             text += f", {self.precision}"
         return text
 
+
 @dataclass(frozen=True)
 class SamplingOptions(Config):
     """The sampling settings shared by `ditkit sample`, `ditkit sample-npz` and `ditkit serve`.
