@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ..config import ExtractConfig
 from ..parallel import barrier, setup_distributed
+from ..utils.devices import loader_workers
 from ..utils.vae import VAE_SHORTHANDS, load_vae, vae_factor
 from .build import build_dataset
 from .latents import STORE_DONE, STORE_FORMAT, STORE_META, STORE_PARTIAL, is_latent_store
@@ -86,7 +87,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
         if rank == 0 and resume:
             print(f"resuming the extraction in {out}: {int(done.sum())} of {n} images already encoded", flush=True)
         loader = DataLoader(Subset(dataset, todo.tolist()), batch_size=cfg.batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")  # fmt: skip
+                            num_workers=loader_workers(cfg.num_workers), pin_memory=device.type == "cuda")  # fmt: skip
         start, pos = time.perf_counter(), 0
         with tqdm(total=len(todo), unit="img", desc=f"extract ({world} process{'es' * (world > 1)})", disable=rank != 0) as bar:
             for x, y in loader:
