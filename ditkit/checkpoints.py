@@ -15,20 +15,23 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from . import hub
-from .config import PRESET_SIZES, UVIT_SIZES, DiTConfig, MMDiTConfig, UViTConfig
+from .config import PRESET_SIZES, UVIT_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, RecordedSampling, TextEncoderRecord, UViTConfig, from_record
 from .models import dit, uvit
 from .models.mmdit import MMDiT
-from .utils.io import atomic_write, read_pt, safetensors_save
-from .utils.runs import CONFIG_NAME, WEIGHTS_NAME
+from .utils.devices import check_model_fits
+from .utils.io import atomic_write, read_json, read_pt, safetensors_save
+from .utils.runs import CONFIG_NAME, WEIGHTS_NAME, check_official_download
 
-META_KEYS = ("objective", "sampling", "text_encoder")  # what a ditkit checkpoint records beside the model config
+# What a ditkit checkpoint records beside the model config, and the config that checks each entry.
+RECORDS = {"objective": ObjectiveConfig, "sampling": RecordedSampling, "text_encoder": TextEncoderRecord}
+META_KEYS = tuple(RECORDS)
 ModelConfig = DiTConfig | MMDiTConfig | UViTConfig
 
 # How the official U-ViT code samples each released checkpoint (its eval scripts and configs):
@@ -80,6 +83,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint (its EMA weights), an official DiT or SiT .pt (raw, or a training dict's EMA)."""
     path = Path(path)
     if not path.exists():
+        check_official_download(path)
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
     files = _ditkit_files(path)
     if files is not None:
@@ -92,13 +96,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise ValueError(f"cannot read {weights}: not a valid safetensors file ({e}); re-export the model.") from None
         config, meta = None, {}
         if config_file.exists():
-            saved = json.loads(config_file.read_text())
-            config = config_from_dict(saved)
-            meta = {k: saved[k] for k in META_KEYS if k in saved}
+            saved = read_json(config_file)
+            config = config_from_dict(saved, str(config_file))
+            meta = read_records(saved, str(config_file))
         return Checkpoint(state, config, meta, path)
     obj = read_pt(path)
-    saved = config_from_dict(obj["model_config"]) if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) else None
-    meta = {k: obj[k] for k in META_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)}
+    saved = config_from_dict(obj["model_config"], str(path), "model_config.") if isinstance(obj, dict) and obj.get("model_config") is not None else None
+    meta = read_records(obj, str(path)) if isinstance(obj, dict) else {}
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -110,12 +114,28 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
-def config_from_dict(d: dict) -> ModelConfig:
-    """The model config a config.json records: an MMDiT's has a text width (context_dim), a U-ViT's
-    the official U-ViT names (embed_dim)."""
-    cls = MMDiTConfig if "context_dim" in d else UViTConfig if "embed_dim" in d else DiTConfig
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in known})
+def peek_config(path: Path) -> ModelConfig | None:
+    """The model config a ditkit model folder's config.json records, read without the weights (None
+    for other formats): what the flags can be checked against before anything large is read."""
+    files = _ditkit_files(Path(path))
+    return config_from_dict(read_json(files[1]), str(files[1])) if files and files[1].exists() else None
+
+
+def config_from_dict(d: dict, source: str = "the model config", prefix: str = "") -> ModelConfig:
+    """The model config a config.json (or a checkpoint's model_config) records, checked as flags
+    are: an MMDiT's has a text width (context_dim), a U-ViT's the official U-ViT names (embed_dim);
+    other names the file records are skipped."""
+    cls = (MMDiTConfig if "context_dim" in d else UViTConfig if "embed_dim" in d else DiTConfig) if isinstance(d, dict) else DiTConfig
+    return from_record(cls, d, source, prefix, strict=False)
+
+
+def read_records(saved: dict, source: str) -> dict:
+    """The entries a checkpoint records beside the model config ("objective", "sampling",
+    "text_encoder"), each checked by its config; kept as recorded."""
+    for key, cls in RECORDS.items():
+        if key in saved:
+            from_record(cls, saved[key], source, f"{key}.")
+    return {k: saved[k] for k in RECORDS if k in saved}
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | UViTConfig | None:
@@ -182,23 +202,28 @@ def family(config) -> str:
     return "U-ViT" if isinstance(config, UViTConfig) else "MMDiT" if isinstance(config, MMDiTConfig) else "DiT"
 
 
+def count(n: int, noun: str) -> str:
+    """"1 channel", "3 channels", "10 classes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
 def describe(config: ModelConfig) -> str:
     """"DiT-XL/2 at 256 px (latent 32), 1000 classes" or the raw sizes for a custom config."""
     size = f"{config.input_size * 8} px (latent {config.input_size})" if config.in_channels == 4 else f"{config.input_size} px"
     if isinstance(config, UViTConfig):
         name = next((f"U-ViT-{s}/{config.patch_size}" for s, (d, w, _) in UVIT_SIZES.items() if (d, w) == (config.depth, config.embed_dim)),
                     f"a custom U-ViT (depth {config.depth}, width {config.embed_dim}, patch {config.patch_size})")  # fmt: skip
-        labels = (f"{config.num_real_classes} classes" + (" + null" if config.null_class is not None else "")) if config.conditional else "unconditional"
-        return f"{name} at {size}, {config.in_channels} channels, {labels}"
+        labels = (count(config.num_real_classes, "class") + (" + null" if config.null_class is not None else "")) if config.conditional else "unconditional"
+        return f"{name} at {size}, {count(config.in_channels, 'channel')}, {labels}"
     if isinstance(config, MMDiTConfig):
         return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
-                f"{config.in_channels} channels, text {config.context_dim} wide")  # fmt: skip
+                f"{count(config.in_channels, 'channel')}, text {config.context_dim} wide")  # fmt: skip
     name = next(
         (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
          if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
         f"a custom DiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size})",
     )  # fmt: skip
-    return f"{name} at {size}, {config.in_channels} channels, {config.num_classes} classes"
+    return f"{name} at {size}, {count(config.in_channels, 'channel')}, {count(config.num_classes, 'class')}"
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -256,7 +281,7 @@ def read_any(name: str | os.PathLike) -> Checkpoint:
     path = hub.resolve(name)
     if hub.is_diffusers(path):
         config, state, meta = hub.read_diffusers(path)
-        return Checkpoint(state, config, meta, path)
+        return Checkpoint(state, config, read_records(meta, str(path / hub.DITKIT_RECORD)), path)
     if path.is_dir() and not (path / WEIGHTS_NAME).exists():
         pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
         if len(pts) == 1:
@@ -276,6 +301,8 @@ def load_model(path: str | Path | Checkpoint, config: ModelConfig | None = None)
     config = config or ck.config or infer_config(ck.state)
     if config is None:
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
+    files = _ditkit_files(ck.path)
+    check_model_fits(config, torch.device("cpu"), source=f"{files[1] if files else ck.path}: ")  # built on the CPU first
     model = MMDiT(config) if isinstance(config, MMDiTConfig) else UViT(config) if isinstance(config, UViTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()

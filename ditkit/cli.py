@@ -78,6 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> the command's parser, which answers for its own flags
     for name, (_, _, _, help_text) in COMMANDS.items():
         cls = _config_class(name)
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
@@ -88,7 +89,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage, not the top-level one
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         cfg = parse_config(_config_class(args.command), args)
         result = _runner(args.command)(cfg)

@@ -45,8 +45,9 @@ from .utils.devices import resolve_device
 from .utils.io import atomic_write, read_pt, safetensors_save
 from .utils.runs import find_checkpoint, resume_checkpoint
 
-# Settings a resumed distillation may change; the others shape the numbers (max_steps places the phases).
-RESUME_FREE = ("max_minutes", "log_every", "ckpt_every", "keep_last", "num_workers", "precision")
+# Settings a resumed distillation may change, as ditkit train's may; the others shape the numbers
+# (a progressive run's --max-steps too: its phases are spread over the steps).
+RESUME_FREE = ("max_steps", "max_minutes", "log_every", "ckpt_every", "keep_last", "num_workers", "precision")
 PAIRS_NAME = "reflow_pairs.safetensors"
 
 
@@ -163,6 +164,13 @@ class Distillation:
         )  # fmt: skip
 
     # -- what the trainer asks of a task ---------------------------------------------------
+    @property
+    def further(self) -> str:
+        """How to take a finished run further (the trainer's closing words)."""
+        if self.dcfg.method == "progressive":
+            return "distil again with a larger --max-steps to go further (a progressive run spreads its phases over its steps)"
+        return "pass a larger --max-steps to train it further"
+
     def build(self, config) -> DiT:
         """The student with the teacher's weights; a new guidance embedding starts at zero (as the teacher)."""
         model = DiT(config)
@@ -344,6 +352,9 @@ class Distiller:
             if not isinstance(saved, dict):
                 raise ValueError(f"{resume_from} is not a checkpoint of ditkit distill; resume it with ditkit train, or pass a distillation run.")
             cfg = resume_config(cfg, saved, resume_from, RESUME_FREE)
+            if cfg.method == "progressive" and cfg.max_steps != saved.get("max_steps"):
+                raise ValueError(f"{resume_from} is a progressive distillation, whose phases are spread over its --max-steps {saved.get('max_steps')}; "
+                                 f"drop --max-steps {cfg.max_steps} to continue it, or distil again with more steps.")  # fmt: skip
         resolve_device(cfg.device)  # a bad --device fails before the teacher loads
         self.task = Distillation(cfg, load_teacher(cfg.teacher, torch.device("cpu")))  # onto this process's device in prepare()
         self.trainer = Trainer(self.task.train_config(resume_from), self.task)

@@ -121,6 +121,9 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         raise FileExistsError(f"{out / 'adapter'} already holds an adapter; pass another --out (or remove it) to run again.")
     pipe = load_pipeline(SamplingOptions(ckpt=cfg.ckpt, vae=cfg.vae, sampler=cfg.sampler, num_sampling_steps=cfg.num_sampling_steps,
                                          cfg_scale=cfg.cfg_scale, device=cfg.device))  # fmt: skip
+    if pipe.config.conditioning != "class":
+        raise ValueError(f"{pipe.source} is a text-to-image model, and ditkit dpo tunes class-conditional ones (its judge scores each sample "
+                         "against the class it was drawn for); pass --ckpt with a class-conditional model.")  # fmt: skip
     model, objective, device = pipe.model, pipe.objective, pipe.device
     if judge is None:
         judge = classifier_judge(cfg.judge, device)

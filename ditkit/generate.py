@@ -58,6 +58,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
     print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    if pipe.text_encoder is not None:  # the prompts, as the model reads them (long lists: the first ones)
+        print(f"prompts: {'; '.join(repr(p) for p in items[:16])}{f'; ... ({len(items)} in all)' if len(items) > 16 else ''}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -85,6 +87,13 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
     try:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py
         torch.backends.cudnn.allow_tf32 = True
+        out = Path(cfg.out)
+        parts = out.parent / f".{out.name}.parts"
+        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
+        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
+        if out.exists() and not resumed:  # OUT beside its own shards: a join that a kill interrupted, finished below
+            raise FileExistsError(f"{out} already exists; pass another --out, or delete it to sample again "
+                                  "(sample-npz resumes only its own unfinished runs).")  # fmt: skip
         pipe = load_pipeline(cfg, device=d.device)
         n, bs = cfg.num_samples, cfg.batch_size
         prompts, condition = conditioner(pipe, cfg)
@@ -93,10 +102,6 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         else:  # labels are drawn for all N at once, so they do not depend on the number of processes
             labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_real_classes, size=n)
         extra = {"prompts": labels} if prompts else {"labels": labels}
-        out = Path(cfg.out)
-        parts = out.parent / f".{out.name}.parts"
-        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
-        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
         barrier(d)
         if d.main:
             remove_temporaries(out.parent, out.name)  # left by a join that a kill interrupted
@@ -118,7 +123,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
                 g = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + i) % 2**63)
                 save_npz(parts / SHARD.format(i), arr_0=to_uint8(pipe.images(y, generator=g)))
                 bar.update(min(bs, n - i * bs) * d.world)  # rank 0's pace stands for all
-                if k == 0 and d.main:
+                if k == 0 and d.main and len(todo) > 1:
                     took = time.perf_counter() - start
                     bar.write(f"sample-npz: the first batch of {min(bs, n - i * bs)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
         barrier(d)
@@ -162,4 +167,6 @@ def _join_shards(parts: Path, count: int) -> np.ndarray:
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else "under a second"

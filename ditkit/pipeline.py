@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import family, infer_config, load_model, read_checkpoint
+from .checkpoints import family, infer_config, load_model, peek_config, read_checkpoint
 from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, UVIT_PRESETS, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, UViTConfig
 from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, VPDiffusion, build_objective, objective_name
@@ -129,6 +129,9 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     adapter = read_adapter(opts.lora) if opts.lora else None
     # Without --ckpt, an adapter's own base; prompts: the text-to-image model.
     path = find_checkpoint(opts.ckpt or (adapter.base if adapter else None), BUNDLED_TEXT if opts.text else BUNDLED)
+    recorded_config = peek_config(path)  # a model folder's: the flags are checked against it before the VAE is looked for
+    if opts.model is None and recorded_config is not None and recorded_config.in_channels in (1, 3):
+        check_pixel_size(recorded_config, opts.image_size)
     vae = find_vae(opts.vae) if opts.vae else None
     factor = vae_factor(vae.config) if vae is not None else 1
     if opts.image_size is not None and opts.image_size % factor:
@@ -179,8 +182,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
             raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
         if opts.image_size is not None and opts.image_size != c.input_size * factor:
             raise ValueError(f"image size {opts.image_size} needs a latent of {opts.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
-    elif opts.image_size is not None and opts.image_size != c.input_size:
-        raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {opts.image_size}px; use --image-size {c.input_size}.")
+    else:
+        check_pixel_size(c, opts.image_size)
     text_encoder = load_text_encoder(opts, ck, c, device)
     if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_real_classes:
         raise ValueError(f"the checkpoint has {c.num_real_classes} classes, not {opts.num_classes}; use --num-classes {c.num_real_classes}.")
@@ -191,6 +194,11 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
+
+
+def check_pixel_size(c, image_size: int | None) -> None:
+    if image_size is not None and image_size != c.input_size:
+        raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {image_size}px; use --image-size {c.input_size}.")
 
 
 def load_text_encoder(opts: SamplingOptions, ck, config, device: torch.device):

@@ -175,7 +175,7 @@ CHECKS = {
     "ditkit sample --classes 0 6 --num-samples 4 --out shirts.png": ("run", one_png),
     "ditkit sample --ckpt results/000-DiT-S-4": ("run", trained_model_fast),
     "ditkit sample --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256 --classes 207 360 --cfg-scale 4":
-        ("fails", "checkpoint DiT-XL-2-256x256.pt does not exist"),
+        ("fails", "DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
     "ditkit train --config fmnist-bundled": ("parsed",),
     "ditkit train --config fmnist-cpu": ("parsed",),
     "ditkit train --config fmnist-fast": ("parsed",),
@@ -220,7 +220,7 @@ CHECKS = {
     "ditkit eval --samples p.npz --ref fashion-mnist": ("run", eval_prompts),
     "ditkit flops --model MMDiT-S/2 MMDiT-B/2": ("run", flops_mmdit),
     "ditkit train --data-path fashion-mnist --model U-ViT-S/4 --depth 6 --hidden-size 128 --num-heads 4 --objective flow --max-steps 1000": ("parsed",),
-    "ditkit sample --ckpt imagenet256_uvit_huge.pth --vae ema --classes 207 360": ("fails", "checkpoint imagenet256_uvit_huge.pth is not on disk"),
+    "ditkit sample --ckpt imagenet256_uvit_huge.pth --vae ema --classes 207 360": ("fails", "imagenet256_uvit_huge.pth does not exist: the official U-ViT ImageNet 256 U-ViT-H/2 is downloaded once"),
     "ditkit flops --model U-ViT-S/2 U-ViT-M/4 U-ViT-L/2 U-ViT-H/2": ("run", flops_uvit),
     "pip install -e .[serve]": ("not run", "installs"),
     "ditkit serve": ("parsed", ServeConfig),
@@ -228,7 +228,7 @@ CHECKS = {
     "ditkit serve --ckpt fashion-mnist-text": ("parsed", ServeConfig),
     "curl -s 127.0.0.1:7860/api/generate -H Content-Type: application/json -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
         ("not run", "needs a running server: tests/test_serve.py starts one and posts such requests"),
-    "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt is not a local path"),
+    "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
     "ditkit export --format ditkit --ckpt facebook/DiT-XL-2-256 --out dit-xl/": ("fails", "facebook/DiT-XL-2-256 is not a local path"),
 }  # fmt: skip
 NEEDS = {  # made by an earlier command
@@ -348,7 +348,7 @@ def test_python_blocks(tmp_path, monkeypatch):
     torch.testing.assert_close(namespace["ut"], data - noise)
     assert namespace["terms"]["loss"].shape == (8,) and namespace["z"].shape == (8, 1, 32, 32) and namespace["z"].isfinite().all()
 
-    with pytest.raises(FileNotFoundError, match=r"^checkpoint DiT-XL-2-256x256.pt does not exist; pass"):
+    with pytest.raises(FileNotFoundError, match=r"^DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles"):
         exec(compile(official, "README.md", "exec"), dict(namespace))
 
     torch.manual_seed(0)

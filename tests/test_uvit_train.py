@@ -167,7 +167,7 @@ def test_bad_input_is_one_sentence(trained, tmp_path, capsys):
         (["--ckpt", str(tmp_path / "dit"), "--model", "U-ViT-S/2"], "holds a DiT, not U-ViT-S/2; drop --model or pick a DiT preset."),
         (["--ckpt", str(trained / "model"), "--image-size", "16"], "this pixel-space model makes 8px images, not 16px; use --image-size 8."),
         (["--ckpt", str(trained / "model"), "--classes", "10"], "class id 10 is outside [0, 10); pass class ids from 0 to 9."),
-        (["--ckpt", str(tmp_path / "imagenet256_uvit_huge.pth")], "is not on disk; download imagenet256_uvit_huge.pth from the U-ViT release"),
+        (["--ckpt", str(tmp_path / "imagenet256_uvit_huge.pth")], "imagenet256_uvit_huge.pth does not exist: the official U-ViT ImageNet 256 U-ViT-H/2 is downloaded once from the U-ViT release"),
         (["--ckpt", str(trained / "model"), "--vae", str(tmp_path / "autoencoder_kl_ema.pth")], "is U-ViT's own copy of Stable Diffusion's kl-f8 autoencoder"),
     ]
     (tmp_path / "autoencoder_kl_ema.pth").write_bytes(b"x")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -96,20 +97,30 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+_KINDS = {bool: "true or false values", int: "whole numbers", float: "numbers", str: "text values"}  # a list of them
+
+
+# While `from_record` checks the settings a file records, fields are named as the file spells them.
+_RECORD_PREFIX: ContextVar[str | None] = ContextVar("record_prefix", default=None)
 
 
 def flag(name: str) -> str:
-    """A field's flag; config files use the field name itself."""
-    return "--" + name.replace("_", "-")
+    """A field's flag; config files use the field name itself (within `from_record`, with its prefix)."""
+    prefix = _RECORD_PREFIX.get()
+    return "--" + name.replace("_", "-") if prefix is None else prefix + name
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """`value` as type `tp` (ints accepted for floats, lists for tuples), or a ValueError naming it."""
     if typing.get_origin(tp) is tuple:
         inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list of {_KIND.get(inner, inner)} values, got {value!r}.")
-        return tuple(_coerce(name, v, inner) for v in value)
+        try:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(_coerce(name, v, inner) for v in value)
+        except ValueError:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ValueError(f"{name} must be a list of {_KINDS.get(inner, inner)}, got {shown}.") from None
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -255,6 +266,28 @@ def leaf_hints(cls: type) -> dict[str, Any]:
     if issubclass(cls, Grouped):
         return {k: v for sub in cls.groups().values() for k, v in typing.get_type_hints(sub).items()}
     return typing.get_type_hints(cls)
+
+
+def from_record(cls: type, values: Any, source: str, prefix: str = "", strict: bool = True) -> Any:
+    """`cls` from the settings a file records (a config.json, a checkpoint's entry, an adapter's
+    config), checked by the validator that checks flags. Any error is one sentence that names the
+    file and the field as the file spells it (`prefix` + name, e.g. "sampling.num_sampling_steps").
+    strict=False ignores names `cls` does not know (a model folder's config.json records more)."""
+    what = prefix.rstrip(".") or "its settings"
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: {what} must be a JSON object of name: value pairs, got {type(values).__name__}; write the file again.")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(str(k) for k in set(values) - names)
+    if unknown and strict:
+        raise ValueError(f"{source}: {prefix}{unknown[0][:40]} is not a setting ditkit records there (known: {', '.join(sorted(names))}); "
+                         "write the file again.")  # fmt: skip
+    token = _RECORD_PREFIX.set(prefix)
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    finally:
+        _RECORD_PREFIX.reset(token)
 
 
 def build_config(cls: type, values: dict) -> Any:

@@ -48,6 +48,12 @@ class EvalConfig(Config):
     cache_dir: str | None = field(default=None, metadata=option("where reference statistics and dataset .npz files are kept (default: $XDG_CACHE_HOME/ditkit or ~/.cache/ditkit)"))
     json: bool = field(default=False, metadata=option("print the results as JSON instead of a table"))
 
+    def __post_init__(self):
+        if isinstance(self.metrics, (list, tuple)):  # names in any case: fd-effnet, fid
+            spelled = {m.lower(): m for m in METRICS}
+            object.__setattr__(self, "metrics", tuple(spelled.get(m.lower(), m) if isinstance(m, str) else m for m in self.metrics))
+        super().__post_init__()
+
     def check(self) -> None:
         if not self.samples:
             raise ValueError("--samples is required; pass the .npz written by ditkit sample-npz.")
@@ -67,7 +73,7 @@ class ExtractConfig(Config):
     split: str = field(default="train", metadata=option("split of a named dataset", choices=SPLITS))
     vae: str = field(default="ema", metadata=option(VAE_HELP))
     batch_size: int = field(default=32, metadata=positive("images per process per VAE call (each goes with its mirror image)"))
-    num_workers: int = field(default=4, metadata=nonnegative("data-loading processes per process"))
+    num_workers: int | None = field(default=None, metadata=nonnegative("data-loading processes per process (default: 4, or the cores there are where fewer)"))
     dtype: str = field(default="float32", metadata=option("storage type of the latents; float16 halves the disk space", choices=STORE_DTYPES))
     on_bad_image: str = field(default="skip", metadata=option("unreadable image: skip it (use the next one) or stop", choices=BAD_IMAGE_ACTIONS))
     device: str = field(default="auto", metadata=option("cpu, cuda, cuda:N, or auto (under torchrun: the process's local GPU)"))
@@ -170,12 +176,12 @@ class ExportConfig(Config):
 
     ckpt: str | None = field(default=None, metadata=option("checkpoint: official .pt, ditkit model folder or training checkpoint, diffusers folder, or Hugging Face Hub id (default: the bundled model)"))
     out: str | None = field(default=None, metadata=option("output folder; must not exist yet, or be empty"))
-    format: str = field(default="diffusers", metadata=option("diffusers (DiTPipeline) or ditkit", choices=EXPORT_FORMATS))
+    format: str | None = field(default=None, metadata=option("diffusers (DiTPipeline) or ditkit (default: diffusers for the paper's diffusion DiTs, ditkit for the rest: flow models, modern designs, MMDiTs)", choices=EXPORT_FORMATS))
     vae: str | None = field(default=None, metadata=option(VAE_HELP + "; copied into the diffusers folder (latent models need one)"))
     sampler: str | None = field(default=None, metadata=option("scheduler of the diffusers folder (default: the model's sampler where it is one of these, else ddim)", choices=DIFFUSERS_SAMPLERS))
     lora: str | None = field(default=None, metadata=option("merge this LoRA adapter into the weights first (ditkit train --lora-rank, ditkit dpo); without --ckpt, onto the base it records"))
 
     def check(self) -> None:
         if not self.out:
-            raise ValueError("--out is required; pass the folder to write.")
+            raise ValueError("--out is required; pass the folder to write (ditkit export --out my-model).")
 # Text-to-image

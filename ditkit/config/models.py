@@ -16,6 +16,7 @@ from .base import (
     POS_EMBEDS,
     PRESET_SIZES,
     PRESETS,
+    TEXT_MAX_LENGTH,
     UVIT_PRESETS,
     UVIT_SIZES,
     Config,
@@ -68,6 +69,21 @@ class TransformerConfig(Config):
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; choose a head count that divides it.")
+
+    # The fields a network's size grows with, in the order a too-large one is looked for.
+    SIZE_FIELDS = ("depth", "hidden_size", "mlp_ratio", "input_size", "patch_size", "num_classes", "in_channels", "context_dim", "pooled_dim")
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """(parameters, floats of one image's activations in a forward pass), roughly, with any
+        field overridden: enough to refuse a network no machine holds before it is built."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        h, tokens = v["hidden_size"], (v["input_size"] // v["patch_size"]) ** 2
+        streams = 2 if getattr(self, "conditioning", "class") == "text" else 1  # an MMDiT's blocks hold an image and a text stream
+        per_block = (4 + 2 * v["mlp_ratio"] + 6) * h * h  # attention, MLP, adaLN regression
+        tables = v.get("num_classes", 0) + tokens + 2 * v["patch_size"] ** 2 * v["in_channels"] + v.get("context_dim", 0) + v.get("pooled_dim", 0)
+        params = v["depth"] * streams * per_block + (tables + 256 + h) * h
+        activations = tokens * h * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * tokens**2  # + the attention maps
+        return float(params), float(activations)
 
     @classmethod
     def from_size_preset(cls, name: str, prefix: str, presets: tuple[str, ...], overrides: dict, prefix_required: bool = False):
@@ -151,6 +167,14 @@ class MMDiTConfig(TransformerConfig):
     def from_preset(name: str, **overrides) -> MMDiTConfig:
         """"MMDiT-S/2", ... (the DiT sizes) with any field overridden; None values are ignored."""
         return MMDiTConfig.from_size_preset(name, "MMDiT-", MMDIT_PRESETS, overrides, prefix_required=True)
+
+
+@dataclass(frozen=True)
+class TextEncoderRecord(Config):
+    """What a text-to-image model records of its text encoder (config.json's "text_encoder")."""
+
+    name: str = field(metadata=option("Hugging Face text encoder folder or hub id"))
+    max_length: int = field(default=TEXT_MAX_LENGTH, metadata=positive("tokens per prompt; longer ones are cut"))
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,6 @@ class Sampling(Config):
         return text
 
 
-
 @dataclass(frozen=True)
 class SamplingOptions(Config):
     """The sampling settings shared by `ditkit sample`, `ditkit sample-npz` and `ditkit serve`.
@@ -206,3 +205,19 @@ class GenerateRequest(Config):
     sampler: str | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["sampler"].metadata)
     num_sampling_steps: int | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["num_sampling_steps"].metadata)
     cfg_scale: float | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["cfg_scale"].metadata)
+
+
+def _same_as_flag(name: str) -> dict:
+    return SamplingOptions.__dataclass_fields__[name].metadata
+
+
+@dataclass(frozen=True)
+class RecordedSampling(Config):
+    """The "sampling" entry of a model folder's config.json or a checkpoint (`Sampling.to_dict`):
+    how `ditkit sample` samples the model when no flag says otherwise; checked as the flags are."""
+
+    sampler: str | None = field(default=None, metadata=_same_as_flag("sampler"))
+    num_sampling_steps: int | None = field(default=None, metadata=_same_as_flag("num_sampling_steps"))
+    cfg_scale: float | None = field(default=None, metadata=_same_as_flag("cfg_scale"))
+    cfg_interval: tuple[float, ...] = field(default=(), metadata=_same_as_flag("cfg_interval"))
+    time_shift: float | None = field(default=None, metadata=_same_as_flag("time_shift"))

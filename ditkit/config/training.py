@@ -25,6 +25,7 @@ from .base import (
     Config,
     Grouped,
     field_default,
+    flag,
     nonnegative,
     option,
     positive,
@@ -65,7 +66,7 @@ class DataOptions(Config):
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
     vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
     flip: bool = field(default=True, metadata=option("random horizontal flips"))
-    num_workers: int = field(default=4, metadata=nonnegative("data loader processes per rank"))
+    num_workers: int | None = field(default=None, metadata=nonnegative("data loader processes per rank (default: 4, or the cores there are where fewer)"))
     on_bad_image: str = field(default="skip", metadata=option("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
 
 
@@ -140,6 +141,21 @@ class LoraOptions(Config):
     lora_rank: int = field(default=0, metadata=nonnegative("train only a LoRA adapter of this rank on the --init-from model and save only it (RUN/adapter); 0 = train every weight"))
     lora_alpha: float | None = field(default=None, metadata=positive("LoRA scale numerator: the update is (alpha / rank) B A (default: the rank)"))
     lora_targets: tuple[str, ...] = field(default=(), metadata=option(LORA_TARGETS_HELP))
+
+
+@dataclass(frozen=True)
+class AdapterRecord(Config):
+    """The settings ditkit writes into an adapter's adapter_config.json (peft's names), checked as
+    flags are when an adapter is read; every other peft setting keeps peft's default."""
+
+    r: int = field(metadata=positive("rank of the LoRA matrices"))
+    lora_alpha: float = field(metadata=positive("scale numerator: the update is (alpha / r) B A"))
+    target_modules: tuple[str, ...] = field(metadata=option("module-name suffixes that carry LoRA"))
+    base_model_name_or_path: str | None = field(default=None, metadata=option("the base checkpoint it was trained on"))
+
+    def check(self) -> None:
+        if not self.target_modules or not all(self.target_modules):
+            raise ValueError(f"{flag('target_modules')} must name the layers that carry LoRA, got {list(self.target_modules)}.")
 
 
 @dataclass(frozen=True, init=False)
@@ -244,7 +260,7 @@ class DistillConfig(Config):
     precision: str = field(default="fp32", metadata=option("fp32, bf16 autocast, or auto (bf16 where its matmuls are fast)", choices=TRAIN_PRECISIONS))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     resume: str | None = field(default=None, metadata=option("continue a distillation: 'latest' in RESULTS_DIR, a run folder, or a checkpoint, with its own settings "
-                                                             "(only --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
+                                                             "(only --max-steps, except for progressive runs, --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
 
     def check(self) -> None:
         if not self.teacher and not self.resume:

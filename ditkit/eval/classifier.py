@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..data import FASHION_MNIST_CLASSES
 from ..utils.io import atomic_write
@@ -45,8 +47,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
     """Train FashionClassifier on the Fashion-MNIST training split (random flips and +-2 px
     shifts), save it to `out` (safetensors, test accuracy in its metadata) and return the test
     accuracy. The shipped weights come from `python scripts/train_fmnist_classifier.py`."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_x, train_y = fashion_mnist("train")
@@ -83,9 +83,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
 
 def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[FashionClassifier, dict]:
     """(classifier, metadata) from a safetensors file written by train_classifier."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"the Fashion-MNIST classifier {path} is missing; train it with python scripts/train_fmnist_classifier.py.")

@@ -32,12 +32,14 @@ def read_training_checkpoint(path: Path) -> dict:
     return ck
 
 
-def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME_FREE):
+def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME_FREE, effective: dict | None = None):
     """The settings of the run that `source` continues (a TrainConfig, or another config of the same
     kind): the saved ones, except where `cfg` gives a value other than the default, which may change
-    only the `free` settings (a differing value of any other setting is refused, naming the flag).
-    So a bare --resume continues the run."""
+    only the `free` settings (a differing value of any other setting is refused, naming the flag and
+    the run's value: where it was left unset, the one `effective` records, such as the preset's depth
+    in the model config). So a bare --resume continues the run."""
     cls = type(cfg)
+    shown = lambda name: saved[name] if saved[name] is not None else (effective or {}).get(name, "unset")  # noqa: E731
     merged, conflicts = {}, []
     for f in leaf_fields(cls):
         now = getattr(cfg, f.name)
@@ -48,7 +50,7 @@ def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME
         elif f.name in free:
             merged[f.name] = now
         else:
-            conflicts.append(f"{flag(f.name)} {now} (the run's: {saved[f.name]})")
+            conflicts.append(f"{flag(f.name)} {now} (the run's: {shown(f.name)})")
     if conflicts:
         raise ValueError(f"{source} was trained with other settings: {'; '.join(conflicts)}; drop those flags to continue the run, "
                          "or leave out --resume to start a new one.")  # fmt: skip
@@ -100,7 +102,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None, dict | N
         return cfg, None, None, ""
     path = resume_checkpoint(cfg.resume, Path(cfg.results_dir))
     state = read_training_checkpoint(path)
-    merged = resume_config(cfg, state["args"], path)
+    recorded = state.get("model_config")
+    merged = resume_config(cfg, state["args"], path, effective=recorded if isinstance(recorded, dict) else None)
     return merged, path, state, resume_note(cfg, merged, state["args"])
 
 
