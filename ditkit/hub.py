@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import DiTConfig, field_default
+from .config import DiTConfig, MMDiTConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
 from .objectives import GaussianDiffusion

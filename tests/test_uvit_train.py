@@ -91,6 +91,18 @@ def test_model_folder_samples_exports_and_counts(trained, tmp_path, capsys):
     assert counted["params"] == sum(p.numel() for p in model.parameters()) and counted["block"] == "long-skips"
 
 
+def test_serve_a_uvit(trained):
+    pytest.importorskip("uvicorn", reason="ditkit serve needs its extra (pip install 'ditkit[serve]')")
+    from test_serve import post, serving
+
+    with serving(load_pipeline(SampleConfig(ckpt=str(trained / "model"), device="cpu"))) as client:
+        info = client.get("/api/info").json()
+        assert info["num_classes"] == 10 and info["model"].startswith("a custom U-ViT") and "dpm-solver++" in info["samplers"]
+        assert post(client, {"classes": [3], "num_samples": 2, "seed": 1, "num_sampling_steps": 2}).status_code == 200
+        refused = post(client, {"classes": [10], "num_sampling_steps": 2})  # the null row is not a class to ask for
+        assert refused.status_code == 400 and "class id 10 is outside [0, 10)" in refused.text
+
+
 def test_lora_on_a_uvit(trained, tmp_path):
     model = UViT.from_pretrained(trained / "model")
     assert resolve_targets(model) == ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]  # the DiT's names; no adaLN

@@ -129,12 +129,11 @@ def size_unet(target_macs: int, like, max_channels: int = 1024) -> UNetConfig:
     widths = list(range(8, max_channels + 1, 8))
     candidates = []
     for blocks in (1, 2):
-        macs: dict[int, int] = {}
 
-        def make(i: int) -> UNetConfig:
-            return replace(UNetConfig.from_dit(like, widths[i]), layers_per_block=blocks)  # noqa: B023
+        def make(i: int, blocks: int = blocks) -> UNetConfig:
+            return replace(UNetConfig.from_dit(like, widths[i]), layers_per_block=blocks)
 
-        def cost(i: int) -> int:
+        def cost(i: int, make=make, macs: dict[int, int] = {}) -> int:  # noqa: B006 (one cache per block count)
             if i not in macs:
                 with torch.device("meta"):
                     macs[i] = count_macs(UNetBaseline(make(i)))
