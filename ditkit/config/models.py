@@ -239,6 +239,16 @@ class UViTConfig(Config):
     class_dropout_prob: float = field(default=0.1, metadata=option("label dropout in training (the last class is then the null class)", ge=0, lt=1))
 
     conditioning = "class"
+    SIZE_FIELDS = ("depth", "embed_dim", "mlp_ratio", "img_size", "patch_size", "num_classes", "in_chans")
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """(parameters, floats of one image's activations in a forward pass), roughly, with any field
+        overridden: enough to refuse a network no machine holds before it is built."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        d, tokens = v["embed_dim"], (v["img_size"] // v["patch_size"]) ** 2 + 2
+        per_block = (4 + 2 * v["mlp_ratio"]) * d * d  # attention, MLP (the out-blocks' skip_linear: 2 d^2 more)
+        params = (v["depth"] + 1) * per_block + v["depth"] * d * d + (max(v["num_classes"], 0) + tokens + 2 * v["patch_size"] ** 2 * v["in_chans"]) * d
+        return float(params), float(tokens * d * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * tokens**2)
 
     def check(self) -> None:
         if self.img_size % self.patch_size:
