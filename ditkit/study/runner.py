@@ -103,17 +103,26 @@ class Study:
         # The biggest first: they say soonest whether the budget is long enough for the goal.
         runs.sort(key=lambda r: (r.seed, -read_json(Path(r.train.results_dir) / "run.json")["gflops"]))
         start = time.perf_counter()
-        waiting = []  # runs another process holds: left for later, then waited for
+        if cfg.time_runs:  # timing touches only speed.json: no lock, so it runs beside training processes
+            for i, run in enumerate(runs, 1):
+                self.time_one(run, f"[{i}/{len(runs)}]")
+            self.write_results(runs)
+        else:
+            self.train_all(runs)
+        print(f"study done in {time.perf_counter() - start:.0f}s: {self.out / 'table.md'} and plots in {self.out}", flush=True)
+        return self.out
+
+    def train_all(self, runs: list[Run]) -> None:
+        """Train and score every run this process can lock; then wait for the ones others hold."""
+        waiting: list = []
         for wait, todo in ((False, list(enumerate(runs, 1))), (True, waiting)):
             for i, run in todo:
                 with self.lock(run, wait) as mine:
                     if not mine:
                         waiting.append((i, run))
                         continue
-                    (self.time_one if cfg.time_runs else self.run_one)(run, f"[{i}/{len(runs)}]")
+                    self.run_one(run, f"[{i}/{len(runs)}]")
                 self.write_results(runs)
-        print(f"study done in {time.perf_counter() - start:.0f}s: {self.out / 'table.md'} and plots in {self.out}", flush=True)
-        return self.out
 
     @contextlib.contextmanager
     def lock(self, run: Run, wait: bool):
