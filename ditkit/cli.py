@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import sys
-import tomllib
 import typing
-from pathlib import Path
 from typing import Any, Callable
 
 from . import config
 from .config import build_config, flag, leaf_fields, leaf_hints, unwrap_optional
+from .config.files import RECIPE_COMMAND, RECIPES, load_config_file, recipe_names  # noqa: F401 (RECIPES: tests)
 from .version import __version__
 
 # name -> (config class, module and function that run it, one-line help)
@@ -58,34 +56,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag(f.name), *f.metadata.get("aliases", ()), **kwargs)
-
-
-RECIPES = Path(__file__).parent / "recipes"
-RECIPE_COMMAND = "train"  # the shipped recipes are training settings
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.toml"))
-
-
-def load_config_file(path: str | Path, command: str = RECIPE_COMMAND) -> dict:
-    """Settings from a TOML/JSON file, or (for `ditkit train`) a recipe shipped with ditkit by name."""
-    path = Path(path)
-    recipe = RECIPES / f"{path}.toml"
-    if not path.exists() and recipe.exists():
-        if command != RECIPE_COMMAND:
-            raise ValueError(f"{path} is a training recipe: use it with ditkit {RECIPE_COMMAND} --config {path}, and give ditkit {command} "
-                             "its flags or a .toml file of its own settings.")  # fmt: skip
-        path = recipe
-    if not path.exists():
-        known = f" or a recipe name ({', '.join(recipe_names())})" if command == RECIPE_COMMAND else ""
-        raise FileNotFoundError(f"config file {path} does not exist; pass a .toml or .json file{known}.")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}.") from None
-    return {k.replace("-", "_"): v for k, v in data.items()}
 
 
 def parse_config(cls: type, args: argparse.Namespace) -> Any:

@@ -92,7 +92,7 @@ def make_pairs(scores: torch.Tensor, y: torch.Tensor, min_margin: float = 0.0) -
 def evaluate_samples(pipe: Pipeline, cfg: DPOConfig, path: Path) -> dict:
     """Unguided samples (classes cycled, fixed seed) written to `path`, and their class accuracy and
     (above 1280 samples) FD-EffNet against the Fashion-MNIST test split."""
-    y = torch.arange(cfg.eval_samples) % pipe.config.num_classes
+    y = torch.arange(cfg.eval_samples) % pipe.config.num_real_classes
     _, images = sample_images(pipe, y, cfg.seed + 1, cfg.sample_batch_size, desc=f"evaluate {path.stem}")
     save_npz(path, arr_0=to_uint8(images), labels=y.numpy())
     metrics = ("accuracy", "FD-EffNet") if cfg.eval_samples > 1280 else ("accuracy",)
@@ -137,7 +137,7 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
     print(f"dpo: {pipe.describe_source()} sampled with {pipe.sampling.describe()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
 
     # 1. The model's own samples, judged, paired within each class.
-    num_classes = pipe.config.num_classes
+    num_classes = pipe.config.num_real_classes
     y = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     latents, images = sample_images(pipe, y, cfg.seed, cfg.sample_batch_size, desc="pair samples")
     scores = torch.cat([judge(part.to(device), labels.to(device)).float().cpu() for part, labels in

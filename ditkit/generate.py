@@ -53,8 +53,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     c = pipe.config
     items, condition = conditioner(pipe, cfg)
     if not items:
-        items = list(cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES))
-        check_labels(torch.tensor(items), c.num_classes)
+        items = list(cfg.classes or (tuple(range(c.num_real_classes)) if c.num_real_classes <= 16 else IMAGENET_DEMO_CLASSES))
+        check_labels(torch.tensor(items), c.num_real_classes)
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
     print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
@@ -100,7 +100,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         if prompts:  # sample i takes prompt i mod P
             labels = np.array([prompts[i % len(prompts)] for i in range(n)])
         else:  # labels are drawn for all N at once, so they do not depend on the number of processes
-            labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
+            labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_real_classes, size=n)
         extra = {"prompts": labels} if prompts else {"labels": labels}
         barrier(d)
         if d.main:

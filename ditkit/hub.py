@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import DiTConfig, field_default
+from .config import DiTConfig, MMDiTConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
 from .objectives import GaussianDiffusion
@@ -79,7 +79,7 @@ def diffusers_obstacle(c, objective: str = "gaussian") -> str | None:
     """Why a model with config `c` and this objective cannot be written as a diffusers DiT (None if
     it can): the words before ", so export it with --format ditkit"."""
     if not isinstance(c, DiTConfig):
-        return "diffusers has no pipeline for ditkit's text-to-image MMDiT"
+        return "diffusers has no pipeline for ditkit's text-to-image MMDiT" if isinstance(c, MMDiTConfig) else "DiTPipeline runs DiTs, and this is a U-ViT"
     if objective != "gaussian":
         return f"DiTPipeline samples diffusion models, and this is a {objective} model"
     differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import infer_config, load_model, peek_config, read_checkpoint
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions
+from .checkpoints import family, infer_config, load_model, peek_config, read_checkpoint
+from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, UVIT_PRESETS, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, UViTConfig
 from .lora import apply_adapter, read_adapter
-from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
+from .objectives import FlowMatching, GaussianDiffusion, VPDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
 from .text.encoder import TextEncoder
 from .utils.images import save_grid, to_uint8
@@ -37,7 +37,23 @@ IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 OFFICIAL_SAMPLING = {
     "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
+    "vp": {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.0},  # U-ViT's eval.py
 }
+# What a model trained by ditkit records for `ditkit sample` unless its run says otherwise: fast samplers.
+FAST_SAMPLING = {"gaussian": ("dpm++2m", 10), "flow": ("heun", 5), "vp": ("dpm-solver", 20)}
+
+
+class Unconditional(torch.nn.Module):
+    """An unconditional network (an official CIFAR-10 or CelebA U-ViT) as the samplers call every
+    network, forward(x, t, y): the placeholder labels are dropped."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
+        return self.model(x, t, **kwargs)
 
 
 @dataclass
@@ -45,7 +61,7 @@ class Pipeline:
     """A network with its objective, sampling settings and (for latent models) its VAE."""
 
     model: torch.nn.Module
-    objective: GaussianDiffusion | FlowMatching
+    objective: GaussianDiffusion | FlowMatching | VPDiffusion
     sampling: Sampling
     vae: object | None = None
     device: torch.device = torch.device("cpu")
@@ -58,11 +74,12 @@ class Pipeline:
         return f"{self.source}" + (f" + LoRA {self.lora}" if self.lora else "")
 
     def __post_init__(self):
-        self.network = torch.compile(self.model) if self.compile else self.model  # what the samplers call
+        network = Unconditional(self.model) if getattr(self.config, "conditional", True) is False else self.model
+        self.network = torch.compile(network) if self.compile else network  # what the samplers call
         check_setup(self.model, self.objective, self.sampling, self.config.in_channels)  # the one check of these settings
 
     @property
-    def config(self) -> DiTConfig | MMDiTConfig:
+    def config(self) -> DiTConfig | MMDiTConfig | UViTConfig:
         return self.model.config
 
     def condition(self, prompts: list[str]):
@@ -137,9 +154,13 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
         input_size = opts.image_size // factor if opts.image_size is not None else base.input_size
-        if isinstance(base, MMDiTConfig) != (opts.model in MMDIT_PRESETS):
-            raise ValueError(f"{path} holds {'an MMDiT' if isinstance(base, MMDiTConfig) else 'a DiT'}, not {opts.model}; drop --model or pick a preset of that kind.")
-        if isinstance(base, MMDiTConfig):
+        asked = "MMDiT" if opts.model in MMDIT_PRESETS else "U-ViT" if opts.model in UVIT_PRESETS else "DiT"
+        if family(base) != asked:
+            raise ValueError(f"{path} holds {'an' if family(base) == 'MMDiT' else 'a'} {family(base)}, not {opts.model}; drop --model or pick a {family(base)} preset.")
+        if isinstance(base, UViTConfig):
+            requested = UViTConfig.from_preset(opts.model, img_size=input_size, in_chans=base.in_chans, conv=base.conv, num_classes=base.num_classes,
+                                               class_dropout_prob=base.class_dropout_prob, mlp_time_embed=base.mlp_time_embed, qkv_bias=base.qkv_bias)  # fmt: skip
+        elif isinstance(base, MMDiTConfig):
             requested = MMDiTConfig.from_preset(opts.model, input_size=input_size, in_channels=base.in_channels, learn_sigma=base.learn_sigma,
                                                 context_dim=base.context_dim, pooled_dim=base.pooled_dim)  # fmt: skip
         else:
@@ -154,7 +175,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     model = model.to(device)
     c = model.config
     if c.in_channels not in (1, 3) and vae is None:
-        raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
+        sd = " (U-ViT's latent models decode with Stable Diffusion's kl-f8 VAE, stabilityai/sd-vae-ft-ema)" if isinstance(c, UViTConfig) else ""
+        raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id{sd}.")
     if vae is not None:
         if vae.config["latent_channels"] != c.in_channels:
             raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
@@ -163,8 +185,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     else:
         check_pixel_size(c, opts.image_size)
     text_encoder = load_text_encoder(opts, ck, c, device)
-    if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_classes:
-        raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
+    if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_real_classes:
+        raise ValueError(f"the checkpoint has {c.num_real_classes} classes, not {opts.num_classes}; use --num-classes {c.num_real_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
     pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
@@ -203,8 +225,8 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
     guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
-    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun", steps=50 if kind == "gaussian" else 25,
-                        cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
+    sampler, steps = {"gaussian": ("ddim", 50), "flow": ("heun", 25), "vp": ("dpm-solver", 25)}[kind]
+    sampling = Sampling(sampler=sampler, steps=steps, cfg_scale=1.5 if guided else 1.0, precision=precision)
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
@@ -213,6 +235,6 @@ def default_sampling(objective, sampler: str | None = None, steps: int | None = 
                      cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
     """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
     sampler unless the run says otherwise (TrainConfig's default_* settings)."""
-    flow = objective_name(objective) == "flow"
-    return Sampling(sampler=sampler or ("heun" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
+    fast_sampler, fast_steps = FAST_SAMPLING[objective_name(objective)]
+    return Sampling(sampler=sampler or fast_sampler, steps=steps or fast_steps,
                     cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip

@@ -147,6 +147,13 @@ def flops_blocks(out: str, err: str) -> None:
         assert r["gflops"] == pytest.approx(r["paper_gflops"], rel=5e-3)
 
 
+def flops_uvit(out: str, err: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [[name, "long-skips"] for name in ("U-ViT-S/2", "U-ViT-M/4", "U-ViT-L/2", "U-ViT-H/2")], out
+    # Parameters (M) at 256 px with 1 001 classes: H/2 and L/2 are the released ImageNet 256 models (Table 1: 287M, 501M).
+    assert [r[8] for r in rows] == ["44.77", "130.82", "286.76", "500.83"]
+
+
 def flops_bundled(out: str, err: str) -> None:
     row = out.splitlines()[1].split()
     assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "160", "4", "64"] and row[8] == "3.84"
@@ -212,6 +219,9 @@ CHECKS = {
     "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz": ("scaled", ["--num-samples", "20"], prompt_npz),
     "ditkit eval --samples p.npz --ref fashion-mnist": ("run", eval_prompts),
     "ditkit flops --model MMDiT-S/2 MMDiT-B/2": ("run", flops_mmdit),
+    "ditkit train --data-path fashion-mnist --model U-ViT-S/4 --depth 6 --hidden-size 128 --num-heads 4 --objective flow --max-steps 1000": ("parsed",),
+    "ditkit sample --ckpt imagenet256_uvit_huge.pth --vae ema --classes 207 360": ("fails", "imagenet256_uvit_huge.pth does not exist: the official U-ViT ImageNet 256 U-ViT-H/2 is downloaded once"),
+    "ditkit flops --model U-ViT-S/2 U-ViT-M/4 U-ViT-L/2 U-ViT-H/2": ("run", flops_uvit),
     "pip install -e .[serve]": ("not run", "installs"),
     "ditkit serve": ("parsed", ServeConfig),
     "ditkit serve --ckpt DiT-XL-2-256x256.pt --vae ema --max-batch-size 32": ("parsed", ServeConfig),

@@ -14,18 +14,28 @@ SHAPE = (1, 4, 4)
 
 class GaussianEps(torch.nn.Module):
     """The exact eps prediction E[eps | x_t] for N(MEAN, STD^2) data under the paper's diffusion
-    (label y < 10 shifts the mean by 0.1 y, so guidance has something to push)."""
+    (label y < 10 shifts the mean by 0.1 y, so guidance has something to push). Between steps
+    (DPM-Solver++ evaluates at fractional ones) log alpha-bar is linear, as DPM-Solver reads a
+    discrete schedule; `vp` makes it the exact eps of U-ViT's continuous VP SDE (time 999 t)."""
 
     num_classes = 10
 
-    def __init__(self, learn_sigma=False):
+    def __init__(self, learn_sigma=False, vp=False):
         super().__init__()
-        self.ab = torch.from_numpy(ditkit.GaussianDiffusion().alphas_cumprod).float()
-        self.learn_sigma, self.calls = learn_sigma, []
+        self.log_ab = torch.from_numpy(np.log(ditkit.GaussianDiffusion().alphas_cumprod)).float()
+        self.learn_sigma, self.vp, self.calls = learn_sigma, vp, []
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.vp:
+            s = t.float() / 999
+            return torch.exp(-(0.1 * s + 19.9 * s**2 / 2))
+        k = t.float().clamp(0, len(self.log_ab) - 1)
+        lo = k.floor().long().clamp(max=len(self.log_ab) - 2)
+        return torch.exp(self.log_ab[lo] + (k - lo) * (self.log_ab[lo + 1] - self.log_ab[lo]))
 
     def forward(self, x, t, y):
         self.calls.append(len(x))
-        ab = self.ab[t].view(-1, 1, 1, 1)
+        ab = self.alpha_bar(t).view(-1, 1, 1, 1)
         m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
         eps = (1 - ab).sqrt() / (ab * STD**2 + 1 - ab) * (x - ab.sqrt() * m)
         return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
@@ -58,6 +68,7 @@ def draw(model, objective, sampler, steps, n=2000, **kw):
 
 GAUSSIAN = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "gaussian"]
 FLOW = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "flow"]
+VP = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "vp"]
 
 
 @pytest.mark.parametrize("sampler", GAUSSIAN)
@@ -66,6 +77,14 @@ def test_diffusion_samplers_reach_the_data_distribution(sampler):
     # mean from a noise level well above 0); enough steps remove that.
     steps = {"ddpm": 250, "ddim": 100}.get(sampler, 50)
     x = draw(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), sampler, steps)
+    assert abs(x.mean() - MEAN) < 0.02, x.mean()
+    assert abs(x.std() / STD - 1) < 0.04, x.std()
+
+
+@pytest.mark.parametrize("sampler", VP)
+def test_vp_samplers_reach_the_data_distribution(sampler):
+    steps = {"dpm-solver": 20, "euler-maruyama": 1000, "euler-maruyama-ode": 500}[sampler]
+    x = draw(GaussianEps(vp=True), ditkit.objectives.VPDiffusion(), sampler, steps)
     assert abs(x.mean() - MEAN) < 0.02, x.mean()
     assert abs(x.std() / STD - 1) < 0.04, x.std()
 
@@ -90,14 +109,15 @@ def test_higher_order_beats_first_order_at_equal_calls():
     assert heun < euler, (heun, euler)
 
 
-@pytest.mark.parametrize("sampler", GAUSSIAN + FLOW)
+@pytest.mark.parametrize("sampler", GAUSSIAN + FLOW + VP)
 def test_model_calls_per_step(sampler):
-    """Calls per sample: one per step (DDPM, DDIM, DPM++, UniPC, Euler), two for Heun (one on the
-    last step for EDM's heun), steps + 1
-    for the SDE with its last step, adaptive for dopri5; a seed gives the same samples."""
-    flow = SAMPLER_OBJECTIVE[sampler] == "flow"
-    model = GaussianVelocity() if flow else GaussianEps()
-    objective = ditkit.FlowMatching() if flow else ditkit.GaussianDiffusion(learn_sigma=False)
+    """Calls per sample: one per step (DDPM, DDIM, DPM++, UniPC, Euler, U-ViT's DPM-Solver++ and
+    Euler-Maruyama), two for Heun (one on the last step for EDM's heun), steps + 1 for the SDE with
+    its last step, steps // 3 + 1 steps of up to 3 calls (6 calls) for DPM-Solver-fast, adaptive for
+    dopri5; a seed gives the same samples."""
+    kind = SAMPLER_OBJECTIVE[sampler]
+    model = GaussianVelocity() if kind == "flow" else GaussianEps(vp=kind == "vp")
+    objective = {"flow": ditkit.FlowMatching(), "vp": ditkit.objectives.VPDiffusion()}.get(kind, ditkit.GaussianDiffusion(learn_sigma=False))
     a = draw(model, objective, sampler, 6, n=8)
     expected = {"heun": 11, "heun2": 12, "sde-euler": 7, "sde-heun": 13}.get(sampler, 6)
     if sampler == "dopri5":

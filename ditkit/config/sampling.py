@@ -16,6 +16,7 @@ from .base import (
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
+    UVIT_PRESETS,
     SAMPLER_OBJECTIVE,
     SAMPLERS,
     VAE_HELP,
@@ -113,8 +114,8 @@ class SamplingOptions(Config):
     lora: str | None = field(default=None, metadata=option(LORA_HELP))
 
     def check(self) -> None:
-        if self.model is not None and self.model not in PRESETS + MMDIT_PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + MMDIT_PRESETS)}.")
+        if self.model is not None and self.model not in PRESETS + UVIT_PRESETS + MMDIT_PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + UVIT_PRESETS + MMDIT_PRESETS)}.")
         for i, text in enumerate(self.prompt, 1):
             if not text.strip():
                 raise ValueError(f"prompt {i} is empty; write what the image should show (the empty prompt is the null condition of guidance).")

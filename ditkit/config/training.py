@@ -20,6 +20,7 @@ from .base import (
     SAMPLERS,
     TEXT_MAX_LENGTH,
     TRAIN_PRECISIONS,
+    UVIT_PRESETS,
     VAE_HELP,
     Config,
     Grouped,
@@ -29,7 +30,7 @@ from .base import (
     option,
     positive,
 )
-from .models import DiTConfig, DiTDesign
+from .models import DiTConfig, DiTDesign, UViTConfig
 from .objectives import ObjectiveConfig, ObjectiveFlags
 
 # -- the groups of ditkit train's settings -----------------------------------------------------
@@ -39,12 +40,13 @@ from .objectives import ObjectiveConfig, ObjectiveFlags
 class NetOptions(Config):
     """Which network: a preset, resized if you like (its design is DiTDesign's)."""
 
-    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional) or MMDiT-* (text-to-image, flow objective)", choices=PRESETS + MMDIT_PRESETS))
+    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional), U-ViT-* (class-conditional, the official U-ViT) or MMDiT-* (text-to-image, flow objective)",
+                                                           choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS))
     depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
     hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
     num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
     patch_size: int | None = field(default=None, metadata=positive("override the preset's patch size"))
-    learn_sigma: bool = field(default=True, metadata=option("learn the variance (hybrid MSE + VB loss; flow models ignore the extra channels)"))
+    learn_sigma: bool = field(default=True, metadata=option("learn the variance (hybrid MSE + VB loss; flow models ignore the extra channels; U-ViTs never learn it)"))
     class_dropout_prob: float = field(default=0.1, metadata=option("label dropout for classifier-free guidance", ge=0, lt=1))
     text_encoder: str = field(default=DEFAULT_TEXT_ENCODER, metadata=option("MMDiT models: Hugging Face text encoder folder or hub id (CLIP, T5, sentence-transformers, BERT)"))
     text_max_length: int = field(default=TEXT_MAX_LENGTH, metadata=positive("MMDiT models: tokens per caption; longer ones are cut"))
@@ -191,18 +193,33 @@ class TrainConfig(Grouped):
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
         if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
             raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
+        if self.uvit and self.design != DiTDesign():
+            changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.design.__dict__.items() if v != field_default(DiTDesign, k))
+            raise ValueError(f"{changed} shape a DiT's blocks; {self.model} is the official U-ViT (LayerNorm, GELU MLPs, learned positions), "
+                             "so drop them (a recipe's: pass --block adaln_zero --mlp gelu --norm layernorm --no-qk-norm --pos-embed sincos).")  # fmt: skip
 
     @property
     def text(self) -> bool:
         """Whether this run trains a text-to-image model (MMDiT)."""
         return self.model in MMDIT_PRESETS
 
+    @property
+    def uvit(self) -> bool:
+        """Whether this run trains a U-ViT."""
+        return self.model in UVIT_PRESETS
+
     def objective_config(self) -> ObjectiveConfig:
         return self.loss.settled()
 
-    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
-        """The DiT these settings make for data of `num_classes` classes and `in_channels` x input_size^2 items."""
+    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig | UViTConfig:
+        """The DiT (or U-ViT) these settings make for data of `num_classes` classes and `in_channels` x input_size^2 items.
+        A U-ViT's label table holds a null row when labels are dropped, and its output convolution is
+        on for pixels and off for latents, as the official configs have it."""
         n = self.net
+        if self.uvit:
+            sizes = {"embed_dim" if k == "hidden_size" else k: v for k, v in n.sizes().items() if v is not None}
+            return UViTConfig.from_preset(self.model, **sizes, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3),
+                                          num_classes=num_classes + (n.class_dropout_prob > 0), class_dropout_prob=n.class_dropout_prob)  # fmt: skip
         return DiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                                      learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob,
                                      **{f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__})  # fmt: skip

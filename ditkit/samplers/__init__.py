@@ -24,13 +24,15 @@ from ..objectives import objective_name
 from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
 from .guidance import autocast_model, cfg_model, embedded_cfg_model, null_condition
+from .vp import dpm_solver, dpm_solver_pp, euler_maruyama, euler_maruyama_ode
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
     "euler": euler, "heun": heun, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
+    "dpm-solver++": dpm_solver_pp, "dpm-solver": dpm_solver, "euler-maruyama": euler_maruyama, "euler-maruyama-ode": euler_maruyama_ode,
 }  # fmt: skip
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
-DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}
+DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler", "vp": "dpm-solver"}
 
 __all__ = ["SAMPLERS", "sample", "run_sampling", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_embedded_guidance"]
 
@@ -49,7 +51,7 @@ def check_condition(y, config) -> None:
     elif not isinstance(y, torch.Tensor):
         raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts.")
     else:
-        check_labels(y, config.num_classes)
+        check_labels(y, config.num_real_classes if hasattr(config, "num_real_classes") else config.num_classes)
 
 
 def check_embedded_guidance(config, cfg_scale: float, cfg_channels: int | None) -> None:
@@ -72,6 +74,8 @@ def check_setup(model: torch.nn.Module, objective, sampling: Sampling, channels:
     config = getattr(model, "config", None)
     if getattr(config, "cfg_embed", False):
         check_embedded_guidance(config, sampling.cfg_scale, sampling.cfg_channels)
+    elif sampling.cfg_scale != 1.0 and getattr(config, "conditioning", "class") == "class" and getattr(config, "null_class", 0) is None:
+        raise ValueError("this model was trained without label dropout, so it has no null class to guide with; use --cfg-scale 1.")
 
 
 @torch.no_grad()
@@ -153,7 +157,7 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
     finally:
         model.train(was_training)
     out = out[: noise.shape[0]]
-    if kind == "flow" and clip_denoised:
+    if kind != "gaussian" and clip_denoised:
         out = out.clamp(-1, 1)
     if not torch.isfinite(out).all():
         raise FloatingPointError("sampling produced NaN or infinite values; use --precision fp32, fewer guidance, or more steps.")

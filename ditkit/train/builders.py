@@ -48,7 +48,8 @@ def check_network_size(config, cfg: TrainConfig, device: torch.device, local_bat
     """One sentence naming the flag when the network these settings make cannot be held by `device`."""
     names = {f: f"{flag(f)} {getattr(cfg, f)}" for f in ("depth", "hidden_size", "patch_size", "num_classes") if getattr(cfg, f) is not None}
     size = f"--image-size {cfg.image_size}" if cfg.image_size else f"the data's image size ({cfg.data_path})"
-    check_model_fits(config, device, local_batch, names={**names, "input_size": size})
+    uvit = {"embed_dim": names.get("hidden_size"), "img_size": size}  # a U-ViT's names of the same flags
+    check_model_fits(config, device, local_batch, names={**names, "input_size": size, **{k: v for k, v in uvit.items() if v}})
 
 
 def build_network(build, config, cfg: TrainConfig, base=None, base_name: str | None = None) -> nn.Module:

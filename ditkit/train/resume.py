@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..checkpoints import Checkpoint, infer_config, read_checkpoint
-from ..config import DiTConfig, ObjectiveConfig, TrainConfig, field_default, flag, leaf_fields
+from ..config import DiTConfig, ObjectiveConfig, TrainConfig, UViTConfig, field_default, flag, leaf_fields
 from ..utils.io import read_pt
 from ..utils.runs import BUNDLED_NAME, find_checkpoint, resume_checkpoint
 
@@ -81,17 +81,17 @@ def base_objective(cfg: TrainConfig, recorded: dict, source: Path) -> TrainConfi
     return cfg.replace(**merged)
 
 
-def base_model_config(base, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
+def base_model_config(base, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int) -> DiTConfig | UViTConfig:
     """The --init-from model's config, after checking that the data fits it (one sentence if not)."""
     c = base.config or infer_config(base.state)
-    if not isinstance(c, DiTConfig):
-        raise ValueError(f"--init-from {base.path} is not a class-conditional DiT; pass a DiT model folder, run folder or checkpoint.")
+    if not isinstance(c, (DiTConfig, UViTConfig)) or not c.num_real_classes:
+        raise ValueError(f"--init-from {base.path} is not a class-conditional DiT or U-ViT; pass a DiT or U-ViT model folder, run folder or checkpoint.")
     if (in_channels, input_size) != (c.in_channels, c.input_size):
         raise ValueError(f"{cfg.data_path} gives {in_channels}-channel inputs of {input_size}x{input_size}, but --init-from {base.path} "
                          f"takes {c.in_channels}-channel {c.input_size}x{c.input_size}; pass --image-size and --channels to match it.")  # fmt: skip
-    if num_classes > c.num_classes or (cfg.num_classes is not None and cfg.num_classes != c.num_classes):
-        raise ValueError(f"the data has {num_classes} classes but --init-from {base.path} has {c.num_classes}; a fine-tune keeps its base's "
-                         f"classes, so use data with at most {c.num_classes} classes (and leave --num-classes unset).")  # fmt: skip
+    if num_classes > c.num_real_classes or (cfg.num_classes is not None and cfg.num_classes != c.num_real_classes):
+        raise ValueError(f"the data has {num_classes} classes but --init-from {base.path} has {c.num_real_classes}; a fine-tune keeps its base's "
+                         f"classes, so use data with at most {c.num_real_classes} classes (and leave --num-classes unset).")  # fmt: skip
     return c
 
 

@@ -23,7 +23,12 @@ OFFICIAL_DOWNLOADS = {
     "DiT-XL-2-256x256.pt": ("the official DiT-XL/2 256x256 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
     "DiT-XL-2-512x512.pt": ("the official DiT-XL/2 512x512 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
     "SiT-XL-2-256x256.pt": ("the official SiT-XL/2 256x256 checkpoint", "the release of the SiT repository (github.com/willisma/SiT)"),
-}
+    **{f"{name}.pth": (f"the official U-ViT {what}", "the U-ViT release (the table of github.com/baofff/U-ViT's README)") for name, what in (
+        ("cifar10_uvit_small", "CIFAR-10 U-ViT-S/2"), ("celeba64_uvit_small", "CelebA 64 U-ViT-S/4"),
+        ("imagenet64_uvit_mid", "ImageNet 64 U-ViT-M/4"), ("imagenet64_uvit_large", "ImageNet 64 U-ViT-L/4"),
+        ("imagenet256_uvit_large", "ImageNet 256 U-ViT-L/2"), ("imagenet256_uvit_huge", "ImageNet 256 U-ViT-H/2"),
+        ("imagenet512_uvit_large", "ImageNet 512 U-ViT-L/4"), ("imagenet512_uvit_huge", "ImageNet 512 U-ViT-H/4"))},
+}  # fmt: skip
 LOCK_NAME = ".lock"  # in a run folder: locked (flock) by the process training it
 
 
