@@ -20,6 +20,7 @@ from ..parallel import barrier
 from ..samplers import sample
 from ..train import ClassTask
 from ..utils.io import atomic_write, safetensors_save
+from .adversarial import Adversarial
 from .teacher import Teacher, guided_velocity, ode_step
 
 PAIRS_NAME = "reflow_pairs.safetensors"
@@ -49,6 +50,7 @@ class Distillation:
         self.data = ClassTask()  # the teacher's data, read as ditkit train reads it
         self.phase, self.phase_teacher = 0, None  # progressive: the phase the step is in, and its teacher (after phase 0)
         self.pairs = None  # reflow: (noise, data, labels), made in prepare()
+        self.adversarial = Adversarial(cfg, teacher, scale, interval, self.time_shift) if cfg.method in ("add", "ladd") else None
 
     def train_config(self, resume_from: Path | None) -> TrainConfig:
         """ditkit train's settings for the student: the teacher's network, objective and data, this
@@ -109,21 +111,28 @@ class Distillation:
                                 cfg_scale=1.0, time_shift=self.time_shift)  # fmt: skip
         distilled = {"method": d.method, "teacher": str(self.teacher.path), "teacher_cfg_scale": self.scale,
                      "teacher_cfg_interval": list(self.interval) if self.interval else None}  # fmt: skip
+        if d.method == "add":
+            distilled["disc_net"] = d.disc_net
         return {"sampling": sampling.to_dict(), "distilled": distilled}
 
     def state(self, trainer) -> dict:
         teacher = self.phase_teacher.state_dict() if self.phase_teacher is not None else None
-        return {"distill": asdict(self.dcfg), "phase": self.phase, "phase_teacher": teacher}
+        adversarial = self.adversarial.state() if self.adversarial else {}
+        return {"distill": asdict(self.dcfg), "phase": self.phase, "phase_teacher": teacher, **adversarial}
 
     def load_state(self, trainer, ck: dict) -> None:
         self.phase = ck.get("phase", 0)
         if ck.get("phase_teacher") is not None:
             self.phase_teacher = frozen_copy(trainer.ema, ck["phase_teacher"])
+        if self.adversarial:
+            self.adversarial.load_state(trainer, ck)
 
     def prepare(self, trainer) -> None:
         self.teacher.model.to(trainer.d.device)
         if self.dcfg.method == "reflow":
             self.pairs = self.make_pairs(trainer)
+        if self.adversarial:
+            self.adversarial.build(trainer)
 
     def loss(self, trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg, d = trainer.cfg, trainer.d
@@ -134,9 +143,13 @@ class Distillation:
             # A new phase: its teacher is the last phase's student (EMA), which the student starts from.
             self.phase = self.phase_of(trainer.step)
             self.phase_teacher = frozen_copy(trainer.ema, trainer.ema.state_dict())
+        if self.adversarial:
+            return self.adversarial.loss(trainer, x, y, g, n, shape, mine)
         return getattr(self, f"loss_{self.dcfg.method}")(trainer, x, y, g, n, shape, mine)
 
     def after_step(self, trainer) -> None:
+        if self.adversarial:
+            self.adversarial.after_step(trainer)
         if self.dcfg.method == "progressive" and trainer.step + 1 == self.phase_end(self.phase) and trainer.d.main:
             self.save_phase(trainer)
 
