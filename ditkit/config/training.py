@@ -223,7 +223,7 @@ class DistillConfig(Config):
     start_steps: int = field(default=8, metadata=positive("progressive: Euler steps of the first phase's student, --student-steps times a power of 2"))
     reflow_pairs: int = field(default=2048, metadata=positive("reflow: (noise, teacher sample) pairs to generate and train on"))
     one_step_share: float = field(default=0.3, metadata=option("reflow: the last share of the steps that put half of each batch at t = 0 (the 1-step map)", ge=0, le=1))
-    adv_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: weight of the adversarial term beside the distillation term"))
+    adv_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: the adversarial gradient on the student's sample, as a multiple of the distillation gradient's norm"))
     disc_lr: float | None = field(default=None, metadata=positive("add, ladd: the discriminator's AdamW learning rate (default: --lr)"))
     r1_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: weight of the approximated R1 penalty, |D(x) - D(x + small noise)|^2 on real samples"))
     disc_net: str = field(default="teacher", metadata=option("add: the frozen network whose features of clean samples the discriminator reads: 'teacher', or a DiT "
