@@ -139,3 +139,24 @@ def test_bad_adversarial_input_is_one_sentence(tmp_path, teacher_dir, capsys):  
     err = one_sentence(capsys, ["distill", "--teacher", "fashion-mnist-diffusion", "--method", "add", "--results-dir", str(tmp_path)])
     assert "is a gaussian diffusion model, and ditkit distill needs a flow-matching teacher" in err
     assert not any(tmp_path.glob("*-distill-*"))
+
+
+def test_student_init_starts_from_another_student(tmp_path, teacher_dir, capsys, one_thread):  # noqa: F811
+    """--student-init: the student (and its EMA) start from that model's weights, recorded in model/;
+    a model of another architecture is one sentence."""
+    folder = tmp_path / "student"
+    m = tiny_teacher()
+    with torch.no_grad():
+        m.final_layer.linear.bias.add_(0.5)  # a student that differs from the teacher
+    save_pretrained(m, m.config, folder, extra={"objective": ObjectiveConfig(objective="flow").to_dict()})
+    d = Distiller(distill_cfg(tmp_path, teacher_dir, method="ladd", student_init=str(folder), max_steps=1))
+    for net in (d.trainer.model, d.trainer.ema):
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in m.state_dict().items())
+    out = d.run()
+    assert json.loads((out / "model" / "config.json").read_text())["distilled"]["student_init"] == str(folder)
+    other = tmp_path / "other"
+    m = tiny_teacher(hidden_size=48, num_heads=3)
+    save_pretrained(m, m.config, other, extra={"objective": ObjectiveConfig(objective="flow").to_dict()})
+    capsys.readouterr()
+    err = one_sentence(capsys, ["distill", "--teacher", str(teacher_dir), "--method", "add", "--student-init", str(other), "--results-dir", str(tmp_path / "r")])
+    assert f"--student-init {other} is not a DiT of the teacher's architecture (hidden_size 48, the teacher's 32; num_heads 3, the teacher's 2)" in err

@@ -209,6 +209,7 @@ class DistillConfig(Config):
     teacher: str | None = field(default=None, metadata=option("the flow-matching teacher: a ditkit model folder, run folder or training checkpoint"))
     method: str = field(default="guidance", metadata=option("guidance, progressive, reflow, add or ladd", choices=DISTILL_METHODS))
     data_path: str | None = field(default=None, metadata=option("training data (default: the teacher's, as its checkpoint records)"))
+    student_init: str | None = field(default=None, metadata=option("start the student from this model of the teacher's architecture (a student of it, such as fashion-mnist-turbo) instead of the teacher's weights"))
     results_dir: str = field(default="results", metadata=option("runs are written to RESULTS_DIR/NNN-distill-METHOD/"))
     max_steps: int = field(default=1000, metadata=positive("student optimizer steps in all (progressive: split evenly over its phases)"))
     max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes; --resume continues"))

@@ -12,14 +12,15 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..checkpoints import save_pretrained
-from ..config import DistillConfig, Sampling, TrainConfig
+from ..checkpoints import infer_config, read_checkpoint, save_pretrained
+from ..config import DiTConfig, DistillConfig, Sampling, TrainConfig
 from ..models import DiT
 from ..objectives.common import expand_to, mean_flat
 from ..parallel import barrier
 from ..samplers import sample
 from ..train import ClassTask
 from ..utils.io import atomic_write, safetensors_save
+from ..utils.runs import find_checkpoint
 from .adversarial import Adversarial
 from .teacher import Teacher, guided_velocity, ode_step
 
@@ -48,6 +49,7 @@ class Distillation:
         else:
             self.student_config = c
         self.data = ClassTask()  # the teacher's data, read as ditkit train reads it
+        self.init_state = student_init(cfg.student_init, c) if cfg.student_init else None
         self.phase, self.phase_teacher = 0, None  # progressive: the phase the step is in, and its teacher (after phase 0)
         self.pairs = None  # reflow: (noise, data, labels), made in prepare()
         self.adversarial = Adversarial(cfg, teacher, scale, interval, self.time_shift) if cfg.method in ("add", "ladd") else None
@@ -74,9 +76,10 @@ class Distillation:
 
     # -- what the trainer asks of a task ---------------------------------------------------
     def build(self, config) -> DiT:
-        """The student with the teacher's weights; a new guidance embedding starts at zero (as the teacher)."""
+        """The student with the teacher's weights (or --student-init's); a new guidance embedding starts
+        at zero (as the teacher)."""
         model = DiT(config)
-        missing, unexpected = model.load_state_dict(self.teacher.model.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(self.init_state or self.teacher.model.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("w_embedder.") for k in missing), (missing, unexpected)
         return model
 
@@ -113,6 +116,8 @@ class Distillation:
                      "teacher_cfg_interval": list(self.interval) if self.interval else None}  # fmt: skip
         if d.method == "add":
             distilled["disc_net"] = d.disc_net
+        if d.student_init:
+            distilled["student_init"] = d.student_init
         return {"sampling": sampling.to_dict(), "distilled": distilled}
 
     def state(self, trainer) -> dict:
@@ -239,6 +244,19 @@ class Distillation:
         barrier(trainer.d)
         done = load_file(str(path))
         return tuple(done[k][:total].to(trainer.d.device) for k in ("noise", "data", "labels"))  # type: ignore[return-value]
+
+
+def student_init(name: str, teacher: DiTConfig) -> dict:
+    """--student-init's weights: a model of the teacher's architecture (a student of it), or one sentence."""
+    ck = read_checkpoint(find_checkpoint(name))
+    c = ck.config or infer_config(ck.state)
+    if not isinstance(c, DiTConfig):
+        raise ValueError(f"--student-init {ck.path} is not a class-conditional DiT; pass a student of this teacher, such as an earlier distillation's model/.")
+    ours, theirs = asdict(teacher), asdict(replace(c, class_dropout_prob=teacher.class_dropout_prob))
+    if ours != theirs:
+        changed = "; ".join(f"{k} {theirs[k]}, the teacher's {v}" for k, v in ours.items() if theirs[k] != v)
+        raise ValueError(f"--student-init {ck.path} is not a DiT of the teacher's architecture ({changed}); pass a student of this teacher, such as an earlier distillation's model/.")
+    return ck.state
 
 
 def student_velocity(trainer, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
