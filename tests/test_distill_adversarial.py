@@ -160,3 +160,21 @@ def test_student_init_starts_from_another_student(tmp_path, teacher_dir, capsys,
     capsys.readouterr()
     err = one_sentence(capsys, ["distill", "--teacher", str(teacher_dir), "--method", "add", "--student-init", str(other), "--results-dir", str(tmp_path / "r")])
     assert f"--student-init {other} is not a DiT of the teacher's architecture (hidden_size 48, the teacher's 32; num_heads 3, the teacher's 2)" in err
+
+
+def test_disc_warmup_trains_only_the_discriminator(tmp_path, teacher_dir, one_thread):  # noqa: F811
+    """--disc-warmup 2: two steps leave the student and its EMA as they started, the discriminator moves;
+    the third step moves the student."""
+    d = Distiller(distill_cfg(tmp_path, teacher_dir, method="ladd", disc_warmup=2, log_every=1000, adv_t_mean=-1.0))
+    d.trainer.task.prepare(d.trainer)
+    adv = d.trainer.task.adversarial
+    start = {k: v.clone() for k, v in d.trainer.model.state_dict().items()}
+    disc = {k: v.clone() for k, v in adv.disc.state_dict().items()}
+    x, y = next(iter(d.loader()[0]))
+    for step in range(3):
+        d.step = step
+        d.train_step(x, y)
+        same = all(torch.equal(v, d.trainer.model.state_dict()[k]) for k, v in start.items())
+        assert same == (step < 2), step
+        assert all(torch.equal(v, d.trainer.ema.state_dict()[k]) for k, v in start.items()) == (step < 2)
+    assert not all(torch.equal(v, adv.disc.state_dict()[k]) for k, v in disc.items())

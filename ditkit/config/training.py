@@ -227,6 +227,8 @@ class DistillConfig(Config):
     adv_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: the adversarial gradient on the student's sample, as a multiple of the distillation gradient's norm"))
     disc_lr: float | None = field(default=None, metadata=positive("add, ladd: the discriminator's AdamW learning rate (default: --lr)"))
     r1_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: weight of the approximated R1 penalty, |D(x) - D(x + small noise)|^2 on real samples"))
+    disc_warmup: int = field(default=0, metadata=nonnegative("add, ladd: steps at the start in which only the discriminator learns (the student waits for a judge that is not random)"))
+    adv_t_mean: float = field(default=0.0, metadata=option("ladd: location of the logit-normal noise levels the discriminator reads the samples at, as --t-mean (0: around the middle; negative: less noise, finer detail)"))
     disc_net: str = field(default="teacher", metadata=option("add: the frozen network whose features of clean samples the discriminator reads: 'teacher', or a DiT "
                                                              "model folder, run folder or checkpoint whose input fits (never a network that judges the results)"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))

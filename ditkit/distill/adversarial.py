@@ -22,11 +22,14 @@ Adversarial: hinge losses; the discriminator is small heads (convolutions on the
 entering by projection) on every block's output of a frozen DiT, read through forward hooks so that
 the networks stay free of training code. add: that DiT's features of the clean sample (--disc-net, the
 teacher by default: never a network that judges the results). ladd: the teacher's own features of the
-sample re-noised at a level drawn as the teacher's training times, so it works on latents as on pixels.
+sample re-noised at a logit-normal level (--adv-t-mean: negative reads finer detail at less noise), so
+it works on latents as on pixels.
 Real samples are the training batch; the approximated R1 penalty of APT (Lin et al. 2025),
 r1 |D(x) - D(x + R1_SIGMA n)|^2 on them, stands in for R1's second backward. The discriminator takes
 its own AdamW step inside the student's (on the same batch, before the student's loss is formed);
-it and its optimizer are part of the training checkpoint, so --resume continues both exactly.
+it and its optimizer are part of the training checkpoint, so --resume continues both exactly. For the
+first --disc-warmup steps only the discriminator learns: a random one's gradients are noise that a
+good student (--student-init) would take in as texture.
 """
 
 from __future__ import annotations
@@ -190,29 +193,36 @@ class Adversarial:
         i = torch.randint(steps, (n,), generator=g, device=dev)[mine]
         z, noise_distill, noise_fake, noise_real, noise_r1 = draw(), draw(), draw(), draw(), draw()
         s = torch.rand(n, generator=g, device=dev)[mine]  # the distillation's re-noising level
-        t_adv = flow.draw_t(n, generator=g, device=dev)[mine]  # ladd's
+        t_adv = 1 - torch.sigmoid(self.cfg.adv_t_mean + torch.randn(n, generator=g, device=dev))[mine]  # ladd's levels (logit-normal)
         grid = flow.time_grid(steps, shift=self.time_shift, device=dev)  # (steps + 1,)
-        fake = student_sample(trainer.net, flow, z, y, i, grid)  # (N, C, H, W), with gradient
-        sample = fake.detach().requires_grad_()  # both terms' gradients are taken here first, then weighed
-
-        xs, _ = flow.interpolate(sample.detach(), noise_distill, s)
-        with torch.no_grad():
-            target = denoised(flow, xs, guided_velocity(self.teacher.model, flow, xs, s, y, self.scale, self.interval).float(), s)
-        a, sigma, _, _ = flow.alpha_sigma(s)
-        distill = (a**2 / (a**2 + sigma**2) * mean_flat((sample - target) ** 2)).mean()
+        warmup = trainer.step < self.cfg.disc_warmup  # only the discriminator learns: the student waits for a judge that is not random
+        with torch.set_grad_enabled(not warmup):
+            fake = student_sample(trainer.net, flow, z, y, i, grid)  # (N, C, H, W)
+        sample = fake.detach().requires_grad_(not warmup)  # both terms' gradients are taken here first, then weighed
 
         f_fake = self.read(sample, noise_fake, t_adv, y)
         with torch.no_grad():
             f_real = self.read(x, noise_real, t_adv, y)
             f_near = self.read(x + R1_SIGMA * noise_r1, noise_real, t_adv, y)
         d_loss, d_real, d_fake = self.disc_step(trainer, f_real, f_near, [f.detach() for f in f_fake], y)
+        if warmup:
+            self.record(torch.stack([d_loss, d_real, d_fake, *torch.zeros(3, device=dev)]))
+            return torch.zeros((), device=dev, requires_grad=True)  # no gradient for the student: AdamW leaves it as it is
+
+        xs, _ = flow.interpolate(sample.detach(), noise_distill, s)
+        with torch.no_grad():
+            target = denoised(flow, xs, guided_velocity(self.teacher.model, flow, xs, s, y, self.scale, self.interval).float(), s)
+        a, sigma, _, _ = flow.alpha_sigma(s)
+        distill = (a**2 / (a**2 + sigma**2) * mean_flat((sample - target) ** 2)).mean()
         adv = -self.disc(f_fake, y).float().mean()  # the discriminator is frozen here: only the student learns from it
         g_distill, g_adv = (torch.autograd.grad(term, sample)[0] for term in (distill, adv))
         weight = self.cfg.adv_weight * g_distill.norm() / (g_adv.norm() + 1e-12)  # the adversarial gradient's norm: adv_weight times the distillation's
         surrogate = (fake * (g_distill + weight * g_adv)).sum()  # its gradient through the student is the weighed sum of both
-        stats = torch.stack([d_loss, d_real, d_fake, distill.detach(), adv.detach(), weight])
-        self.stats, self.count = (stats if self.stats is None else self.stats + stats), self.count + 1
+        self.record(torch.stack([d_loss, d_real, d_fake, distill.detach(), adv.detach(), weight]))
         return surrogate - surrogate.detach() + (distill + weight * adv).detach()  # logged: the weighed loss
+
+    def record(self, stats: torch.Tensor) -> None:
+        self.stats, self.count = (stats if self.stats is None else self.stats + stats), self.count + 1
 
     def disc_step(self, trainer, f_real, f_near, f_fake, y) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One AdamW step of the discriminator on hinge losses and the approximated R1; (its loss, the
