@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample-npz": ("SampleNpzConfig", "ditkit.generate", "run_sample_npz", "sample N images into an ADM-evaluator .npz (torchrun for many processes)"),
     "eval": ("EvalConfig", "ditkit.eval.evaluate", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
     "train": ("TrainConfig", "ditkit.train", "run_train", "train a DiT (torchrun for many processes)"),
-    "distill": ("DistillConfig", "ditkit.distill", "run_distill", "distil a flow teacher: guidance as an input, or few-step students (progressive, reflow)"),
+    "distill": ("DistillConfig", "ditkit.distill", "run_distill", "distil a flow teacher: guidance as an input, or few-step students (progressive, reflow, add, ladd)"),
     "extract": ("ExtractConfig", "ditkit.data.extract", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
     "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),

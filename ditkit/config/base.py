@@ -41,8 +41,9 @@ FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
-# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs)
-DISTILL_METHODS = ("guidance", "progressive", "reflow")
+# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs),
+# add and ladd (a distillation term and a discriminator: on a frozen network's features of clean samples, or the teacher's of noisy ones)
+DISTILL_METHODS = ("guidance", "progressive", "reflow", "add", "ladd")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",

@@ -233,11 +233,16 @@ class DistillConfig(Config):
     do in one step what its teacher does in two, N halving per phase from --start-steps down to
     --student-steps (the first teacher is the guided one, so the students need no guidance). reflow:
     (noise, sample) pairs from the guided teacher's sampler, cached in the run folder, and the
-    straight line between them. The run folder, checkpoints, EMA and --resume are ditkit train's."""
+    straight line between them. add (Sauer et al. 2023): a student of --student-steps Euler steps learns
+    from the guided teacher's denoised estimate of its re-noised sample and from a discriminator on a
+    frozen network's features of the clean sample (--disc-net); ladd (Sauer et al. 2024): the same with
+    the discriminator on the teacher's own features of re-noised samples. The run folder, checkpoints,
+    EMA and --resume are ditkit train's (the discriminator and its optimizer included)."""
 
     teacher: str | None = field(default=None, metadata=option("the flow-matching teacher: a ditkit model folder, run folder or training checkpoint"))
-    method: str = field(default="guidance", metadata=option("guidance, progressive or reflow", choices=DISTILL_METHODS))
+    method: str = field(default="guidance", metadata=option("guidance, progressive, reflow, add or ladd", choices=DISTILL_METHODS))
     data_path: str | None = field(default=None, metadata=option("training data (default: the teacher's, as its checkpoint records)"))
+    student_init: str | None = field(default=None, metadata=option("start the student from this model of the teacher's architecture (a student of it, such as fashion-mnist-turbo) instead of the teacher's weights"))
     results_dir: str = field(default="results", metadata=option("runs are written to RESULTS_DIR/NNN-distill-METHOD/"))
     max_steps: int = field(default=1000, metadata=positive("student optimizer steps in all (progressive: split evenly over its phases)"))
     max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes; --resume continues"))
@@ -248,10 +253,17 @@ class DistillConfig(Config):
     cfg_scale: float | None = field(default=None, metadata=option("the guidance scale progressive and reflow students bake in, and the guidance student records (default: the teacher's)", ge=0))
     cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval LO HI that goes with it (default: the teacher's)", ge=0, le=1, interval=True))
     cfg_range: tuple[float, ...] = field(default=(1.0, 4.0), metadata=option("guidance: the scales LO HI the student learns (must hold 1, the scale outside the guidance interval)", ge=0))
-    student_steps: int = field(default=1, metadata=positive("progressive and reflow: the Euler steps the student records as its default (progressive: its last phase's)"))
+    student_steps: int = field(default=1, metadata=positive("progressive, reflow, add, ladd: the Euler steps the student records as its default (progressive: its last phase's; add, ladd: the grid it trains on)"))
     start_steps: int = field(default=8, metadata=positive("progressive: Euler steps of the first phase's student, --student-steps times a power of 2"))
     reflow_pairs: int = field(default=2048, metadata=positive("reflow: (noise, teacher sample) pairs to generate and train on"))
     one_step_share: float = field(default=0.3, metadata=option("reflow: the last share of the steps that put half of each batch at t = 0 (the 1-step map)", ge=0, le=1))
+    adv_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: the adversarial gradient on the student's sample, as a multiple of the distillation gradient's norm"))
+    disc_lr: float | None = field(default=None, metadata=positive("add, ladd: the discriminator's AdamW learning rate (default: --lr)"))
+    r1_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: weight of the approximated R1 penalty, |D(x) - D(x + small noise)|^2 on real samples"))
+    disc_warmup: int = field(default=0, metadata=nonnegative("add, ladd: steps at the start in which only the discriminator learns (the student waits for a judge that is not random)"))
+    adv_t_mean: float = field(default=0.0, metadata=option("ladd: location of the logit-normal noise levels the discriminator reads the samples at, as --t-mean (0: around the middle; negative: less noise, finer detail)"))
+    disc_net: str = field(default="teacher", metadata=option("add: the frozen network whose features of clean samples the discriminator reads: 'teacher', or a DiT "
+                                                             "model folder, run folder or checkpoint whose input fits (never a network that judges the results)"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
     num_workers: int = field(default=2, metadata=nonnegative("data loader processes per rank"))
     log_every: int = field(default=50, metadata=positive("log the loss every N steps"))
@@ -273,6 +285,9 @@ class DistillConfig(Config):
                 raise ValueError(f"--start-steps {self.start_steps} is not --student-steps {self.student_steps} times a power of 2; use e.g. --start-steps {self.student_steps * 8}.")
             if self.max_steps < self.phases:
                 raise ValueError(f"progressive distillation from {self.start_steps} to {self.student_steps} steps has {self.phases} phases; give --max-steps at least {self.phases}.")
+        if self.disc_net != "teacher" and self.method != "add":
+            raise ValueError(f"--disc-net is the feature network of --method add's discriminator, and --method {self.method} has none of its own; drop --disc-net"
+                             f"{' (ladd reads the teacher itself)' if self.method == 'ladd' else ''}.")  # fmt: skip
 
     @property
     def phases(self) -> int:
