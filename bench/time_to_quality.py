@@ -96,7 +96,7 @@ def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, 
     seconds = time.perf_counter() - start
     path = save_npz(out / "samples.npz", arr_0=images, labels=labels)
     metrics = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
-    return {"sampling": pipe.sampling.describe(), "evals_per_sample": rows[0] / n, "sample_s": seconds, **metrics}
+    return {"sampling": pipe.describe_sampling(), "evals_per_sample": rows[0] / n, "sample_s": seconds, **metrics}
 
 
 def train(name: str, values: dict, out: Path, minutes: float | None, steps: int | None) -> tuple[Path, dict]:

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field, fields
 from .base import FLOW_PATHS, OBJECTIVES, T_SAMPLINGS, Config, nonnegative, option, positive
 
 
+PREDICTION_FIELDS = ("objective", "path", "time_scale")  # what a network's output means, beside its condition
+
+
 @dataclass(frozen=True)
 class ObjectiveConfig(Config):
     """What the network is trained to predict and how t is drawn; recorded with every model.
@@ -27,6 +30,13 @@ class ObjectiveConfig(Config):
             changed = [f.name for f in fields(ObjectiveConfig) if f.name != "objective" and getattr(self, f.name) != f.default]
             if changed:
                 raise ValueError(f"{', '.join(changed)} only apply to --objective flow; drop them or use --objective flow.")
+
+    def prediction_differs(self, other: "ObjectiveConfig") -> list[str]:
+        """The settings that give a network's output its meaning (what is predicted, on which path,
+        at which time scale) where `other` differs: what an autoguidance guide must share with the
+        model it guides. How training drew t or weighed the loss may differ."""
+        return [f"{name} {getattr(other, name)!r} (the model's: {getattr(self, name)!r})" for name in PREDICTION_FIELDS
+                if getattr(self, name) != getattr(other, name)]  # fmt: skip
 
     def to_dict(self) -> dict:
         if self.objective == "gaussian":

@@ -112,6 +112,9 @@ class SamplingOptions(Config):
     prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
     text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
     lora: str | None = field(default=None, metadata=option(LORA_HELP))
+    guide_ckpt: str | None = field(default=None, metadata=option("autoguidance: guide with this weaker model of the same data and objective (smaller, or trained less; "
+                                                                 "any --ckpt form) in place of the unconditional prediction, at --cfg-scale; "
+                                                                 "'none' for classifier-free guidance (default: the guide the model records, else none)"))
 
     def check(self) -> None:
         if self.model is not None and self.model not in PRESETS + MMDIT_PRESETS:

@@ -23,7 +23,7 @@ from ..config import SAMPLER_OBJECTIVE, Sampling, check_sampler
 from ..objectives import objective_name
 from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
-from .guidance import autocast_model, cfg_model, embedded_cfg_model, null_condition
+from .guidance import autocast_model, autoguided_model, cfg_model, embedded_cfg_model, null_condition
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
@@ -32,7 +32,8 @@ SAMPLERS: dict[str, Callable] = {
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
 DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}
 
-__all__ = ["SAMPLERS", "sample", "run_sampling", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_embedded_guidance"]
+__all__ = ["SAMPLERS", "sample", "run_sampling", "cfg_model", "autoguided_model", "autocast_model", "check_labels", "check_condition",
+           "check_embedded_guidance", "check_guide"]  # fmt: skip
 
 
 def check_labels(y: torch.Tensor, num_classes: int) -> None:
@@ -60,6 +61,24 @@ def check_embedded_guidance(config, cfg_scale: float, cfg_channels: int | None) 
         raise ValueError(f"this model was distilled for guidance scales {lo:g} to {hi:g}, not {cfg_scale:g}; pass a --cfg-scale in that range.")
     if cfg_channels is not None:
         raise ValueError("this model takes the guidance scale as an input and guides every channel; drop cfg_channels.")
+
+
+def check_guide(config, guide_config) -> None:
+    """An autoguidance guide must take what the model takes and predict in the same space: the same
+    kind of condition (the same classes, or prompts of the same encoder width) and input shape."""
+    if config is None or guide_config is None:
+        return
+    if getattr(config, "cfg_embed", False):
+        raise ValueError("this model takes the guidance scale as an input (guidance-distilled) and needs no guide; drop the guide.")
+    kind, guide_kind = getattr(config, "conditioning", "class"), getattr(guide_config, "conditioning", "class")
+    if kind != guide_kind:
+        raise ValueError(f"the guide is a {guide_kind}-conditional model but this one is {kind}-conditional; guide with a weaker model of the same kind and data.")
+    pairs = [("input channels", "in_channels"), ("input size", "input_size")]
+    pairs += [("text width", "context_dim"), ("pooled text width", "pooled_dim")] if kind == "text" else [("classes", "num_classes")]
+    for what, name in pairs:
+        if getattr(config, name) != getattr(guide_config, name):
+            raise ValueError(f"the guide has {getattr(guide_config, name)} {what} but the model has {getattr(config, name)}; "
+                             "guide with a weaker model trained on the same data and conditioning.")  # fmt: skip
 
 
 def check_setup(model: torch.nn.Module, objective, sampling: Sampling, channels: int) -> None:
@@ -91,6 +110,7 @@ def sample(
     clip_denoised: bool = False,
     progress: bool = False,
     callback: Callable | None = None,
+    guide: torch.nn.Module | None = None,
     **options,
 ) -> torch.Tensor:
     """N samples (in the model's input space) for N noises and N labels (class ids, or a
@@ -100,6 +120,8 @@ def sample(
     (default: ddim or euler). With cfg_scale != 1 the conditional and null batches run together as
     one batch of 2N, as the official sample.py does, so DDPM draws the same per-step noise; a
     guidance-distilled model (cfg_embed) takes the scale as an input instead, in one batch of N.
+    With a `guide` (a weaker model of the same data and objective), guidance is autoguidance: the
+    guide's conditional prediction takes the place of the unconditional one, in batches of N.
     `options` go to the sampler (time_shift, atol, rtol, the SDE's diffusion_form, ...).
     """
     if isinstance(steps, bool) or not isinstance(steps, int):
@@ -110,14 +132,17 @@ def sample(
     config = getattr(model, "config", None)
     if config is not None:
         check_condition(y, config)
+    if guide is not None:
+        check_guide(config, getattr(guide, "config", None))
     return run_sampling(model, objective, noise, y, s, generator=generator, clip_denoised=clip_denoised, progress=progress,
-                        callback=callback, **options)  # fmt: skip
+                        callback=callback, guide=guide, **options)  # fmt: skip
 
 
 @torch.no_grad()
 def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: Sampling, generator: torch.Generator | None = None,
-                 clip_denoised: bool = False, progress: bool = False, callback: Callable | None = None, **options) -> torch.Tensor:  # fmt: skip
-    """`sample` with settings already checked (`check_setup`): what a pipeline runs."""
+                 clip_denoised: bool = False, progress: bool = False, callback: Callable | None = None,
+                 guide: torch.nn.Module | None = None, **options) -> torch.Tensor:  # fmt: skip
+    """`sample` with settings already checked (`check_setup`, `check_guide`): what a pipeline runs."""
     if noise.shape[0] != len(y):
         what = "label" if isinstance(y, torch.Tensor) else "prompt"
         raise ValueError(f"got {noise.shape[0]} noises but {len(y)} {what}s; pass one {what} per noise.")
@@ -131,6 +156,8 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
     x, labels = noise, y
     if getattr(config, "cfg_embed", False):  # guidance-distilled: the scale is an input, one pass of N
         model_fn = embedded_cfg_model(model_fn, s.cfg_scale, s.cfg_interval, objective.unit_time)
+    elif guide is not None:  # autoguidance: the guide's conditional prediction in place of the null one
+        model_fn = autoguided_model(model_fn, autocast_model(guide, s.precision), s.cfg_scale, s.cfg_channels, s.cfg_interval, objective.unit_time)
     elif s.cfg_scale != 1.0:
         x = torch.cat([noise, noise])
         null = null_condition(y, config if config is not None else model)
@@ -142,8 +169,10 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
         options["clip_denoised"] = clip_denoised
     if kind == "flow" and s.time_shift is not None:
         options.setdefault("time_shift", s.time_shift)
-    was_training = model.training
-    model.eval()
+    networks = [m for m in (model, guide) if m is not None]
+    was_training = [m.training for m in networks]
+    for m in networks:
+        m.eval()
     try:
         out = SAMPLERS[s.sampler](model_fn, objective, x, s.steps, {"y": labels}, callback, generator, progress, **options)
     except TypeError as e:
@@ -151,7 +180,8 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
             raise ValueError(f"sampler {s.sampler} does not take {str(e).split('argument')[-1].strip()}; drop that option.") from None
         raise
     finally:
-        model.train(was_training)
+        for m, mode in zip(networks, was_training):
+            m.train(mode)
     out = out[: noise.shape[0]]
     if kind == "flow" and clip_denoised:
         out = out.clamp(-1, 1)
