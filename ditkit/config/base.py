@@ -31,6 +31,7 @@ TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are c
 OBJECTIVES = ("gaussian", "flow")
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
+FLOW_PREDICTIONS = ("velocity", "data")  # what a flow network outputs: SiT's velocity, or JiT's clean image
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
 # `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .base import FLOW_PATHS, OBJECTIVES, T_SAMPLINGS, Config, nonnegative, option, positive
+from .base import FLOW_PATHS, FLOW_PREDICTIONS, OBJECTIVES, T_SAMPLINGS, Config, nonnegative, option, positive
 
 
-PREDICTION_FIELDS = ("objective", "path", "time_scale")  # what a network's output means, beside its condition
+PREDICTION_FIELDS = ("objective", "path", "time_scale", "prediction")  # what a network's output means, beside its condition
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class ObjectiveConfig(Config):
     time_shift: float = field(default=1.0, metadata=positive("SD3 time shift s: t -> t / (t + s (1 - t)), more time near noise for s > 1; training times and the default sampling grid"))
     time_scale: float = field(default=1.0, metadata=positive("the network sees t * time_scale (SiT: 1; 1000 puts flow times on the diffusion's scale)"))
     cos_loss: float = field(default=0.0, metadata=nonnegative("weight of LightningDiT's velocity-direction term 1 - cos(v, u_t) added to the loss"))
+    prediction: str = field(default="velocity", metadata=option("what a flow network outputs: the velocity (SiT), or the clean image, whose implied velocity takes the loss (JiT, x-prediction)", choices=FLOW_PREDICTIONS))
 
     def check(self) -> None:
         if self.objective == "gaussian":
@@ -41,7 +42,10 @@ class ObjectiveConfig(Config):
     def to_dict(self) -> dict:
         if self.objective == "gaussian":
             return {"objective": "gaussian"}
-        return {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)}
+        d = {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)}
+        if d["prediction"] == "velocity":  # as models recorded it before x-prediction existed
+            del d["prediction"]
+        return d
 
 
 @dataclass(frozen=True)
