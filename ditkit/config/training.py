@@ -167,8 +167,8 @@ class TrainConfig(Grouped):
             raise ValueError("--ema-profiles keeps whole copies of the weights: it runs with full training under --parallel ddp; drop it for LoRA or FSDP runs.")
         if self.lora_rank and self.parallel == "fsdp":
             raise ValueError("a LoRA adapter is small enough to train with --parallel ddp; drop --parallel fsdp.")
-        if self.init_from and self.text:
-            raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
+        if self.init_from and self.text and self.lora_rank:
+            raise ValueError("--lora-rank adapts class-conditional DiTs; a text-to-image model continues with every weight, so drop --lora-rank.")
         # With --init-from and no --objective the objective is the base's, not known yet: the trainer
         # merges it in (train.resume.base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(ObjectiveConfig, "objective")):
