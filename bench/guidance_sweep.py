@@ -34,9 +34,13 @@ def parse_interval(text: str):
     return None if text == "none" else tuple(float(v) for v in text.split(","))
 
 
-def curve_name(guide: str, interval: str) -> str:
-    what = "classifier-free guidance" if guide == "none" else f"autoguidance by {guide}"
+def curve_name(guide: str, interval: str, apg: float | None = None) -> str:
+    what = ("CFG" if guide == "none" else f"autoguidance by {guide}") + ("" if apg is None else f" + APG eta {apg:g}")
     return what + (" on all steps" if interval == "none" else f" for t in [{interval.replace(',', ', ')}]")
+
+
+def curve(p: dict) -> tuple:
+    return p.get("guide", "none"), p["interval"], p.get("apg_eta")
 
 
 def plot(points: dict, out: Path, real_fd: float | None, title: str) -> None:
@@ -46,11 +50,11 @@ def plot(points: dict, out: Path, real_fd: float | None, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    curves = sorted({(p.get("guide", "none"), p["interval"]) for p in points.values()})
-    for guide, interval in curves:
-        pts = sorted((p["scale"], p["fd"], p["accuracy"]) for p in points.values() if (p.get("guide", "none"), p["interval"]) == (guide, interval))
+    curves = sorted({curve(p) for p in points.values()}, key=str)
+    for guide, interval, apg in curves:
+        pts = sorted((p["scale"], p["fd"], p["accuracy"]) for p in points.values() if curve(p) == (guide, interval, apg))
         scale, fd, acc = zip(*pts)
-        ax.plot(acc, fd, marker="o" if guide == "none" else "s", ls="-" if interval == "none" else "--", label=curve_name(guide, interval))
+        ax.plot(acc, fd, marker="o" if guide == "none" else "s", ls="-" if interval == "none" else "--", label=curve_name(guide, interval, apg))
         for s, f, a in pts:
             ax.annotate(f"{s:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if real_fd:
@@ -74,6 +78,7 @@ def main() -> None:
     p.add_argument("--intervals", nargs="+", default=["none", "0.1,1", "0.3,1"])
     p.add_argument("--guide", action="append", default=[], metavar="NAME=CKPT",
                    help="autoguidance by this weaker model (repeat for more; 'none': classifier-free guidance, the default)")
+    p.add_argument("--apg-eta", type=float, help="APG: keep this fraction of the update parallel to the predicted image (default: plain guidance)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
@@ -91,28 +96,29 @@ def main() -> None:
         if name != "none":
             guides[name] = path
         variant = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
-                                                guide_ckpt=path or "none", compile=args.compile))  # checks the guide against the model
+                                                guide_ckpt=path or "none", apg_eta=args.apg_eta, compile=args.compile))  # checks the guide against the model
         sampler, steps = variant.sampling.sampler, variant.sampling.steps
         for interval_text in args.intervals:
             for scale in args.scales:
-                key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}")
+                key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}") + ("" if args.apg_eta is None else f"|apg{args.apg_eta:g}")
                 if key in points or (scale == 1.0 and (interval_text != "none" or name != "none")):
                     continue
                 variant.sampling = replace(variant.sampling, cfg_scale=scale)
                 r = run_point(variant, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz")
-                points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, **r}
+                points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, "apg_eta": args.apg_eta, **r}
                 file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "guides": guides, "points": points}, indent=2))
                 print(key, json.dumps(points[key]), flush=True)
     (out / "tmp.npz").unlink(missing_ok=True)
-    curves = {(p_.get("guide", "none"), p_["interval"]) for p_ in points.values()}
+    curves = {curve(p_) for p_ in points.values()}
     for p_ in [p_ for p_ in points.values() if p_["scale"] == 1.0]:  # the unguided point belongs to every curve
-        for guide, interval_text in curves:
-            points.setdefault(f"{sampler}|{steps}|1|{interval_text}" + ("" if guide == "none" else f"|{guide}"), {**p_, "interval": interval_text, "guide": guide})
+        for guide, interval_text, apg in curves:
+            key = f"{sampler}|{steps}|1|{interval_text}" + ("" if guide == "none" else f"|{guide}") + ("" if apg is None else f"|apg{apg:g}")
+            points.setdefault(key, {**p_, "interval": interval_text, "guide": guide, "apg_eta": apg})
     plot(points, out, args.real_fd, f"{sampler}, {steps} steps, {args.num_samples} samples")
     lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|---|---|"]
-    for p_ in sorted(points.values(), key=lambda p_: (p_.get("guide", "none"), p_["interval"], p_["scale"])):
-        guide = p_.get("guide", "none")
-        what = "none" if p_["scale"] == 1 else ("CFG" if guide == "none" else f"autoguidance by {guide}")
+    for p_ in sorted(points.values(), key=lambda p_: (str(curve(p_)), p_["scale"])):
+        guide, _, apg = curve(p_)
+        what = "none" if p_["scale"] == 1 else curve_name(guide, "none", apg).removesuffix(" on all steps")
         evals, rows = p_["nfe"] + p_.get("guide_nfe", 0), p_["forwards"] + p_.get("guide_forwards", 0)
         lines.append(f"| {what} | {p_['scale']:g} | {'all' if p_['interval'] == 'none' else '[' + p_['interval'].replace(',', ', ') + ']'} | "
                      f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")  # fmt: skip

@@ -114,7 +114,7 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     return Sampling(
         sampler=pick("sampler"), steps=pick("num_sampling_steps"), cfg_scale=pick("cfg_scale"),
         cfg_channels=opts.cfg_channels if opts.cfg_channels is not None else (3 if official else None),
-        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision,
+        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision, apg_eta=pick("apg_eta"),
     )  # fmt: skip
 
 

@@ -158,6 +158,26 @@ def test_autoguidance_extrapolates_from_the_guide_in_batches_of_n():
     assert weak.calls == [3] * 4 and not torch.allclose(late, auto) and not torch.allclose(late, plain)
 
 
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_apg_keeps_only_the_update_orthogonal_to_the_predicted_image(path):
+    """APG at eta 1 is classifier-free guidance; at eta 0 the guided output differs from the
+    conditional one only orthogonally to the conditional prediction of the image, per sample."""
+    flow, model = ditkit.FlowMatching(path=path), GaussianVelocity()
+    x, t, y = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2)), torch.full((3,), 0.4), torch.tensor([1, 5, 9])
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full((3,), 10)])
+    cfg = ditkit.cfg_model(model, 3.0)(xx, tt, yy)[:3]
+    torch.testing.assert_close(ditkit.cfg_model(model, 3.0, apg_eta=1.0, to_data=flow.data_prediction)(xx, tt, yy)[:3], cfg)
+    apg = ditkit.cfg_model(model, 3.0, apg_eta=0.0, to_data=flow.data_prediction)(xx, tt, yy)[:3]
+    cond = model(x, t, y)
+    image = flow.data_prediction(cond, x, t)
+    assert ((apg - cond).flatten(1) * image.flatten(1)).sum(1).abs().max() < 1e-4
+    assert (apg - cfg).abs().max() > 1e-2
+    if path == "linear":
+        torch.testing.assert_close(image, x + 0.6 * cond)
+    with pytest.raises(ValueError, match="APG .* is implemented for flow models"):
+        ditkit.sample(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), x, y, sampler="ddim", steps=2, cfg_scale=2.0, apg_eta=0.0)
+
+
 def test_a_guide_must_take_what_the_model_takes():
     model, guide = ditkit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3), None
     for other, words in [(dict(num_classes=4), "the guide has 4 classes but the model has 3"),

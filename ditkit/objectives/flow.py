@@ -86,6 +86,17 @@ class FlowMatching:
         alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(t, x))
         return d_alpha * out + d_sigma * (x - alpha * out) / sigma.clamp(min=X_PRED_MIN_SIGMA)
 
+    def data_prediction(self, out: torch.Tensor, x: torch.Tensor, t_net: torch.Tensor) -> torch.Tensor:
+        """The clean image a network output (at the network's time t_net) predicts: for a velocity,
+        the data that x_t = alpha data + sigma noise and u = d_alpha data + d_sigma noise give
+        together, (d_sigma x - sigma u) / (d_sigma alpha - sigma d_alpha); on the linear path
+        x + (1 - t) u. What APG projects on."""
+        out = out[:, : x.shape[1]]
+        if self.prediction == "data":
+            return out
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(self.unit_time(t_net), x))
+        return (d_sigma * x - sigma * out) / (d_sigma * alpha - sigma * d_alpha)
+
     def velocity(self, model_fn, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """The network's velocity at (x, t), with t on the network's scale."""
         return self.to_velocity(model_fn(x, t * self.time_scale, **model_kwargs), x, t)

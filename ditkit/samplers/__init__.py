@@ -86,6 +86,8 @@ def check_setup(model: torch.nn.Module, objective, sampling: Sampling, channels:
     integrates the objective, guidance fits the prediction's channels and a guidance-distilled
     network's scales. Run once, by `sample` or where a pipeline is built."""
     check_sampler(sampling.sampler, objective_name(objective))
+    if sampling.apg_eta is not None and not hasattr(objective, "data_prediction"):
+        raise ValueError(f"APG (apg_eta) is implemented for flow models, not {objective_name(objective)} ones; drop it.")
     if sampling.cfg_channels is not None and sampling.cfg_channels > channels:
         raise ValueError(f"cfg_channels must lie in 1..{channels} (the prediction's channels), got {sampling.cfg_channels}; None guides all.")
     config = getattr(model, "config", None)
@@ -104,6 +106,7 @@ def sample(
     cfg_scale: float = 1.0,
     cfg_channels: int | None = None,
     cfg_interval: tuple[float, float] | None = None,
+    apg_eta: float | None = None,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     precision: str = "fp32",
@@ -127,7 +130,7 @@ def sample(
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise ValueError(f"the number of sampling steps must be a positive whole number, got {steps}.")
     s = Sampling(sampler=sampler or DEFAULT_SAMPLER[objective_name(objective)], steps=steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                 cfg_interval=cfg_interval, eta=eta, precision=precision)  # fmt: skip
+                 cfg_interval=cfg_interval, eta=eta, precision=precision, apg_eta=apg_eta)  # fmt: skip
     check_setup(model, objective, s, noise.shape[1])
     config = getattr(model, "config", None)
     if config is not None:
@@ -157,12 +160,14 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
     if getattr(config, "cfg_embed", False):  # guidance-distilled: the scale is an input, one pass of N
         model_fn = embedded_cfg_model(model_fn, s.cfg_scale, s.cfg_interval, objective.unit_time)
     elif guide is not None:  # autoguidance: the guide's conditional prediction in place of the null one
-        model_fn = autoguided_model(model_fn, autocast_model(guide, s.precision), s.cfg_scale, s.cfg_channels, s.cfg_interval, objective.unit_time)
+        model_fn = autoguided_model(model_fn, autocast_model(guide, s.precision), s.cfg_scale, s.cfg_channels, s.cfg_interval, objective.unit_time,
+                                    s.apg_eta, getattr(objective, "data_prediction", None))  # fmt: skip
     elif s.cfg_scale != 1.0:
         x = torch.cat([noise, noise])
         null = null_condition(y, config if config is not None else model)
         labels = torch.cat([y, null]) if isinstance(y, torch.Tensor) else type(y).cat([y, null])
-        model_fn = cfg_model(model_fn, s.cfg_scale, s.cfg_channels, s.cfg_interval, objective.unit_time)
+        model_fn = cfg_model(model_fn, s.cfg_scale, s.cfg_channels, s.cfg_interval, objective.unit_time, s.apg_eta,
+                             getattr(objective, "data_prediction", None))  # fmt: skip
     if s.sampler == "ddim":
         options["eta"] = s.eta
     if kind == "gaussian":
