@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "serve": ("ServeConfig", "ditkit.serve", "run_serve", "a web page and JSON API over a checkpoint, batching requests that arrive together"),
     "dpo": ("DPOConfig", "ditkit.dpo", "run_dpo", "Diffusion-DPO with a LoRA: prefer the model's own samples that a judge (the classifier) ranks higher"),
     "export": ("ExportConfig", "ditkit.export", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
+    "ema": ("EMAConfig", "ditkit.ema", "run_ema", "post-hoc EMA: the EMA of any length from a run's --ema-profiles snapshots, as a model folder"),
 }
 
 

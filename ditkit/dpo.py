@@ -134,7 +134,7 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         shape = (pipe.vae.config.out_channels, c.input_size * factor, c.input_size * factor)
     judge(torch.zeros(1, *shape, device=device), torch.full((1,), c.num_classes - 1, device=device))  # a judge that cannot score these fails before sampling
     out.mkdir(parents=True, exist_ok=True)
-    print(f"dpo: {pipe.describe_source()} sampled with {pipe.sampling.describe()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
+    print(f"dpo: {pipe.describe_source()} sampled with {pipe.describe_sampling()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
 
     # 1. The model's own samples, judged, paired within each class.
     num_classes = pipe.config.num_real_classes

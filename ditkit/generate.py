@@ -57,7 +57,7 @@ def run_sample(cfg: SampleConfig) -> Path:
         check_labels(torch.tensor(items), c.num_real_classes)
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
-    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.describe_sampling()}, seed {cfg.seed}", flush=True)
     if pipe.text_encoder is not None:  # the prompts, as the model reads them (long lists: the first ones)
         print(f"prompts: {'; '.join(repr(p) for p in items[:16])}{f'; ... ({len(items)} in all)' if len(items) > 16 else ''}", flush=True)
     torch.manual_seed(cfg.seed)
@@ -114,7 +114,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         todo = [i for i in shards[d.rank :: d.world] if not (parts / SHARD.format(i)).exists()]
         done = sum(min(bs, n - i * bs) for i in shards if (parts / SHARD.format(i)).exists())
         if d.main:
-            print(f"sample-npz: {n} samples ({pipe.sampling.describe()}) on {d.world} process(es) into {out}"
+            print(f"sample-npz: {n} samples ({pipe.describe_sampling()}) on {d.world} process(es) into {out}"
                   + (f"; resuming with {done} already in {parts}" if done else ""), flush=True)  # fmt: skip
         start = time.perf_counter()
         with tqdm(total=n, initial=done, desc="sample-npz", unit="img", disable=not d.main) as bar:
@@ -133,7 +133,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
             shutil.rmtree(parts)
             elapsed = time.perf_counter() - start
             print(f"wrote {out}: {n} samples {'x'.join(map(str, images.shape[1:]))} uint8 with {next(iter(extra))} "
-                  f"({pipe.sampling.describe()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
+                  f"({pipe.describe_sampling()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
         barrier(d)
         return out
     finally:

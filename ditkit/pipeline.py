@@ -1,6 +1,9 @@
 """A checkpoint -> model + objective + sampling settings + VAE (+ text encoder): the one setup behind
 `ditkit sample`, `ditkit sample-npz`, `ditkit serve`, the training sample grids and `ditkit study`.
 
+An autoguidance guide (`--guide-ckpt`, or the guide a model folder records in its "sampling") is
+loaded beside the model and checked against it: the same objective and condition.
+
 Sampling settings resolve in this order: what the caller gives, what the checkpoint records
 (`config.json`'s "sampling", a training checkpoint's "sampling"), and the official defaults of the
 objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4). They are checked once,
@@ -21,7 +24,7 @@ from .checkpoints import family, infer_config, load_model, peek_config, read_che
 from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, UVIT_PRESETS, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, UViTConfig
 from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, VPDiffusion, build_objective, objective_name
-from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
+from .samplers import DEFAULT_SAMPLER, check_guide, check_setup, run_sampling
 from .text.encoder import TextEncoder
 from .utils.images import save_grid, to_uint8
 from .utils.runs import BUNDLED, BUNDLED_TEXT, find_checkpoint
@@ -69,14 +72,24 @@ class Pipeline:
     text_encoder: object | None = None  # a text.TextEncoder for text-to-image models
     lora: Path | None = None  # the LoRA adapter merged into the model's weights
     compile: bool = False  # sample through torch.compile(model), `network`
+    guide: torch.nn.Module | None = None  # autoguidance: the weaker model that guides in place of the null condition
+    guide_source: Path | None = None
 
     def describe_source(self) -> str:
         return f"{self.source}" + (f" + LoRA {self.lora}" if self.lora else "")
 
+    def describe_sampling(self) -> str:
+        """The sampling settings in words, with the guide when guidance is autoguidance."""
+        guided = self.guide is not None and self.sampling.cfg_scale != 1
+        return self.sampling.describe() + (f", autoguidance by {self.guide_source}" if guided else "")
+
     def __post_init__(self):
         network = Unconditional(self.model) if getattr(self.config, "conditional", True) is False else self.model
         self.network = torch.compile(network) if self.compile else network  # what the samplers call
+        self.guide_network = torch.compile(self.guide) if self.compile and self.guide is not None else self.guide
         check_setup(self.model, self.objective, self.sampling, self.config.in_channels)  # the one check of these settings
+        if self.guide is not None:
+            check_guide(self.config, self.guide.config)
 
     @property
     def config(self) -> DiTConfig | MMDiTConfig | UViTConfig:
@@ -99,7 +112,7 @@ class Pipeline:
         gets the sampler's {"i": steps left, "x", ...} after every step."""
         noise = self.noise(len(y), generator) if noise is None else noise
         return run_sampling(self.network, self.objective, noise, y.to(self.device), self.sampling, generator=generator,
-                            progress=progress, callback=callback, clip_denoised=self.vae is None)  # fmt: skip
+                            progress=progress, callback=callback, clip_denoised=self.vae is None, guide=self.guide_network)  # fmt: skip
 
     def images(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip
@@ -118,7 +131,7 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     return Sampling(
         sampler=pick("sampler"), steps=pick("num_sampling_steps"), cfg_scale=pick("cfg_scale"),
         cfg_channels=opts.cfg_channels if opts.cfg_channels is not None else (3 if official else None),
-        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision,
+        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision, apg_eta=pick("apg_eta"),
     )  # fmt: skip
 
 
@@ -189,8 +202,9 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         raise ValueError(f"the checkpoint has {c.num_real_classes} classes, not {opts.num_classes}; use --num-classes {c.num_real_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
+    guide, guide_source = load_guide(opts, ck, objective_config, device)
     pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
-                    lora=adapter.path if adapter else None, compile=opts.compile)  # checks the sampling settings, once
+                    lora=adapter.path if adapter else None, compile=opts.compile, guide=guide, guide_source=guide_source)  # checks the sampling settings, once
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
@@ -199,6 +213,32 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
 def check_pixel_size(c, image_size: int | None) -> None:
     if image_size is not None and image_size != c.input_size:
         raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {image_size}px; use --image-size {c.input_size}.")
+
+
+def load_guide(opts: SamplingOptions, ck, objective: ObjectiveConfig, device: torch.device) -> tuple[torch.nn.Module | None, Path | None]:
+    """The autoguidance guide: --guide-ckpt, else the one the model records (a path relative to its
+    folder), else none; 'none' turns a recorded guide off. It must predict what the model predicts:
+    the same objective, path and time scale, and for prompts the same text encoder."""
+    recorded = ck.meta.get("sampling", {}).get("guide")
+    name = opts.guide_ckpt if opts.guide_ckpt is not None else recorded
+    if name is None or name == "none":
+        return None, None
+    if opts.guide_ckpt is None:  # recorded beside the model: relative to its folder
+        folder = ck.path if ck.path.is_dir() else ck.path.parent
+        path = find_checkpoint(str(folder / name))
+    else:
+        path = find_checkpoint(name)
+    gck = read_checkpoint(path)
+    saved = gck.meta.get("objective")
+    guide_objective = ObjectiveConfig(**saved) if saved is not None else ObjectiveConfig(objective=objective.objective, path=objective.path)
+    differs = objective.prediction_differs(guide_objective)
+    if differs:
+        raise ValueError(f"the guide {path} predicts something else than the model ({', '.join(differs)}); "
+                         "guide with a model trained with the same objective.")  # fmt: skip
+    text = ck.meta.get("text_encoder", {}).get("name"), gck.meta.get("text_encoder", {}).get("name")
+    if text[0] != text[1]:
+        raise ValueError(f"the guide {path} reads prompts with {text[1]} but the model with {text[0]}; guide with a model of the same text encoder.")
+    return load_model(gck).to(device), path
 
 
 def load_text_encoder(opts: SamplingOptions, ck, config, device: torch.device):

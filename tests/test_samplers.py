@@ -42,18 +42,19 @@ class GaussianEps(torch.nn.Module):
 
 
 class GaussianVelocity(torch.nn.Module):
-    """The exact velocity E[data - noise | x_t] of the linear path for N(m, STD^2) data."""
+    """The exact velocity E[data - noise | x_t] of the linear path for N(m, STD^2) data, where label
+    y < 10 shifts the mean m by `shift` * y (a weaker model of the same data: a smaller shift)."""
 
     num_classes = 10
 
-    def __init__(self):
+    def __init__(self, shift=0.1):
         super().__init__()
-        self.calls = []
+        self.calls, self.shift = [], shift
 
     def forward(self, x, t, y):
         self.calls.append(len(x))
         t = t.view(-1, 1, 1, 1)
-        m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
+        m = MEAN + self.shift * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
         var = t**2 * STD**2 + (1 - t) ** 2
         centred = x - t * m
         return m + (t * STD**2 - (1 - t)) / var * centred
@@ -157,6 +158,54 @@ def test_guidance_interval_halves_unguided_steps(sampler):
     torch.testing.assert_close(whole, full)
     # Guidance pushes the class-9 sample's mean (0.5 + 0.9) further from the unconditional mean.
     assert (full[2].mean() - MEAN) > (plain[2].mean() - MEAN)
+
+
+def test_autoguidance_extrapolates_from_the_guide_in_batches_of_n():
+    """guide + s (model - guide): a guide that is the model itself changes nothing at any scale; a
+    weaker guide (classes half as far apart) pushes each class further out, as the model's own
+    conditional and the guide's run once each per evaluation, N rows, no null half."""
+    flow, model, weak = ditkit.FlowMatching(), GaussianVelocity(), GaussianVelocity(shift=0.05)
+    z, y = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 5, 9])
+    plain = ditkit.sample(model, flow, z, y, sampler="euler", steps=8)
+    torch.testing.assert_close(ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=model), plain, rtol=0, atol=0)
+    model.calls.clear()
+    auto = ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=weak)
+    assert model.calls == [3] * 8 and weak.calls == [3] * 8
+    # The velocity field is affine in the shift, so guiding 0.1 against 0.05 at scale 3 is the exact model of shift 0.2.
+    torch.testing.assert_close(auto, ditkit.sample(GaussianVelocity(shift=0.2), flow, z, y, sampler="euler", steps=8), rtol=1e-5, atol=1e-5)
+    weak.calls.clear()
+    late = ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=weak, cfg_interval=(0.5, 1.0))
+    assert weak.calls == [3] * 4 and not torch.allclose(late, auto) and not torch.allclose(late, plain)
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_apg_keeps_only_the_update_orthogonal_to_the_predicted_image(path):
+    """APG at eta 1 is classifier-free guidance; at eta 0 the guided output differs from the
+    conditional one only orthogonally to the conditional prediction of the image, per sample."""
+    flow, model = ditkit.FlowMatching(path=path), GaussianVelocity()
+    x, t, y = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2)), torch.full((3,), 0.4), torch.tensor([1, 5, 9])
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full((3,), 10)])
+    cfg = ditkit.cfg_model(model, 3.0)(xx, tt, yy)[:3]
+    torch.testing.assert_close(ditkit.cfg_model(model, 3.0, apg_eta=1.0, to_data=flow.data_prediction)(xx, tt, yy)[:3], cfg)
+    apg = ditkit.cfg_model(model, 3.0, apg_eta=0.0, to_data=flow.data_prediction)(xx, tt, yy)[:3]
+    cond = model(x, t, y)
+    image = flow.data_prediction(cond, x, t)
+    assert ((apg - cond).flatten(1) * image.flatten(1)).sum(1).abs().max() < 1e-4
+    assert (apg - cfg).abs().max() > 1e-2
+    if path == "linear":
+        torch.testing.assert_close(image, x + 0.6 * cond)
+    with pytest.raises(ValueError, match="APG .* is implemented for flow models"):
+        ditkit.sample(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), x, y, sampler="ddim", steps=2, cfg_scale=2.0, apg_eta=0.0)
+
+
+def test_a_guide_must_take_what_the_model_takes():
+    model, guide = ditkit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3), None
+    for other, words in [(dict(num_classes=4), "the guide has 4 classes but the model has 3"),
+                         (dict(input_size=16), "the guide has 16 input size but the model has 8")]:  # fmt: skip
+        guide = ditkit.DiT(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3), **other})
+        with pytest.raises(ValueError, match=words):
+            ditkit.sample(model, ditkit.FlowMatching(), torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), sampler="euler",
+                          steps=2, cfg_scale=2.0, guide=guide)  # fmt: skip
 
 
 def test_guidance_on_some_channels_only():

@@ -39,6 +39,7 @@ OBJECTIVES = ("gaussian", "flow", "vp")
 BETA_SCHEDULES = ("linear", "scaled-linear")  # DiT's linear 1e-4..0.02; Stable Diffusion's (and U-ViT-H's) sqrt-linear 0.00085..0.012
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
+FLOW_PREDICTIONS = ("velocity", "data")  # what a flow network outputs: SiT's velocity, or JiT's clean image
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
 # `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs),

@@ -1,4 +1,4 @@
-"""Configs of the other commands: eval, extract, flops, study and export."""
+"""Configs of the other commands: eval, extract, flops, study, export and ema."""
 
 from __future__ import annotations
 
@@ -184,4 +184,25 @@ class ExportConfig(Config):
     def check(self) -> None:
         if not self.out:
             raise ValueError("--out is required; pass the folder to write (ditkit export --out my-model).")
+
+
+@dataclass(frozen=True)
+class EMAConfig(Config):
+    """Post-hoc EMA (EDM2): the EMA of any length, reconstructed from the snapshots a run trained with
+    --ema-profiles saved, written as a model folder that ditkit sample takes (one per --length)."""
+
+    run: str | None = field(default=None, metadata=option("a run folder (RESULTS/NNN-MODEL) trained with --ema-profiles"))
+    length: tuple[float, ...] = field(default=(0.1,), metadata=option("EMA lengths to make: EDM2's relative width sigma_rel (0.10: the spread of the average is a tenth of the run's length)", gt=0, lt=0.28))
+    step: int | None = field(default=None, metadata=positive("the EMA as it was at this step (default: the last snapshot's), from the snapshots up to it: a less-trained model, such as an autoguidance guide"))
+    out: str | None = field(default=None, metadata=option("output folder, with one --length (default: RUN/ema-LENGTH[-sSTEP])"))
+
+    def check(self) -> None:
+        if not self.run:
+            raise ValueError("--run is required; pass the run folder (RESULTS/NNN-MODEL) of a ditkit train --ema-profiles run.")
+        if not self.length:
+            raise ValueError("--length needs at least one EMA length (sigma_rel), such as 0.1.")
+        if self.out is not None and len(self.length) > 1:
+            raise ValueError(f"--out names one folder but {len(self.length)} lengths were given; drop --out (each goes to RUN/ema-LENGTH) or pass one --length.")
+
+
 # Text-to-image

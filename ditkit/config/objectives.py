@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from .base import BETA_SCHEDULES, FLOW_PATHS, OBJECTIVES, T_SAMPLINGS, Config, field_default, nonnegative, option, positive
+from .base import BETA_SCHEDULES, FLOW_PATHS, FLOW_PREDICTIONS, OBJECTIVES, T_SAMPLINGS, Config, field_default, nonnegative, option, positive
 
 GAUSSIAN_FIELDS = ("betas", "time_offset")  # the settings of the discrete diffusion; every other one is the flow's
+PREDICTION_FIELDS = ("objective", "path", "time_scale", "prediction")  # what a network's output means, beside its condition
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class ObjectiveConfig(Config):
     cos_loss: float = field(default=0.0, metadata=nonnegative("weight of LightningDiT's velocity-direction term 1 - cos(v, u_t) added to the loss"))
     betas: str = field(default="linear", metadata=option("gaussian betas: linear 1e-4..0.02 (DiT) or scaled-linear 0.00085..0.012 (Stable Diffusion, U-ViT-H)", choices=BETA_SCHEDULES))
     time_offset: int = field(default=0, metadata=nonnegative("gaussian: the network sees step k + offset (U-ViT-H: 1, its 1-based step)"))
+    prediction: str = field(default="velocity", metadata=option("what a flow network outputs: the velocity (SiT), or the clean image, whose implied velocity takes the loss (JiT, x-prediction)", choices=FLOW_PREDICTIONS))
 
     def check(self) -> None:
         own = {"gaussian": GAUSSIAN_FIELDS, "flow": tuple(f.name for f in fields(ObjectiveConfig) if f.name not in GAUSSIAN_FIELDS)}.get(self.objective, ())
@@ -34,10 +36,20 @@ class ObjectiveConfig(Config):
             other = "flow" if self.objective != "flow" and not set(changed) & set(GAUSSIAN_FIELDS) else "gaussian"
             raise ValueError(f"{', '.join(changed)} only apply to --objective {other}; drop them or use --objective {other}.")
 
+    def prediction_differs(self, other: "ObjectiveConfig") -> list[str]:
+        """The settings that give a network's output its meaning (what is predicted, on which path,
+        at which time scale) where `other` differs: what an autoguidance guide must share with the
+        model it guides. How training drew t or weighed the loss may differ."""
+        return [f"{name} {getattr(other, name)!r} (the model's: {getattr(self, name)!r})" for name in PREDICTION_FIELDS
+                if getattr(self, name) != getattr(other, name)]  # fmt: skip
+
     def to_dict(self) -> dict:
         """What a model records: the objective's own settings (a gaussian one's only where they are not the paper's)."""
         if self.objective == "flow":
-            return {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig) if f.name not in GAUSSIAN_FIELDS}
+            d = {f.name: getattr(self, f.name) for f in fields(ObjectiveConfig) if f.name not in GAUSSIAN_FIELDS}
+            if d["prediction"] == "velocity":  # as models recorded it before x-prediction existed
+                del d["prediction"]
+            return d
         changed = {k: getattr(self, k) for k in GAUSSIAN_FIELDS if self.objective == "gaussian" and getattr(self, k) != field_default(ObjectiveConfig, k)}
         return {"objective": self.objective, **changed}
 

@@ -26,6 +26,10 @@ from .base import (
 )
 
 
+APG_HELP = ("flow models: adaptive projected guidance (Sadat et al. 2024): of the guidance update, keep this fraction of the part parallel "
+            "to the conditional prediction of the image (0: drop it, the paper's choice; it is what over-saturates) and all of the rest")
+
+
 def check_sampler(sampler: str, objective: str) -> None:
     """One sentence when a sampler does not integrate the objective it is given."""
     if SAMPLER_OBJECTIVE[sampler] != objective:
@@ -47,6 +51,7 @@ class Sampling(Config):
     eta: float = field(default=0.0, metadata=option("DDIM eta", finite=False))
     time_shift: float | None = field(default=None, metadata=positive("flow samplers: SD3 shift of the time grid"))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
+    apg_eta: float | None = field(default=None, metadata=option(APG_HELP, ge=0, le=1))
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -69,12 +74,16 @@ class Sampling(Config):
             d["cfg_interval"] = list(self.cfg_interval)
         if self.time_shift is not None:
             d["time_shift"] = self.time_shift
+        if self.apg_eta is not None:
+            d["apg_eta"] = self.apg_eta
         return d
 
     def describe(self) -> str:
         text = f"{self.sampler}, {self.steps} steps, cfg {self.cfg_scale:g}"
         if self.cfg_interval is not None and self.cfg_scale != 1:
             text += f" on t in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        if self.apg_eta is not None and self.cfg_scale != 1:
+            text += f", APG eta {self.apg_eta:g}"
         if self.cfg_channels is not None:
             text += f" ({self.cfg_channels} channels)"
         if self.sampler == "ddim" and self.eta:
@@ -105,6 +114,7 @@ class SamplingOptions(Config):
     sampler: str | None = field(default=None, metadata=option("sampler (default: the model's, else ddpm / dopri5)", choices=SAMPLERS))
     time_shift: float | None = field(default=None, metadata=positive("flow samplers: SD3 shift of the time grid (default: the model's, else 1)"))
     eta: float = field(default=0.0, metadata=option("DDIM eta", ge=0))
+    apg_eta: float | None = field(default=None, metadata=option(APG_HELP + " (default: the model's, else plain classifier-free guidance)", ge=0, le=1))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=option("torch.compile the network: worth its start-up (tens of seconds) on long runs such as sample-npz and serve"))
@@ -112,6 +122,9 @@ class SamplingOptions(Config):
     prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
     text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
     lora: str | None = field(default=None, metadata=option(LORA_HELP))
+    guide_ckpt: str | None = field(default=None, metadata=option("autoguidance: guide with this weaker model of the same data and objective (smaller, or trained less; "
+                                                                 "any --ckpt form) in place of the unconditional prediction, at --cfg-scale; "
+                                                                 "'none' for classifier-free guidance (default: the guide the model records, else none)"))
 
     def check(self) -> None:
         if self.model is not None and self.model not in PRESETS + UVIT_PRESETS + MMDIT_PRESETS:

@@ -91,6 +91,9 @@ class EMAOptions(Config):
     ema_decay: float = field(default=0.9999, metadata=option("EMA decay, applied every step", ge=0, lt=1))
     ema_schedule: str = field(default="constant", metadata=option("constant decay (the paper); warmup: min(decay, (1 + step) / (10 + step)); power: EDM2's (1 - 1/step)^(gamma + 1), an average over a fixed fraction of the run", choices=EMA_SCHEDULES))
     ema_gamma: float = field(default=6.94, metadata=positive("exponent of the power EMA (6.94: a relative width of 0.10; 16.97: 0.05)"))
+    ema_profiles: tuple[float, ...] = field(default=(), metadata=option("post-hoc EMA (EDM2): also keep power EMAs of these relative widths (sigma_rel, e.g. 0.05 0.10) and save "
+                                                                        "snapshots of them in RUN/ema/ every --ema-snapshot-every steps, from which `ditkit ema` makes the EMA of any width afterwards", gt=0, lt=0.28))
+    ema_snapshot_every: int = field(default=500, metadata=positive("steps between the snapshots of --ema-profiles (and one at the last step)"))
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,12 @@ class TrainConfig(Grouped):
             raise ValueError("--lora-rank trains an adapter on an existing model; pass --init-from with it (a model folder, a run folder or bundled).")
         if (self.lora_alpha is not None or self.lora_targets) and not self.lora_rank:
             raise ValueError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (or drop them).")
+        if self.ema_profiles and (self.lora_rank or self.parallel == "fsdp"):
+            raise ValueError("--ema-profiles keeps whole copies of the weights: it runs with full training under --parallel ddp; drop it for LoRA or FSDP runs.")
         if self.lora_rank and self.parallel == "fsdp":
             raise ValueError("a LoRA adapter is small enough to train with --parallel ddp; drop --parallel fsdp.")
-        if self.init_from and self.text:
-            raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
+        if self.init_from and self.text and self.lora_rank:
+            raise ValueError("--lora-rank adapts class-conditional DiTs; a text-to-image model continues with every weight, so drop --lora-rank.")
         # With --init-from and no --objective the objective is the base's, not known yet: the trainer
         # merges it in (train.resume.base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(ObjectiveConfig, "objective")):

@@ -268,7 +268,7 @@ def student_init(name: str, teacher: DiTConfig) -> dict:
 
 def student_velocity(trainer, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
     """The student's velocity at flow time t, in float32."""
-    return trainer.net(x, t * trainer.objective.time_scale, y, **kwargs).float()[:, : x.shape[1]]
+    return trainer.objective.velocity(lambda *a, **k: trainer.net(*a, **k).float(), x, t, y=y, **kwargs)
 
 
 def frozen_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:

@@ -19,7 +19,7 @@ RESUME_FREE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", 
 # Where this command runs and what it resumes: never taken from the checkpoint.
 LOCAL_SETTINGS = ("device", "results_dir", "resume")
 # Objective settings that define what a network predicts: a fine-tune must keep its base's.
-MODEL_OBJECTIVE = ("objective", "path", "time_scale")
+MODEL_OBJECTIVE = ("objective", "path", "time_scale", "prediction")
 
 
 def read_training_checkpoint(path: Path) -> dict:

@@ -40,8 +40,9 @@ from ..utils.runs import checkpoint_steps, lock_run, prune_checkpoints
 from ..utils.vae import load_vae
 from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, check_network_size, data_shape, total_steps
 from .log import RunLog
+from .posthoc import save_snapshot, sigma_to_gamma
 from .resume import resolve_base, resolve_resume
-from .schedule import ema_decay, learning_rate, step_randomness, update_ema
+from .schedule import ema_decay, learning_rate, power_decay, step_randomness, update_ema
 from .tasks import ClassTask
 
 
@@ -75,6 +76,7 @@ class Trainer:
         self.model = make()
         self.model.grad_checkpointing = cfg.grad_checkpointing
         self.ema = build_ema(self.model, make)
+        self.profiles = {sigma: build_ema(self.model, make) for sigma in cfg.ema_profiles}  # post-hoc EMA's power EMAs, by width
         self.fsdp = cfg.parallel == "fsdp" and d.world > 1
         if self.fsdp:  # shard before the optimizer sees the parameters
             shard(self.model)
@@ -103,6 +105,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ema = dict(self.ema.named_parameters())
         self.ema_params = [ema[n] for n in trainable]  # the EMA follows what trains (a LoRA run: the adapter)
+        self.profile_params = [(sigma_to_gamma(sigma), [dict(m.named_parameters())[n] for n in trainable]) for sigma, m in self.profiles.items()]
 
     # -- checkpoints -----------------------------------------------------------------------
     def _load(self, ck: dict, path: Path) -> None:
@@ -132,6 +135,8 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.ema.load_state_dict(ck["ema"])
             self.opt.load_state_dict(ck["opt"])
+            for sigma, m in self.profiles.items():
+                m.load_state_dict(ck["ema_profiles"][f"{sigma:g}"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         if hasattr(self.task, "load_state"):
             self.task.load_state(self, ck)
@@ -167,6 +172,8 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "data_size": len(self.dataset), "model_config": asdict(self.model_config), **recorded,
                 **extra,
             }  # fmt: skip
+            if self.profiles:
+                state["ema_profiles"] = {f"{sigma:g}": m.state_dict() for sigma, m in self.profiles.items()}
             try:
                 atomic_write(path, lambda tmp: torch_save(state, tmp))
                 prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
@@ -215,6 +222,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
         update_ema(self.ema_params, self.params, ema_decay(cfg.ema, self.step + 1))
+        for gamma, params in self.profile_params:
+            update_ema(params, self.params, power_decay(gamma, self.step + 1))
         if hasattr(self.task, "after_step"):
             self.task.after_step(self)
         return loss.detach()
@@ -273,6 +282,9 @@ class Trainer:
                         log.write(self.step, self.epoch, avg, self.opt.param_groups[0]["lr"], cfg.global_batch_size)
                         running.zero_()
                         n_running = 0
+                    if self.profiles and d.main and (self.step % cfg.ema_snapshot_every == 0 or last):
+                        for sigma, m in self.profiles.items():
+                            save_snapshot(self.exp_dir, sigma, self.step, m.state_dict())
                     if self.step % cfg.ckpt_every == 0 or last:
                         self.save()
                     if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
