@@ -92,7 +92,7 @@ def make_pairs(scores: torch.Tensor, y: torch.Tensor, min_margin: float = 0.0) -
 def evaluate_samples(pipe: Pipeline, cfg: DPOConfig, path: Path) -> dict:
     """Unguided samples (classes cycled, fixed seed) written to `path`, and their class accuracy and
     (above 1280 samples) FD-EffNet against the Fashion-MNIST test split."""
-    y = torch.arange(cfg.eval_samples) % pipe.config.num_classes
+    y = torch.arange(cfg.eval_samples) % pipe.config.num_real_classes
     _, images = sample_images(pipe, y, cfg.seed + 1, cfg.sample_batch_size, desc=f"evaluate {path.stem}")
     save_npz(path, arr_0=to_uint8(images), labels=y.numpy())
     metrics = ("accuracy", "FD-EffNet") if cfg.eval_samples > 1280 else ("accuracy",)
@@ -121,6 +121,9 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         raise FileExistsError(f"{out / 'adapter'} already holds an adapter; pass another --out (or remove it) to run again.")
     pipe = load_pipeline(SamplingOptions(ckpt=cfg.ckpt, vae=cfg.vae, sampler=cfg.sampler, num_sampling_steps=cfg.num_sampling_steps,
                                          cfg_scale=cfg.cfg_scale, device=cfg.device))  # fmt: skip
+    if pipe.config.conditioning != "class":
+        raise ValueError(f"{pipe.source} is a text-to-image model, and ditkit dpo tunes class-conditional ones (its judge scores each sample "
+                         "against the class it was drawn for); pass --ckpt with a class-conditional model.")  # fmt: skip
     model, objective, device = pipe.model, pipe.objective, pipe.device
     if judge is None:
         judge = classifier_judge(cfg.judge, device)
@@ -131,10 +134,10 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         shape = (pipe.vae.config.out_channels, c.input_size * factor, c.input_size * factor)
     judge(torch.zeros(1, *shape, device=device), torch.full((1,), c.num_classes - 1, device=device))  # a judge that cannot score these fails before sampling
     out.mkdir(parents=True, exist_ok=True)
-    print(f"dpo: {pipe.describe_source()} sampled with {pipe.sampling.describe()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
+    print(f"dpo: {pipe.describe_source()} sampled with {pipe.describe_sampling()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
 
     # 1. The model's own samples, judged, paired within each class.
-    num_classes = pipe.config.num_classes
+    num_classes = pipe.config.num_real_classes
     y = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     latents, images = sample_images(pipe, y, cfg.seed, cfg.sample_batch_size, desc="pair samples")
     scores = torch.cat([judge(part.to(device), labels.to(device)).float().cpu() for part, labels in

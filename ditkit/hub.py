@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .config import DiTConfig, field_default
+from .config import DiTConfig, MMDiTConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
 from .objectives import GaussianDiffusion
 from .samplers.gaussian import multistep_scheduler
-from .utils.io import read_pt
-from .utils.runs import bundled_model
+from .utils.io import read_json, read_pt
+from .utils.runs import bundled_model, check_official_download
 from .utils.vae import load_vae
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class, hard-coded there
@@ -48,9 +48,11 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 PAPER_DESIGN = ("block", "mlp_ratio", "mlp", "norm", "qk_norm", "pos_embed")
 DIT_LAYERNORM_EPS = 1e-6  # the official DiT's LayerNorms (diffusers' default norm_eps is 1e-5)
 # What DiT.from_pretrained fetches of a Hub repository: a ditkit folder, or a diffusers one's transformer.
-HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "transformer/config.json",
-             "transformer/diffusion_pytorch_model.safetensors"]  # fmt: skip
+HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "ditkit.json", "scheduler/scheduler_config.json",
+             "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]  # fmt: skip
 HUB_PT_FILES = ["*.pt", "transformer/diffusion_pytorch_model.bin"]  # fetched only where no safetensors are
+# Beside model_index.json: what ditkit records of the model ("objective", "sampling") and diffusers has no place for.
+DITKIT_RECORD = "ditkit.json"
 
 
 def _linear(ours: str, theirs: str) -> list[tuple[str, str]]:
@@ -73,13 +75,29 @@ EMBEDDERS = _linear("t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_1") 
 LABEL_TABLE = ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight")
 
 
+def diffusers_obstacle(c, objective: str = "gaussian") -> str | None:
+    """Why a model with config `c` and this objective cannot be written as a diffusers DiT (None if
+    it can): the words before ", so export it with --format ditkit"."""
+    if not isinstance(c, DiTConfig):
+        return "diffusers has no pipeline for ditkit's text-to-image MMDiT" if isinstance(c, MMDiTConfig) else "DiTPipeline runs DiTs, and this is a U-ViT"
+    if objective != "gaussian":
+        return f"DiTPipeline samples diffusion models, and this is a {objective} model"
+    differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]
+    if differs:
+        return (f"DiTTransformer2DModel holds the paper's DiT only (adaLN-Zero blocks, 4x GELU MLPs, LayerNorm, sin-cos positions), "
+                f"and this model has {', '.join(differs)}")  # fmt: skip
+    if c.cfg_embed:
+        return "DiTTransformer2DModel has no guidance-scale input, which this guidance-distilled model needs"
+    if c.in_channels not in (1, 3) and c.num_classes > DIFFUSERS_NULL_LABEL:
+        return f"DiTPipeline takes label {DIFFUSERS_NULL_LABEL} as its null label, and this model has {c.num_classes} classes"
+    return None
+
+
 def diffusers_config(c: DiTConfig, embeds: int) -> dict:
     """DiTTransformer2DModel's config of a DiT (the paper's design only) with a label table of
     `embeds` classes + the null row: DIFFUSERS_NULL_LABEL for a DiTPipeline, else the model's classes."""
-    differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]
-    if differs:
-        raise ValueError(f"DiTTransformer2DModel holds the paper's DiT only (adaLN-Zero blocks, 4x GELU MLPs, LayerNorm, sin-cos positions); "
-                         f"this model has {', '.join(differs)}, so export it with --format ditkit.")  # fmt: skip
+    if any(getattr(c, name) != field_default(DiTConfig, name) for name in PAPER_DESIGN):
+        raise ValueError(f"{diffusers_obstacle(c)}, so export it with --format ditkit.")
     return dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
                 out_channels=c.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
                 num_embeds_ada_norm=embeds, norm_eps=DIT_LAYERNORM_EPS)  # fmt: skip
@@ -171,17 +189,18 @@ def finish_folder(tmp: Path, out: Path) -> Path:
     return out
 
 
-def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sampler: str = "ddim") -> Path:
+def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sampler: str = "ddim", record: dict | None = None) -> Path:
     """Write `model` as a diffusers folder. A latent model gets a full DiTPipeline (its VAE copied from
-    `vae`); a pixel model, which DiTPipeline cannot decode, gets transformer/ and scheduler/ only."""
+    `vae`); a pixel model, which DiTPipeline cannot decode, gets transformer/ and scheduler/ only.
+    `record` ({"objective", "sampling"}: what ditkit records of the model) goes into ditkit.json,
+    which read_diffusers reads back."""
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
     c, out = model.config, Path(out)
-    if c.cfg_embed:
-        raise ValueError("DiTTransformer2DModel has no guidance-scale input, which this guidance-distilled model needs; export it with --format ditkit.")
+    obstacle = diffusers_obstacle(c)
+    if obstacle:
+        raise ValueError(f"{obstacle}, so export it with --format ditkit.")
     latent = c.in_channels not in (1, 3)
-    if latent and c.num_classes > DIFFUSERS_NULL_LABEL:
-        raise ValueError(f"DiTPipeline takes label {DIFFUSERS_NULL_LABEL} as its null label, so a model with {c.num_classes} classes cannot be exported to it; use --format ditkit.")
     embeds = DIFFUSERS_NULL_LABEL if latent else c.num_classes
     transformer = DiTTransformer2DModel(**diffusers_config(c, embeds))
     transformer.load_state_dict(to_diffusers(model.state_dict(), c, embeds), strict=True)
@@ -201,6 +220,8 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
         else:
             transformer.save_pretrained(tmp / "transformer")
             scheduler(sampler).save_pretrained(tmp / "scheduler")
+        if record:
+            (tmp / DITKIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         return finish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,16 +233,19 @@ def is_diffusers(path: Path) -> bool:
         return False
     if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
         return True
-    config = path / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("_class_name") in DIFFUSERS_CLASSES
+    try:  # a config.json that is not a diffusers model's (not even JSON) is for read_checkpoint to refuse
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") in DIFFUSERS_CLASSES
 
 
 _SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc"}
 
 
 def read_diffusers(path: str | Path) -> tuple[DiTConfig, dict[str, torch.Tensor], dict]:
-    """A diffusers DiT folder as ditkit's (config, state dict, what it records): weights converted,
-    the scheduler's sampler."""
+    """A diffusers DiT folder as ditkit's (config, state dict, what it records): weights converted;
+    the objective and sampling settings of ditkit.json (ditkit's export), with the scheduler's sampler."""
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
     folder = path / "transformer" if (path / "transformer").is_dir() else path
@@ -232,12 +256,12 @@ def read_diffusers(path: str | Path) -> tuple[DiTConfig, dict[str, torch.Tensor]
     state = load_file(str(weights)) if weights.suffix == ".safetensors" else read_pt(weights)
     labels = index.get("id2label")
     config, state = from_diffusers(dconfig, state, num_classes=len(labels) if labels else None)
-    meta: dict = {"objective": {"objective": "gaussian"}}
+    meta: dict = read_json(path / DITKIT_RECORD) if (path / DITKIT_RECORD).exists() else {"objective": {"objective": "gaussian"}}
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.exists():
+    if isinstance(meta, dict) and scheduler_file.exists():
         sampler = _SAMPLER_OF_SCHEDULER.get(json.loads(scheduler_file.read_text()).get("_class_name"))
-        if sampler is not None:
-            meta["sampling"] = {"sampler": sampler}
+        if sampler is not None:  # the scheduler the folder holds, whatever ditkit.json says
+            meta["sampling"] = {**(meta.get("sampling") if isinstance(meta.get("sampling"), dict) else {}), "sampler": sampler}
     return config, state, meta
 
 
@@ -249,6 +273,7 @@ def resolve(name: str | os.PathLike) -> Path:
         return path
     if bundled_model(str(name)) is not None:
         return bundled_model(str(name))
+    check_official_download(path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import validate_repo_id
 

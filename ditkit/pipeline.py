@@ -1,6 +1,9 @@
 """A checkpoint -> model + objective + sampling settings + VAE (+ text encoder): the one setup behind
 `ditkit sample`, `ditkit sample-npz`, `ditkit serve`, the training sample grids and `ditkit study`.
 
+An autoguidance guide (`--guide-ckpt`, or the guide a model folder records in its "sampling") is
+loaded beside the model and checked against it: the same objective and condition.
+
 Sampling settings resolve in this order: what the caller gives, what the checkpoint records
 (`config.json`'s "sampling", a training checkpoint's "sampling"), and the official defaults of the
 objective (DiT's sample.py: DDPM 250 steps, CFG 4; SiT's: dopri5, CFG 4). They are checked once,
@@ -17,11 +20,23 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import infer_config, load_model, read_checkpoint
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, Sampling, SamplingOptions, VideoDiTConfig
+from .checkpoints import family, infer_config, load_model, peek_config, read_checkpoint
+from .config import (
+    MMDIT_PRESETS,
+    SAMPLER_OBJECTIVE,
+    TEXT_MAX_LENGTH,
+    UVIT_PRESETS,
+    DiTConfig,
+    MMDiTConfig,
+    ObjectiveConfig,
+    Sampling,
+    SamplingOptions,
+    UViTConfig,
+    VideoDiTConfig,
+)
 from .lora import apply_adapter, read_adapter
-from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
-from .samplers import DEFAULT_SAMPLER, check_setup, run_sampling
+from .objectives import FlowMatching, GaussianDiffusion, VPDiffusion, build_objective, objective_name
+from .samplers import DEFAULT_SAMPLER, check_guide, check_setup, run_sampling
 from .text.encoder import TextEncoder
 from .utils.images import save_grid, to_uint8
 from .utils.runs import BUNDLED, BUNDLED_TEXT, find_checkpoint
@@ -37,7 +52,23 @@ IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 OFFICIAL_SAMPLING = {
     "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
+    "vp": {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.0},  # U-ViT's eval.py
 }
+# What a model trained by ditkit records for `ditkit sample` unless its run says otherwise: fast samplers.
+FAST_SAMPLING = {"gaussian": ("dpm++2m", 10), "flow": ("heun", 5), "vp": ("dpm-solver", 20)}
+
+
+class Unconditional(torch.nn.Module):
+    """An unconditional network (an official CIFAR-10 or CelebA U-ViT) as the samplers call every
+    network, forward(x, t, y): the placeholder labels are dropped."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, **kwargs) -> torch.Tensor:
+        return self.model(x, t, **kwargs)
 
 
 @dataclass
@@ -45,7 +76,7 @@ class Pipeline:
     """A network with its objective, sampling settings and (for latent models) its VAE."""
 
     model: torch.nn.Module
-    objective: GaussianDiffusion | FlowMatching
+    objective: GaussianDiffusion | FlowMatching | VPDiffusion
     sampling: Sampling
     vae: object | None = None
     device: torch.device = torch.device("cpu")
@@ -53,16 +84,27 @@ class Pipeline:
     text_encoder: object | None = None  # a text.TextEncoder for text-to-image models
     lora: Path | None = None  # the LoRA adapter merged into the model's weights
     compile: bool = False  # sample through torch.compile(model), `network`
+    guide: torch.nn.Module | None = None  # autoguidance: the weaker model that guides in place of the null condition
+    guide_source: Path | None = None
 
     def describe_source(self) -> str:
         return f"{self.source}" + (f" + LoRA {self.lora}" if self.lora else "")
 
+    def describe_sampling(self) -> str:
+        """The sampling settings in words, with the guide when guidance is autoguidance."""
+        guided = self.guide is not None and self.sampling.cfg_scale != 1
+        return self.sampling.describe() + (f", autoguidance by {self.guide_source}" if guided else "")
+
     def __post_init__(self):
-        self.network = torch.compile(self.model) if self.compile else self.model  # what the samplers call
+        network = Unconditional(self.model) if getattr(self.config, "conditional", True) is False else self.model
+        self.network = torch.compile(network) if self.compile else network  # what the samplers call
+        self.guide_network = torch.compile(self.guide) if self.compile and self.guide is not None else self.guide
         check_setup(self.model, self.objective, self.sampling, self.config.in_channels)  # the one check of these settings
+        if self.guide is not None:
+            check_guide(self.config, self.guide.config)
 
     @property
-    def config(self) -> DiTConfig | MMDiTConfig:
+    def config(self) -> DiTConfig | MMDiTConfig | UViTConfig:
         return self.model.config
 
     def condition(self, prompts: list[str]):
@@ -81,7 +123,7 @@ class Pipeline:
         gets the sampler's {"i": steps left, "x", ...} after every step."""
         noise = self.noise(len(y), generator) if noise is None else noise
         return run_sampling(self.network, self.objective, noise, y.to(self.device), self.sampling, generator=generator,
-                            progress=progress, callback=callback, clip_denoised=self.vae is None)  # fmt: skip
+                            progress=progress, callback=callback, clip_denoised=self.vae is None, guide=self.guide_network)  # fmt: skip
 
     def images(self, y: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                progress: bool = False, callback=None) -> torch.Tensor:  # fmt: skip
@@ -100,7 +142,7 @@ def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, offi
     return Sampling(
         sampler=pick("sampler"), steps=pick("num_sampling_steps"), cfg_scale=pick("cfg_scale"),
         cfg_channels=opts.cfg_channels if opts.cfg_channels is not None else (3 if official else None),
-        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision,
+        cfg_interval=interval, eta=opts.eta, time_shift=pick("time_shift"), precision=opts.precision, apg_eta=pick("apg_eta"),
     )  # fmt: skip
 
 
@@ -111,6 +153,9 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     adapter = read_adapter(opts.lora) if opts.lora else None
     # Without --ckpt, an adapter's own base; prompts: the text-to-image model.
     path = find_checkpoint(opts.ckpt or (adapter.base if adapter else None), BUNDLED_TEXT if opts.text else BUNDLED)
+    recorded_config = peek_config(path)  # a model folder's: the flags are checked against it before the VAE is looked for
+    if opts.model is None and recorded_config is not None and recorded_config.in_channels in (1, 3):
+        check_pixel_size(recorded_config, opts.image_size)
     vae = find_vae(opts.vae) if opts.vae else None
     factor = vae_factor(vae.config) if vae is not None else 1
     if opts.image_size is not None and opts.image_size % factor:
@@ -135,9 +180,13 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         input_size = opts.image_size // factor if opts.image_size is not None else base.input_size
         if isinstance(base, VideoDiTConfig):
             raise ValueError(f"{path} holds a video DiT, which samples at the size it was trained at; drop --model.")
-        if isinstance(base, MMDiTConfig) != (opts.model in MMDIT_PRESETS):
-            raise ValueError(f"{path} holds {'an MMDiT' if isinstance(base, MMDiTConfig) else 'a DiT'}, not {opts.model}; drop --model or pick a preset of that kind.")
-        if isinstance(base, MMDiTConfig):
+        asked = "MMDiT" if opts.model in MMDIT_PRESETS else "U-ViT" if opts.model in UVIT_PRESETS else "DiT"
+        if family(base) != asked:
+            raise ValueError(f"{path} holds {'an' if family(base) == 'MMDiT' else 'a'} {family(base)}, not {opts.model}; drop --model or pick a {family(base)} preset.")
+        if isinstance(base, UViTConfig):
+            requested = UViTConfig.from_preset(opts.model, img_size=input_size, in_chans=base.in_chans, conv=base.conv, num_classes=base.num_classes,
+                                               class_dropout_prob=base.class_dropout_prob, mlp_time_embed=base.mlp_time_embed, qkv_bias=base.qkv_bias)  # fmt: skip
+        elif isinstance(base, MMDiTConfig):
             requested = MMDiTConfig.from_preset(opts.model, input_size=input_size, in_channels=base.in_channels, learn_sigma=base.learn_sigma,
                                                 context_dim=base.context_dim, pooled_dim=base.pooled_dim)  # fmt: skip
         else:
@@ -152,7 +201,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     model = model.to(device)
     c = model.config
     if c.in_channels not in (1, 3) and vae is None:
-        raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id.")
+        sd = " (U-ViT's latent models decode with Stable Diffusion's kl-f8 VAE, stabilityai/sd-vae-ft-ema)" if isinstance(c, UViTConfig) else ""
+        raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id{sd}.")
     if vae is not None:
         if isinstance(c, VideoDiTConfig):
             raise ValueError("this video DiT makes clips in pixel space; drop --vae.")
@@ -160,18 +210,50 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
             raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
         if opts.image_size is not None and opts.image_size != c.input_size * factor:
             raise ValueError(f"image size {opts.image_size} needs a latent of {opts.image_size // factor} but the model takes {c.input_size}; use --image-size {c.input_size * factor}.")
-    elif opts.image_size is not None and opts.image_size != c.input_size:
-        raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {opts.image_size}px; use --image-size {c.input_size}.")
+    else:
+        check_pixel_size(c, opts.image_size)
     text_encoder = load_text_encoder(opts, ck, c, device)
-    if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_classes:
-        raise ValueError(f"the checkpoint has {c.num_classes} classes, not {opts.num_classes}; use --num-classes {c.num_classes}.")
+    if opts.num_classes is not None and text_encoder is None and opts.num_classes != c.num_real_classes:
+        raise ValueError(f"the checkpoint has {c.num_real_classes} classes, not {opts.num_classes}; use --num-classes {c.num_real_classes}.")
     objective = build_objective(objective_config, learn_sigma=c.learn_sigma)
     sampling = resolve_sampling(opts, objective_config.objective, ck.meta.get("sampling", {}), ck.official)
+    guide, guide_source = load_guide(opts, ck, objective_config, device)
     pipe = Pipeline(model=model, objective=objective, sampling=sampling, device=device, source=path, text_encoder=text_encoder,
-                    lora=adapter.path if adapter else None, compile=opts.compile)  # checks the sampling settings, once
+                    lora=adapter.path if adapter else None, compile=opts.compile, guide=guide, guide_source=guide_source)  # checks the sampling settings, once
     if vae is not None:
         pipe.vae = load_vae(vae, device)
     return pipe
+
+
+def check_pixel_size(c, image_size: int | None) -> None:
+    if image_size is not None and image_size != c.input_size:
+        raise ValueError(f"this pixel-space model makes {c.input_size}px images, not {image_size}px; use --image-size {c.input_size}.")
+
+
+def load_guide(opts: SamplingOptions, ck, objective: ObjectiveConfig, device: torch.device) -> tuple[torch.nn.Module | None, Path | None]:
+    """The autoguidance guide: --guide-ckpt, else the one the model records (a path relative to its
+    folder), else none; 'none' turns a recorded guide off. It must predict what the model predicts:
+    the same objective, path and time scale, and for prompts the same text encoder."""
+    recorded = ck.meta.get("sampling", {}).get("guide")
+    name = opts.guide_ckpt if opts.guide_ckpt is not None else recorded
+    if name is None or name == "none":
+        return None, None
+    if opts.guide_ckpt is None:  # recorded beside the model: relative to its folder
+        folder = ck.path if ck.path.is_dir() else ck.path.parent
+        path = find_checkpoint(str(folder / name))
+    else:
+        path = find_checkpoint(name)
+    gck = read_checkpoint(path)
+    saved = gck.meta.get("objective")
+    guide_objective = ObjectiveConfig(**saved) if saved is not None else ObjectiveConfig(objective=objective.objective, path=objective.path)
+    differs = objective.prediction_differs(guide_objective)
+    if differs:
+        raise ValueError(f"the guide {path} predicts something else than the model ({', '.join(differs)}); "
+                         "guide with a model trained with the same objective.")  # fmt: skip
+    text = ck.meta.get("text_encoder", {}).get("name"), gck.meta.get("text_encoder", {}).get("name")
+    if text[0] != text[1]:
+        raise ValueError(f"the guide {path} reads prompts with {text[1]} but the model with {text[0]}; guide with a model of the same text encoder.")
+    return load_model(gck).to(device), path
 
 
 def load_text_encoder(opts: SamplingOptions, ck, config, device: torch.device):
@@ -198,8 +280,8 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
     guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
-    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun", steps=50 if kind == "gaussian" else 25,
-                        cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
+    sampler, steps = {"gaussian": ("ddim", 50), "flow": ("heun", 25), "vp": ("dpm-solver", 25)}[kind]
+    sampling = Sampling(sampler=sampler, steps=steps, cfg_scale=1.5 if guided else 1.0, precision=precision)
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
@@ -208,6 +290,6 @@ def default_sampling(objective, sampler: str | None = None, steps: int | None = 
                      cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
     """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
     sampler unless the run says otherwise (TrainConfig's default_* settings)."""
-    flow = objective_name(objective) == "flow"
-    return Sampling(sampler=sampler or ("heun" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
+    fast_sampler, fast_steps = FAST_SAMPLING[objective_name(objective)]
+    return Sampling(sampler=sampler or fast_sampler, steps=steps or fast_steps,
                     cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip

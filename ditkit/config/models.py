@@ -1,6 +1,6 @@
 """Configs of the networks: DiT (the paper's, with the modern options), MMDiT (text to image), the
-video DiT and the U-Net baseline. The transformers share their size fields (`TransformerConfig`) and
-the presets."""
+video DiT, U-ViT and the U-Net baseline. DiT, MMDiT and the video DiT share their size fields
+(`TransformerConfig`) and the presets; U-ViT keeps the official U-ViT's own names."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ from .base import (
     POS_EMBEDS,
     PRESET_SIZES,
     PRESETS,
+    TEXT_MAX_LENGTH,
+    UVIT_PRESETS,
+    UVIT_SIZES,
     VIDEO_PRESETS,
     Config,
+    nonnegative,
     option,
     positive,
 )
@@ -47,6 +51,11 @@ class DataShape:
         """The label that means "no class" (classifier-free guidance)."""
         return self.num_classes
 
+    @property
+    def num_real_classes(self) -> int:
+        """The class ids a caller may ask for: 0 .. num_real_classes - 1."""
+        return self.num_classes
+
 
 @dataclass(frozen=True)
 class TransformerConfig(Config):
@@ -68,6 +77,21 @@ class TransformerConfig(Config):
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; choose a head count that divides it.")
+
+    # The fields a network's size grows with, in the order a too-large one is looked for.
+    SIZE_FIELDS = ("depth", "hidden_size", "mlp_ratio", "input_size", "patch_size", "num_classes", "in_channels", "context_dim", "pooled_dim")
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """(parameters, floats of one image's activations in a forward pass), roughly, with any
+        field overridden: enough to refuse a network no machine holds before it is built."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        h, tokens = v["hidden_size"], (v["input_size"] // v["patch_size"]) ** 2
+        streams = 2 if getattr(self, "conditioning", "class") == "text" else 1  # an MMDiT's blocks hold an image and a text stream
+        per_block = (4 + 2 * v["mlp_ratio"] + 6) * h * h  # attention, MLP, adaLN regression
+        tables = v.get("num_classes", 0) + tokens + 2 * v["patch_size"] ** 2 * v["in_channels"] + v.get("context_dim", 0) + v.get("pooled_dim", 0)
+        params = v["depth"] * streams * per_block + (tables + 256 + h) * h
+        activations = tokens * h * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * tokens**2  # + the attention maps
+        return float(params), float(activations)
 
     @classmethod
     def from_size_preset(cls, name: str, prefix: str, presets: tuple[str, ...], overrides: dict, prefix_required: bool = False):
@@ -156,6 +180,18 @@ class VideoDiTConfig(VideoDesign, DiTConfig):
     frames: int = field(default=16, metadata=positive("frames per clip"))
     tubelet: int = field(default=1, metadata=positive("frames per token (the tubelet's depth)"))
 
+    SIZE_FIELDS = TransformerConfig.SIZE_FIELDS + ("frames",)
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """A clip's: the DiT's parameters, and activations of a token per tubelet with the attention
+        maps of the widest block (joint: all tokens; factorized: a frame or a position's frames;
+        windowed: a window of token frames)."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        params, _ = super().footprint(**override)
+        steps, side = max(v["frames"] // v["tubelet"], 1), (v["input_size"] // v["patch_size"]) ** 2
+        keys = {"joint": steps * side, "factorized": max(side, steps), "windowed": min(v["window"], steps) * side}[v["attention"]]
+        return params, float(steps * side * (v["hidden_size"] * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * keys))
+
     def check(self) -> None:
         TransformerConfig.check(self)
         if self.frames % self.tubelet:
@@ -215,6 +251,14 @@ class MMDiTConfig(TransformerConfig):
 
 
 @dataclass(frozen=True)
+class TextEncoderRecord(Config):
+    """What a text-to-image model records of its text encoder (config.json's "text_encoder")."""
+
+    name: str = field(metadata=option("Hugging Face text encoder folder or hub id"))
+    max_length: int = field(default=TEXT_MAX_LENGTH, metadata=positive("tokens per prompt; longer ones are cut"))
+
+
+@dataclass(frozen=True)
 class UNetConfig(Config, DataShape):
     """A class-conditional UNet2DModel laid out as ADM's: `levels` resolutions with channel
     multipliers (1, 2, 2, ...), two ResNet blocks per level, self-attention at every level but the
@@ -244,10 +288,119 @@ class UNetConfig(Config, DataShape):
                    class_dropout_prob=c.class_dropout_prob, base_channels=base_channels)  # fmt: skip
 
 
-def scaled_sizes(preset: str, width_divisor: int = 1, depth_divisor: int = 1) -> dict[str, int]:
-    """depth, hidden_size and num_heads of a preset after the study's divisors."""
-    depth, hidden, heads = PRESET_SIZES[preset.removeprefix("DiT-").partition("/")[0]]
-    if hidden % (width_divisor * heads):
-        raise ValueError(f"--width-divisor {width_divisor} does not divide {preset}'s hidden size {hidden} into {heads} equal heads; "
-                         f"use a divisor of {hidden // heads}.")  # fmt: skip
-    return {"depth": max(1, round(depth / depth_divisor)), "hidden_size": hidden // width_divisor, "num_heads": heads}
+@dataclass(frozen=True)
+class UViTConfig(Config):
+    """Hyper-parameters of a U-ViT (Bao et al. 2023). Names and defaults are the official
+    `UViT.__init__`'s (its `norm_layer` is always nn.LayerNorm), plus `class_dropout_prob`, which the
+    official code keeps in its dataset config as `p_uncond`.
+
+    Labels: with num_classes <= 0 the network is unconditional and takes no y. Otherwise y indexes
+    a table of num_classes rows; a model trained with label dropout (class_dropout_prob > 0, the
+    ImageNet 256 and 512 models: num_classes=1001, p_uncond 0.1 or 0.15) reserves the last row,
+    num_classes - 1, for "no class", the label classifier-free guidance runs the unconditional
+    branch with. The ImageNet 64 models (num_classes=1000, no dropout) have no null class.
+    """
+
+    img_size: int = field(default=224, metadata=positive("image (or latent) side"))
+    patch_size: int = field(default=16, metadata=positive("patch size"))
+    in_chans: int = field(default=3, metadata=positive("input channels"))
+    embed_dim: int = field(default=768, metadata=positive("token width"))
+    depth: int = field(default=12, metadata=nonnegative("in- and out-blocks around the mid block"))
+    num_heads: int = field(default=12, metadata=positive("attention heads"))
+    mlp_ratio: float = field(default=4.0, metadata=positive("MLP width / token width"))
+    qkv_bias: bool = field(default=False, metadata=option("bias on the qkv projection"))
+    # Recorded but not applied, as in the official code on PyTorch >= 2 (its SDPA and xformers
+    # attention paths use 1/sqrt(head_dim); only its fallback path read qk_scale). Released models: None.
+    qk_scale: float | None = field(default=None, metadata=positive("attention scale (recorded, not applied, as officially)"))
+    mlp_time_embed: bool = field(default=False, metadata=option("an MLP on the time sinusoid (else the sinusoid is the time token)"))
+    num_classes: int = field(default=-1, metadata=option("label table rows, the null class included (<= 0: unconditional)"))
+    use_checkpoint: bool = field(default=False, metadata=option("recompute block activations in backward"))
+    conv: bool = field(default=True, metadata=option("a 3x3 convolution on the output"))
+    skip: bool = field(default=True, metadata=option("long skips from the in-blocks to the out-blocks"))
+    class_dropout_prob: float = field(default=0.1, metadata=option("label dropout in training (the last class is then the null class)", ge=0, lt=1))
+
+    conditioning = "class"
+    SIZE_FIELDS = ("depth", "embed_dim", "mlp_ratio", "img_size", "patch_size", "num_classes", "in_chans")
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """(parameters, floats of one image's activations in a forward pass), roughly, with any field
+        overridden: enough to refuse a network no machine holds before it is built."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        d, tokens = v["embed_dim"], (v["img_size"] // v["patch_size"]) ** 2 + 2
+        per_block = (4 + 2 * v["mlp_ratio"]) * d * d  # attention, MLP (the out-blocks' skip_linear: 2 d^2 more)
+        params = (v["depth"] + 1) * per_block + v["depth"] * d * d + (max(v["num_classes"], 0) + tokens + 2 * v["patch_size"] ** 2 * v["in_chans"]) * d
+        return float(params), float(tokens * d * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * tokens**2)
+
+    def check(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
+                             f"use an img_size that is a multiple of {self.patch_size}, so the patches tile the image.")  # fmt: skip
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; choose a head count that divides it.")
+        if int(self.embed_dim * self.mlp_ratio) < 1:
+            raise ValueError(f"U-ViT mlp_ratio {self.mlp_ratio} gives an MLP less than 1 wide; use a larger ratio.")
+        if self.num_classes == 1 and self.class_dropout_prob > 0:
+            raise ValueError("a U-ViT with label dropout spends its last class on the null label, so num_classes=1 "
+                             "leaves no real class; use num_classes = classes + 1, or class_dropout_prob=0.")  # fmt: skip
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> UViTConfig:
+        """One of the paper's sizes with a patch size ("U-ViT-H/2", "U-ViT-S-Deep/4"); any field
+        may be overridden, and the data fields (img_size, in_chans, num_classes, conv) usually are."""
+        size, _, patch = name.removeprefix("U-ViT-").partition("/")
+        if not name.startswith("U-ViT-") or size not in UVIT_SIZES or patch not in ("2", "4", "8"):
+            raise ValueError(f"unknown U-ViT preset {name!r}; choose one of {', '.join(UVIT_PRESETS)}.")
+        known = {f.name for f in fields(UViTConfig)}
+        if set(overrides) - known:
+            raise ValueError(f"unknown U-ViT config field(s) {sorted(set(overrides) - known)}; known: {sorted(known)}.")
+        depth, embed_dim, num_heads = UVIT_SIZES[size]
+        return UViTConfig(**{"depth": depth, "embed_dim": embed_dim, "num_heads": num_heads, "patch_size": int(patch), **overrides})
+
+    # What the trainer, the samplers and the commands read off a network config (DataShape's names).
+    @property
+    def input_size(self) -> int:
+        """Side of the (latent or pixel) image the network takes."""
+        return self.img_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_chans
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (self.in_chans, self.img_size, self.img_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_dim
+
+    @property
+    def learn_sigma(self) -> bool:
+        return False  # every U-ViT predicts the noise (or the velocity) only
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_chans
+
+    @property
+    def conditional(self) -> bool:
+        """Whether forward takes labels (a label token and its embedding table)."""
+        return self.num_classes > 0
+
+    @property
+    def null_class(self) -> int | None:
+        """The label meaning "no class" (the last table row), or None where training dropped no labels."""
+        return self.num_classes - 1 if self.conditional and self.class_dropout_prob > 0 else None
+
+    @property
+    def num_real_classes(self) -> int:
+        """The class ids a caller may ask for, 0 .. num_real_classes - 1: the table less the null row.
+        An unconditional U-ViT samples one "class", 0, which the pipeline does not pass to it."""
+        if not self.conditional:
+            return 1
+        return self.num_classes - (self.null_class is not None)
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks in the network: depth // 2 in, one mid, depth // 2 out."""
+        return 2 * (self.depth // 2) + 1

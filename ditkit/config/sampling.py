@@ -16,6 +16,7 @@ from .base import (
     OBJECTIVES,
     PRECISIONS,
     PRESETS,
+    UVIT_PRESETS,
     SAMPLER_OBJECTIVE,
     SAMPLERS,
     VAE_HELP,
@@ -23,6 +24,10 @@ from .base import (
     option,
     positive,
 )
+
+
+APG_HELP = ("flow models: adaptive projected guidance (Sadat et al. 2024): of the guidance update, keep this fraction of the part parallel "
+            "to the conditional prediction of the image (0: drop it, the paper's choice; it is what over-saturates) and all of the rest")
 
 
 def check_sampler(sampler: str, objective: str) -> None:
@@ -46,6 +51,7 @@ class Sampling(Config):
     eta: float = field(default=0.0, metadata=option("DDIM eta", finite=False))
     time_shift: float | None = field(default=None, metadata=positive("flow samplers: SD3 shift of the time grid"))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
+    apg_eta: float | None = field(default=None, metadata=option(APG_HELP, ge=0, le=1))
 
     def check(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -68,12 +74,16 @@ class Sampling(Config):
             d["cfg_interval"] = list(self.cfg_interval)
         if self.time_shift is not None:
             d["time_shift"] = self.time_shift
+        if self.apg_eta is not None:
+            d["apg_eta"] = self.apg_eta
         return d
 
     def describe(self) -> str:
         text = f"{self.sampler}, {self.steps} steps, cfg {self.cfg_scale:g}"
         if self.cfg_interval is not None and self.cfg_scale != 1:
             text += f" on t in [{self.cfg_interval[0]:g}, {self.cfg_interval[1]:g}]"
+        if self.apg_eta is not None and self.cfg_scale != 1:
+            text += f", APG eta {self.apg_eta:g}"
         if self.cfg_channels is not None:
             text += f" ({self.cfg_channels} channels)"
         if self.sampler == "ddim" and self.eta:
@@ -83,7 +93,6 @@ class Sampling(Config):
         if self.precision != "fp32":
             text += f", {self.precision}"
         return text
-
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,7 @@ class SamplingOptions(Config):
     sampler: str | None = field(default=None, metadata=option("sampler (default: the model's, else ddpm / dopri5)", choices=SAMPLERS))
     time_shift: float | None = field(default=None, metadata=positive("flow samplers: SD3 shift of the time grid (default: the model's, else 1)"))
     eta: float = field(default=0.0, metadata=option("DDIM eta", ge=0))
+    apg_eta: float | None = field(default=None, metadata=option(APG_HELP + " (default: the model's, else plain classifier-free guidance)", ge=0, le=1))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     precision: str = field(default="fp32", metadata=option("model precision", choices=PRECISIONS))
     compile: bool = field(default=False, metadata=option("torch.compile the network: worth its start-up (tens of seconds) on long runs such as sample-npz and serve"))
@@ -112,10 +122,13 @@ class SamplingOptions(Config):
     prompts: str | None = field(default=None, metadata=option("text-to-image models: a file of prompts, one per line, or a suite of fashion-mnist-captions (:seen, :unseen, :held-out, or all three)"))
     text_encoder: str | None = field(default=None, metadata=option("text-to-image models: Hugging Face text encoder folder or hub id (default: the one the model records)"))
     lora: str | None = field(default=None, metadata=option(LORA_HELP))
+    guide_ckpt: str | None = field(default=None, metadata=option("autoguidance: guide with this weaker model of the same data and objective (smaller, or trained less; "
+                                                                 "any --ckpt form) in place of the unconditional prediction, at --cfg-scale; "
+                                                                 "'none' for classifier-free guidance (default: the guide the model records, else none)"))
 
     def check(self) -> None:
-        if self.model is not None and self.model not in PRESETS + MMDIT_PRESETS:
-            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + MMDIT_PRESETS)}.")
+        if self.model is not None and self.model not in PRESETS + UVIT_PRESETS + MMDIT_PRESETS:
+            raise ValueError(f"unknown preset {self.model!r}; choose one of {', '.join(PRESETS + UVIT_PRESETS + MMDIT_PRESETS)}.")
         for i, text in enumerate(self.prompt, 1):
             if not text.strip():
                 raise ValueError(f"prompt {i} is empty; write what the image should show (the empty prompt is the null condition of guidance).")
@@ -207,3 +220,19 @@ class GenerateRequest(Config):
     sampler: str | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["sampler"].metadata)
     num_sampling_steps: int | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["num_sampling_steps"].metadata)
     cfg_scale: float | None = field(default=None, metadata=SamplingOptions.__dataclass_fields__["cfg_scale"].metadata)
+
+
+def _same_as_flag(name: str) -> dict:
+    return SamplingOptions.__dataclass_fields__[name].metadata
+
+
+@dataclass(frozen=True)
+class RecordedSampling(Config):
+    """The "sampling" entry of a model folder's config.json or a checkpoint (`Sampling.to_dict`):
+    how `ditkit sample` samples the model when no flag says otherwise; checked as the flags are."""
+
+    sampler: str | None = field(default=None, metadata=_same_as_flag("sampler"))
+    num_sampling_steps: int | None = field(default=None, metadata=_same_as_flag("num_sampling_steps"))
+    cfg_scale: float | None = field(default=None, metadata=_same_as_flag("cfg_scale"))
+    cfg_interval: tuple[float, ...] = field(default=(), metadata=_same_as_flag("cfg_interval"))
+    time_shift: float | None = field(default=None, metadata=_same_as_flag("time_shift"))

@@ -21,16 +21,18 @@ from .base import (
     SAMPLERS,
     TEXT_MAX_LENGTH,
     TRAIN_PRECISIONS,
+    UVIT_PRESETS,
     VAE_HELP,
     VIDEO_PRESETS,
     Config,
     Grouped,
     field_default,
+    flag,
     nonnegative,
     option,
     positive,
 )
-from .models import DiTConfig, DiTDesign, VideoDesign, VideoDiTConfig
+from .models import DiTConfig, DiTDesign, UViTConfig, VideoDesign, VideoDiTConfig
 from .objectives import ObjectiveConfig, ObjectiveFlags
 
 # -- the groups of ditkit train's settings -----------------------------------------------------
@@ -40,13 +42,14 @@ from .objectives import ObjectiveConfig, ObjectiveFlags
 class NetOptions(Config):
     """Which network: a preset, resized if you like (its design is DiTDesign's)."""
 
-    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional), MMDiT-* (text-to-image, flow objective) or VDiT-*/PxT "
-                                                          "(video, P x P patches over T-frame tubelets)", choices=PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
+    model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional), U-ViT-* (class-conditional, the official U-ViT), MMDiT-* "
+                                                           "(text-to-image, flow objective) or VDiT-*/PxT (video, P x P patches over T-frame tubelets)",
+                                                           choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
     depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
     hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
     num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
     patch_size: int | None = field(default=None, metadata=positive("override the preset's patch size"))
-    learn_sigma: bool = field(default=True, metadata=option("learn the variance (hybrid MSE + VB loss; flow models ignore the extra channels)"))
+    learn_sigma: bool = field(default=True, metadata=option("learn the variance (hybrid MSE + VB loss; flow models ignore the extra channels; U-ViTs never learn it)"))
     class_dropout_prob: float = field(default=0.1, metadata=option("label dropout for classifier-free guidance", ge=0, lt=1))
     text_encoder: str = field(default=DEFAULT_TEXT_ENCODER, metadata=option("MMDiT models: Hugging Face text encoder folder or hub id (CLIP, T5, sentence-transformers, BERT)"))
     text_max_length: int = field(default=TEXT_MAX_LENGTH, metadata=positive("MMDiT models: tokens per caption; longer ones are cut"))
@@ -68,7 +71,7 @@ class DataOptions(Config):
     num_classes: int | None = field(default=None, metadata=positive("number of classes (default: the dataset's)"))
     vae: str | None = field(default=None, metadata=option("encode images with this AutoencoderKL each step (default: none = pixel space, or the latent store's)"))
     flip: bool = field(default=True, metadata=option("random horizontal flips"))
-    num_workers: int = field(default=4, metadata=nonnegative("data loader processes per rank"))
+    num_workers: int | None = field(default=None, metadata=nonnegative("data loader processes per rank (default: 4, or the cores there are where fewer)"))
     on_bad_image: str = field(default="skip", metadata=option("on an unreadable image: skip it (with a warning) or stop", choices=BAD_IMAGE_ACTIONS))
 
 
@@ -93,6 +96,9 @@ class EMAOptions(Config):
     ema_decay: float = field(default=0.9999, metadata=option("EMA decay, applied every step", ge=0, lt=1))
     ema_schedule: str = field(default="constant", metadata=option("constant decay (the paper); warmup: min(decay, (1 + step) / (10 + step)); power: EDM2's (1 - 1/step)^(gamma + 1), an average over a fixed fraction of the run", choices=EMA_SCHEDULES))
     ema_gamma: float = field(default=6.94, metadata=positive("exponent of the power EMA (6.94: a relative width of 0.10; 16.97: 0.05)"))
+    ema_profiles: tuple[float, ...] = field(default=(), metadata=option("post-hoc EMA (EDM2): also keep power EMAs of these relative widths (sigma_rel, e.g. 0.05 0.10) and save "
+                                                                        "snapshots of them in RUN/ema/ every --ema-snapshot-every steps, from which `ditkit ema` makes the EMA of any width afterwards", gt=0, lt=0.28))
+    ema_snapshot_every: int = field(default=500, metadata=positive("steps between the snapshots of --ema-profiles (and one at the last step)"))
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,21 @@ class LoraOptions(Config):
     lora_targets: tuple[str, ...] = field(default=(), metadata=option(LORA_TARGETS_HELP))
 
 
+@dataclass(frozen=True)
+class AdapterRecord(Config):
+    """The settings ditkit writes into an adapter's adapter_config.json (peft's names), checked as
+    flags are when an adapter is read; every other peft setting keeps peft's default."""
+
+    r: int = field(metadata=positive("rank of the LoRA matrices"))
+    lora_alpha: float = field(metadata=positive("scale numerator: the update is (alpha / r) B A"))
+    target_modules: tuple[str, ...] = field(metadata=option("module-name suffixes that carry LoRA"))
+    base_model_name_or_path: str | None = field(default=None, metadata=option("the base checkpoint it was trained on"))
+
+    def check(self) -> None:
+        if not self.target_modules or not all(self.target_modules):
+            raise ValueError(f"{flag('target_modules')} must name the layers that carry LoRA, got {list(self.target_modules)}.")
+
+
 @dataclass(frozen=True, init=False)
 class TrainConfig(Grouped):
     """Train a DiT (the paper's recipe by default). Run under torchrun for many processes."""
@@ -166,10 +187,12 @@ class TrainConfig(Grouped):
             raise ValueError("--lora-rank trains an adapter on an existing model; pass --init-from with it (a model folder, a run folder or bundled).")
         if (self.lora_alpha is not None or self.lora_targets) and not self.lora_rank:
             raise ValueError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (or drop them).")
+        if self.ema_profiles and (self.lora_rank or self.parallel == "fsdp"):
+            raise ValueError("--ema-profiles keeps whole copies of the weights: it runs with full training under --parallel ddp; drop it for LoRA or FSDP runs.")
         if self.lora_rank and self.parallel == "fsdp":
             raise ValueError("a LoRA adapter is small enough to train with --parallel ddp; drop --parallel fsdp.")
-        if self.init_from and self.text:
-            raise ValueError("--init-from starts class-conditional DiTs; text-to-image models train from scratch, so drop it.")
+        if self.init_from and self.text and self.lora_rank:
+            raise ValueError("--lora-rank adapts class-conditional DiTs; a text-to-image model continues with every weight, so drop --lora-rank.")
         # With --init-from and no --objective the objective is the base's, not known yet: the trainer
         # merges it in (train.resume.base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(ObjectiveConfig, "objective")):
@@ -185,6 +208,10 @@ class TrainConfig(Grouped):
             raise ValueError(f"moving-fashion-mnist, --frames, --attention and --window are for video models; pick a VDiT-* --model (e.g. {VIDEO_PRESETS[4]}).")
         if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
             raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
+        if self.uvit and self.design != DiTDesign():
+            changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.design.__dict__.items() if v != field_default(DiTDesign, k))
+            raise ValueError(f"{changed} shape a DiT's blocks; {self.model} is the official U-ViT (LayerNorm, GELU MLPs, learned positions), "
+                             "so drop them (a recipe's: pass --block adaln_zero --mlp gelu --norm layernorm --no-qk-norm --pos-embed sincos).")  # fmt: skip
 
     def _check_video(self) -> None:
         if self.vae is not None or self.init_from is not None:
@@ -198,6 +225,11 @@ class TrainConfig(Grouped):
         return self.model in MMDIT_PRESETS
 
     @property
+    def uvit(self) -> bool:
+        """Whether this run trains a U-ViT."""
+        return self.model in UVIT_PRESETS
+
+    @property
     def video(self) -> bool:
         """Whether this run trains a video model (VDiT)."""
         return self.model in VIDEO_PRESETS
@@ -205,9 +237,15 @@ class TrainConfig(Grouped):
     def objective_config(self) -> ObjectiveConfig:
         return self.loss.settled()
 
-    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
-        """The DiT these settings make for data of `num_classes` classes and `in_channels` x input_size^2 items."""
+    def model_config(self, num_classes: int, input_size: int, in_channels: int) -> DiTConfig | UViTConfig:
+        """The DiT (or U-ViT) these settings make for data of `num_classes` classes and `in_channels` x input_size^2 items.
+        A U-ViT's label table holds a null row when labels are dropped, and its output convolution is
+        on for pixels and off for latents, as the official configs have it."""
         n = self.net
+        if self.uvit:
+            sizes = {"embed_dim" if k == "hidden_size" else k: v for k, v in n.sizes().items() if v is not None}
+            return UViTConfig.from_preset(self.model, **sizes, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3),
+                                          num_classes=num_classes + (n.class_dropout_prob > 0), class_dropout_prob=n.class_dropout_prob)  # fmt: skip
         return DiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                                      learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob,
                                      **{f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__})  # fmt: skip
@@ -228,11 +266,16 @@ class DistillConfig(Config):
     do in one step what its teacher does in two, N halving per phase from --start-steps down to
     --student-steps (the first teacher is the guided one, so the students need no guidance). reflow:
     (noise, sample) pairs from the guided teacher's sampler, cached in the run folder, and the
-    straight line between them. The run folder, checkpoints, EMA and --resume are ditkit train's."""
+    straight line between them. add (Sauer et al. 2023): a student of --student-steps Euler steps learns
+    from the guided teacher's denoised estimate of its re-noised sample and from a discriminator on a
+    frozen network's features of the clean sample (--disc-net); ladd (Sauer et al. 2024): the same with
+    the discriminator on the teacher's own features of re-noised samples. The run folder, checkpoints,
+    EMA and --resume are ditkit train's (the discriminator and its optimizer included)."""
 
     teacher: str | None = field(default=None, metadata=option("the flow-matching teacher: a ditkit model folder, run folder or training checkpoint"))
-    method: str = field(default="guidance", metadata=option("guidance, progressive or reflow", choices=DISTILL_METHODS))
+    method: str = field(default="guidance", metadata=option("guidance, progressive, reflow, add or ladd", choices=DISTILL_METHODS))
     data_path: str | None = field(default=None, metadata=option("training data (default: the teacher's, as its checkpoint records)"))
+    student_init: str | None = field(default=None, metadata=option("start the student from this model of the teacher's architecture (a student of it, such as fashion-mnist-turbo) instead of the teacher's weights"))
     results_dir: str = field(default="results", metadata=option("runs are written to RESULTS_DIR/NNN-distill-METHOD/"))
     max_steps: int = field(default=1000, metadata=positive("student optimizer steps in all (progressive: split evenly over its phases)"))
     max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes; --resume continues"))
@@ -243,10 +286,17 @@ class DistillConfig(Config):
     cfg_scale: float | None = field(default=None, metadata=option("the guidance scale progressive and reflow students bake in, and the guidance student records (default: the teacher's)", ge=0))
     cfg_interval: tuple[float, ...] = field(default=(), metadata=option("the guidance interval LO HI that goes with it (default: the teacher's)", ge=0, le=1, interval=True))
     cfg_range: tuple[float, ...] = field(default=(1.0, 4.0), metadata=option("guidance: the scales LO HI the student learns (must hold 1, the scale outside the guidance interval)", ge=0))
-    student_steps: int = field(default=1, metadata=positive("progressive and reflow: the Euler steps the student records as its default (progressive: its last phase's)"))
+    student_steps: int = field(default=1, metadata=positive("progressive, reflow, add, ladd: the Euler steps the student records as its default (progressive: its last phase's; add, ladd: the grid it trains on)"))
     start_steps: int = field(default=8, metadata=positive("progressive: Euler steps of the first phase's student, --student-steps times a power of 2"))
     reflow_pairs: int = field(default=2048, metadata=positive("reflow: (noise, teacher sample) pairs to generate and train on"))
     one_step_share: float = field(default=0.3, metadata=option("reflow: the last share of the steps that put half of each batch at t = 0 (the 1-step map)", ge=0, le=1))
+    adv_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: the adversarial gradient on the student's sample, as a multiple of the distillation gradient's norm"))
+    disc_lr: float | None = field(default=None, metadata=positive("add, ladd: the discriminator's AdamW learning rate (default: --lr)"))
+    r1_weight: float = field(default=1.0, metadata=nonnegative("add, ladd: weight of the approximated R1 penalty, |D(x) - D(x + small noise)|^2 on real samples"))
+    disc_warmup: int = field(default=0, metadata=nonnegative("add, ladd: steps at the start in which only the discriminator learns (the student waits for a judge that is not random)"))
+    adv_t_mean: float = field(default=0.0, metadata=option("ladd: location of the logit-normal noise levels the discriminator reads the samples at, as --t-mean (0: around the middle; negative: less noise, finer detail)"))
+    disc_net: str = field(default="teacher", metadata=option("add: the frozen network whose features of clean samples the discriminator reads: 'teacher', or a DiT "
+                                                             "model folder, run folder or checkpoint whose input fits (never a network that judges the results)"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
     num_workers: int = field(default=2, metadata=nonnegative("data loader processes per rank"))
     log_every: int = field(default=50, metadata=positive("log the loss every N steps"))
@@ -255,7 +305,7 @@ class DistillConfig(Config):
     precision: str = field(default="fp32", metadata=option("fp32, bf16 autocast, or auto (bf16 where its matmuls are fast)", choices=TRAIN_PRECISIONS))
     device: str = field(default="auto", metadata=option(DEVICE_HELP))
     resume: str | None = field(default=None, metadata=option("continue a distillation: 'latest' in RESULTS_DIR, a run folder, or a checkpoint, with its own settings "
-                                                             "(only --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
+                                                             "(only --max-steps, except for progressive runs, --max-minutes, the log/checkpoint cadence, --num-workers and --precision may change)"))
 
     def check(self) -> None:
         if not self.teacher and not self.resume:
@@ -268,6 +318,9 @@ class DistillConfig(Config):
                 raise ValueError(f"--start-steps {self.start_steps} is not --student-steps {self.student_steps} times a power of 2; use e.g. --start-steps {self.student_steps * 8}.")
             if self.max_steps < self.phases:
                 raise ValueError(f"progressive distillation from {self.start_steps} to {self.student_steps} steps has {self.phases} phases; give --max-steps at least {self.phases}.")
+        if self.disc_net != "teacher" and self.method != "add":
+            raise ValueError(f"--disc-net is the feature network of --method add's discriminator, and --method {self.method} has none of its own; drop --disc-net"
+                             f"{' (ladd reads the teacher itself)' if self.method == 'ladd' else ''}.")  # fmt: skip
 
     @property
     def phases(self) -> int:

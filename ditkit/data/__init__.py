@@ -17,12 +17,12 @@ epoch sees exactly the data it would have seen, whatever the number of DataLoade
 from __future__ import annotations
 
 from .base import BadImageError, DitDataset, center_crop_arr, item_seed, to_unit_range
-from .images import IMAGE_EXTENSIONS, OFFICIAL_IMAGE_SIZE, ImageFolderDataset, is_image, scan_image_folder
+from .images import IMAGE_EXTENSIONS, OFFICIAL_IMAGE_SIZE, ImageFolderDataset, is_image, scan_image_folder, to_mode, walk_images
 from .build import build_dataset
 from .extract import run_extract
 from .latents import LatentDataset, is_latent_store, read_store_meta
 from .named import DIGIT_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, NAMED, NamedDataset, NamedSource, read_idx
 
 __all__ = ["BadImageError", "DitDataset", "center_crop_arr", "item_seed", "to_unit_range", "IMAGE_EXTENSIONS", "OFFICIAL_IMAGE_SIZE",
-           "ImageFolderDataset", "is_image", "scan_image_folder", "LatentDataset", "is_latent_store", "read_store_meta", "run_extract",
+           "ImageFolderDataset", "is_image", "scan_image_folder", "to_mode", "walk_images", "LatentDataset", "is_latent_store", "read_store_meta", "run_extract",
            "DIGIT_CLASSES", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "NAMED", "NamedDataset", "NamedSource", "read_idx", "build_dataset"]  # fmt: skip

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from ..config import ExtractConfig
 from ..parallel import barrier, setup_distributed
+from ..utils.devices import loader_workers
 from ..utils.vae import VAE_SHORTHANDS, load_vae, vae_factor
 from .build import build_dataset
 from .latents import STORE_DONE, STORE_FORMAT, STORE_META, STORE_PARTIAL, is_latent_store
@@ -34,8 +37,6 @@ def _check_out(out: Path, plan: dict) -> bool:
 
 
 def _create_store(out: Path, plan: dict) -> None:
-    from numpy.lib.format import open_memmap
-
     n, shape = plan["num_images"], (plan["num_images"], 2, *plan["latent_shape"])  # (N, plain/mirror, C, h, w)
     out.mkdir(parents=True, exist_ok=True)
     for name, dtype, size in (("mean", plan["dtype"], shape), ("logvar", plan["dtype"], shape),
@@ -49,8 +50,6 @@ def _create_store(out: Path, plan: dict) -> None:
 
 @torch.no_grad()
 def run_extract(cfg: ExtractConfig) -> Path:
-    from tqdm import tqdm
-
     d = setup_distributed(cfg.device)
     device, rank, world, started = d.device, d.rank, d.world, d.started
     try:  # the group is destroyed however this ends
@@ -88,7 +87,7 @@ def run_extract(cfg: ExtractConfig) -> Path:
         if rank == 0 and resume:
             print(f"resuming the extraction in {out}: {int(done.sum())} of {n} images already encoded", flush=True)
         loader = DataLoader(Subset(dataset, todo.tolist()), batch_size=cfg.batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda")  # fmt: skip
+                            num_workers=loader_workers(cfg.num_workers), pin_memory=device.type == "cuda")  # fmt: skip
         start, pos = time.perf_counter(), 0
         with tqdm(total=len(todo), unit="img", desc=f"extract ({world} process{'es' * (world > 1)})", disable=rank != 0) as bar:
             for x, y in loader:

@@ -42,7 +42,7 @@ class ImageFolderDataset(DitDataset):
     def load(self, path: str) -> torch.Tensor:
         """One file -> (C, S, S) uint8 after the ADM center crop."""
         with open(path, "rb") as f:
-            image = Image.open(f).convert(self.mode)  # convert() decodes: a truncated file fails here
+            image = to_mode(Image.open(f), self.mode)  # convert() decodes: a truncated file fails here
         arr = np.array(center_crop_arr(image, self.image_size))  # (S, S, 3) or (S, S)
         return torch.from_numpy(arr).reshape(self.image_size, self.image_size, -1).permute(2, 0, 1).contiguous()
 
@@ -68,6 +68,29 @@ def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """`image` as L or RGB. Gray of 16 bits (PNG's open as I;16, or I) is scaled to 8 bits first:
+    PIL's convert() would clip every value above 255 to white."""
+    if image.mode.startswith("I"):
+        wide = np.asarray(image, dtype=np.float64)  # 0..65535
+        image = Image.fromarray(np.clip(np.round(wide / 257), 0, 255).astype(np.uint8), "L")
+    return image.convert(mode)
+
+
+def walk_images(root: Path) -> list[str]:
+    """Every image file under `root` (sorted as os.walk's folders, then names), following symlinks
+    but into each real folder once: a link back up the tree would repeat its images many times."""
+    seen, folders = set(), []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []  # been there by another path
+            continue
+        seen.add(real)
+        folders.append((folder, files))
+    return [os.path.join(d, f) for d, files in sorted(folders) for f in sorted(files) if is_image(f)]
+
+
 def scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
     """(class names, [(path, label)]) of a class-folder tree or of a flat folder of images."""
     entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -81,7 +104,7 @@ def scan_image_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]
         raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}); put images in it, or one subfolder of images per class.")
     samples = []
     for label, name in enumerate(subdirs):
-        found = [os.path.join(d, f) for d, _, files in sorted(os.walk(root / name, followlinks=True)) for f in sorted(files) if is_image(f)]  # fmt: skip
+        found = walk_images(root / name)
         if not found:
             raise ValueError(f"class folder {root / name} holds no images; add images to it or remove it.")
         samples += [(path, label) for path in found]

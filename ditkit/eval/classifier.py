@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..data import FASHION_MNIST_CLASSES, NAMED
 from ..utils.io import atomic_write
@@ -59,8 +61,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
     shifts), or on frames of moving-fashion-mnist (the items at new random places every epoch,
     random flips), save it to `out` (safetensors, test accuracy in its metadata) and return the
     test accuracy. The shipped weights come from `python scripts/train_fmnist_classifier.py [--data ...]`."""
-    from safetensors.torch import save_file
-
     if data not in CLASSIFIER_DATA:
         raise ValueError(f"the classifier trains on {' or '.join(CLASSIFIER_DATA)}, not {data}.")
     moving = data == "moving-fashion-mnist"
@@ -106,9 +106,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
 
 def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[FashionClassifier, dict]:
     """(classifier, metadata) from a safetensors file written by train_classifier."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         flag = " --data moving-fashion-mnist" if path == VIDEO_CLASSIFIER_PATH else ""

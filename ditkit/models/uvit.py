@@ -14,146 +14,16 @@ gives the official output. The model knows nothing of schedules, losses or guida
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import UVIT_PRESETS, UVIT_SIZES, UViTConfig
 from .layers import PatchEmbed, attention, timestep_embedding
 
-# The paper's sizes (Table 1) as the official constructor spells them: (depth, embed_dim, num_heads).
-# `depth` counts the in- and out-blocks; the mid block comes on top, so the paper's 13-layer
-# U-ViT-S is depth=12 (configs/cifar10_uvit_small.py) and its 29-layer U-ViT-H is depth=28.
-UVIT_SIZES = {
-    "S": (12, 512, 8),
-    "S-Deep": (16, 512, 8),
-    "M": (16, 768, 12),
-    "L": (20, 1024, 16),
-    "H": (28, 1152, 16),
-}
-UVIT_PRESETS = tuple(f"U-ViT-{size}/{p}" for size in UVIT_SIZES for p in (2, 4, 8))
-
-_INTS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "num_classes")
-_BOOLS = ("qkv_bias", "mlp_time_embed", "use_checkpoint", "conv", "skip")
-
-
-@dataclass(frozen=True)
-class UViTConfig:
-    """Hyper-parameters of a U-ViT. Names and defaults are the official `UViT.__init__`'s (its
-    `norm_layer` is always nn.LayerNorm), plus `class_dropout_prob`, which the official code keeps
-    in its dataset config as `p_uncond`.
-
-    Labels: with num_classes <= 0 the network is unconditional and takes no y. Otherwise y indexes
-    a table of num_classes rows; a model trained with label dropout (class_dropout_prob > 0, the
-    ImageNet 256 and 512 models: num_classes=1001, p_uncond 0.1 or 0.15) reserves the last row,
-    num_classes - 1, for "no class", the label classifier-free guidance runs the unconditional
-    branch with. The ImageNet 64 models (num_classes=1000, no dropout) have no null class.
-    """
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = False
-    # Recorded but not applied, as in the official code on PyTorch >= 2 (its SDPA and xformers
-    # attention paths use 1/sqrt(head_dim); only its fallback path read qk_scale). Released models: None.
-    qk_scale: float | None = None
-    mlp_time_embed: bool = False
-    num_classes: int = -1
-    use_checkpoint: bool = False
-    conv: bool = True
-    skip: bool = True
-    class_dropout_prob: float = 0.1
-
-    def __post_init__(self):
-        for name in _INTS:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"U-ViT {name} must be an integer, got {value!r}.")
-        for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"U-ViT {name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("img_size", "patch_size", "in_chans", "embed_dim", "num_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"U-ViT {name} must be positive, got {getattr(self, name)}.")
-        if self.depth < 0:
-            raise ValueError(f"U-ViT depth must be 0 or more (the in- and out-blocks around the mid block), got {self.depth}.")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}; "
-                             f"use an img_size that is a multiple of {self.patch_size}, so the patches tile the image.")  # fmt: skip
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}; choose a head count that divides it.")
-        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or int(self.embed_dim * self.mlp_ratio) < 1:
-            raise ValueError(f"U-ViT mlp_ratio must be a positive number giving an MLP at least 1 wide, got {self.mlp_ratio!r}.")
-        if self.qk_scale is not None and not (isinstance(self.qk_scale, (int, float)) and self.qk_scale > 0):
-            raise ValueError(f"U-ViT qk_scale must be None (1/sqrt(head_dim)) or a positive number, got {self.qk_scale!r}.")
-        if not isinstance(self.class_dropout_prob, (int, float)) or not 0 <= self.class_dropout_prob < 1:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob!r}.")
-        if self.num_classes == 1 and self.class_dropout_prob > 0:
-            raise ValueError("a U-ViT with label dropout spends its last class on the null label, so num_classes=1 "
-                             "leaves no real class; use num_classes = classes + 1, or class_dropout_prob=0.")  # fmt: skip
-
-    @staticmethod
-    def from_preset(name: str, **overrides) -> "UViTConfig":
-        """One of the paper's sizes with a patch size ("U-ViT-H/2", "U-ViT-S-Deep/4"); any field
-        may be overridden, and the data fields (img_size, in_chans, num_classes, conv) usually are."""
-        size, _, patch = name.removeprefix("U-ViT-").partition("/")
-        if not name.startswith("U-ViT-") or size not in UVIT_SIZES or patch not in ("2", "4", "8"):
-            raise ValueError(f"unknown U-ViT preset {name!r}; choose one of {', '.join(UVIT_PRESETS)}.")
-        known = {f.name for f in fields(UViTConfig)}
-        if set(overrides) - known:
-            raise ValueError(f"unknown U-ViT config field(s) {sorted(set(overrides) - known)}; known: {sorted(known)}.")
-        depth, embed_dim, num_heads = UVIT_SIZES[size]
-        return UViTConfig(**{"depth": depth, "embed_dim": embed_dim, "num_heads": num_heads, "patch_size": int(patch), **overrides})
-
-    # What the trainer and the samplers read off a network config.
-    @property
-    def input_size(self) -> int:
-        """Side of the (latent or pixel) image the network takes."""
-        return self.img_size
-
-    @property
-    def in_channels(self) -> int:
-        return self.in_chans
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.in_chans, self.img_size, self.img_size)
-
-    @property
-    def learn_sigma(self) -> bool:
-        return False  # every U-ViT predicts the noise (or x0) only
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_chans
-
-    @property
-    def conditional(self) -> bool:
-        """Whether forward takes labels (a label token and its embedding table)."""
-        return self.num_classes > 0
-
-    @property
-    def null_class(self) -> int | None:
-        """The label meaning "no class" (the last table row), or None where training dropped no labels."""
-        return self.num_classes - 1 if self.conditional and self.class_dropout_prob > 0 else None
-
-    @property
-    def num_real_classes(self) -> int:
-        """The class ids a caller may ask for, 0 .. num_real_classes - 1: the table less the null row."""
-        if not self.conditional:
-            return 0
-        return self.num_classes - (self.null_class is not None)
-
-    @property
-    def num_blocks(self) -> int:
-        """Transformer blocks in the network: depth // 2 in, one mid, depth // 2 out."""
-        return 2 * (self.depth // 2) + 1
-
+__all__ = ["UViT", "UViTConfig", "UVIT_PRESETS", "UVIT_SIZES"]
 
 def trunc_normal_(w: torch.Tensor, std: float) -> torch.Tensor:
     """N(0, std^2) cut to [-2, 2] (absolute bounds: at std 0.02 a plain normal) by the inverse CDF,

@@ -166,7 +166,7 @@ def run_serve(cfg: ServeConfig) -> None:
         pipe = load_pipeline(cfg)
         check_limits(pipe, cfg)
         app = make_app(pipe, cfg)
-        print(f"serving {describe(pipe.config)} ({pipe.sampling.describe()}) at http://{cfg.host}:{cfg.port}/ "
+        print(f"serving {describe(pipe.config)} ({pipe.describe_sampling()}) at http://{cfg.host}:{cfg.port}/ "
               f"(batches of up to {cfg.max_batch_size} images, queue {cfg.queue_size}, deadline {cfg.timeout:g} s)", flush=True)  # fmt: skip
         if not Hosts.of(cfg).loopback and "*" not in cfg.allow_host:
             print(f"answering to this machine's addresses, localhost and {socket.gethostname()}; other names (DNS, a proxy's) need --allow-host", flush=True)

@@ -233,7 +233,7 @@ class Batcher:
             return list(req.prompts)
         if req.prompts:
             raise ValueError('this is a class-conditional model: it takes class ids, not prompts; send {"classes": [3]}.')
-        n = self.pipe.config.num_classes
+        n = self.pipe.config.num_real_classes
         if not req.classes:
             raise ValueError(f"classes is required: a list of class ids from 0 to {n - 1}.")
         for c in req.classes:
@@ -380,5 +380,5 @@ class Batcher:
                        "active_batches": self.cfg.active_batches},
         }  # fmt: skip
         if not self.text:
-            info["num_classes"] = c.num_classes
+            info["num_classes"] = c.num_real_classes
         return info

@@ -26,6 +26,20 @@ def encoder_record(name: str, max_length: int) -> dict:
     return {"name": str(path.resolve()) if path.exists() else name, "max_length": max_length}
 
 
+def base_text_config(base, cfg: TrainConfig, input_size: int, in_channels: int, widths: tuple[int, int]) -> MMDiTConfig:
+    """The --init-from MMDiT's config, after checking that these captions and images fit it."""
+    c = base.config
+    if not isinstance(c, MMDiTConfig):
+        raise ValueError(f"--init-from {base.path} is not a text-to-image MMDiT; pass an MMDiT's model folder, run folder or checkpoint.")
+    if (in_channels, input_size) != (c.in_channels, c.input_size):
+        raise ValueError(f"{cfg.data_path} gives {in_channels}-channel inputs of {input_size}x{input_size}, but --init-from {base.path} "
+                         f"takes {c.in_channels}-channel {c.input_size}x{c.input_size}; pass --image-size and --channels to match it.")  # fmt: skip
+    recorded = base.meta.get("text_encoder", {}).get("name")
+    if recorded != encoder_record(cfg.text_encoder, cfg.text_max_length)["name"] or widths != (c.context_dim, c.pooled_dim):
+        raise ValueError(f"--init-from {base.path} reads prompts with {recorded}, not {cfg.text_encoder}; pass --text-encoder {recorded}.")
+    return c
+
+
 class TextTask:
     """An MMDiT on captioned images: caption ids for labels, the caption table for the condition."""
 
@@ -50,9 +64,12 @@ class TextTask:
         return dataset
 
     def model_config(self, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int, base) -> MMDiTConfig:
+        widths = self.table.tokens.shape[-1], self.table.pooled.shape[-1]
+        if base is not None:  # --init-from: continue the base MMDiT on these captions
+            return base_text_config(base, cfg, input_size, in_channels, widths)
         return MMDiTConfig.from_preset(
-            cfg.model, **cfg.net.sizes(), input_size=input_size, in_channels=in_channels, context_dim=self.table.tokens.shape[-1],
-            pooled_dim=self.table.pooled.shape[-1], prompt_dropout_prob=cfg.class_dropout_prob,
+            cfg.model, **cfg.net.sizes(), input_size=input_size, in_channels=in_channels, context_dim=widths[0],
+            pooled_dim=widths[1], prompt_dropout_prob=cfg.class_dropout_prob,
         )  # fmt: skip
 
     def condition(self, y: torch.Tensor, drop: torch.Tensor, config) -> TextCondition:

@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import load_state_strict
-from ..config import TrainConfig
+from ..config import TrainConfig, flag
 from ..lora import add_lora
 from ..models import LabelEmbedder
 from ..parallel import Dist, broadcast_object
+from ..utils.devices import check_model_fits, loader_workers
 from ..utils.runs import create_run_dir, is_run_checkpoint
 from ..utils.vae import load_vae, vae_factor
 from .schedule import ResumableSampler
@@ -41,6 +42,14 @@ def data_shape(dataset, vae, cfg: TrainConfig) -> tuple[int, int, int]:
             raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")
         in_channels, input_size = vae.config.latent_channels, input_size // factor
     return num_classes, input_size, in_channels
+
+
+def check_network_size(config, cfg: TrainConfig, device: torch.device, local_batch: int) -> None:
+    """One sentence naming the flag when the network these settings make cannot be held by `device`."""
+    names = {f: f"{flag(f)} {getattr(cfg, f)}" for f in ("depth", "hidden_size", "patch_size", "num_classes", "frames") if getattr(cfg, f) is not None}
+    size = f"--image-size {cfg.image_size}" if cfg.image_size else f"the data's image size ({cfg.data_path})"
+    uvit = {"embed_dim": names.get("hidden_size"), "img_size": size}  # a U-ViT's names of the same flags
+    check_model_fits(config, device, local_batch, names={**names, "input_size": size, **{k: v for k, v in uvit.items() if v}})
 
 
 def build_network(build, config, cfg: TrainConfig, base=None, base_name: str | None = None) -> nn.Module:
@@ -75,9 +84,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 
 def build_loader(dataset, d: Dist, cfg: TrainConfig, local_batch: int) -> tuple[DataLoader, ResumableSampler]:
     sampler = ResumableSampler(len(dataset), d.rank, d.world, cfg.global_seed, local_batch)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg.num_workers,
+    workers = loader_workers(cfg.num_workers)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
                         pin_memory=d.device.type == "cuda", drop_last=True, persistent_workers=False,
-                        prefetch_factor=4 if cfg.num_workers else None)  # fmt: skip
+                        prefetch_factor=4 if workers else None)  # fmt: skip
     return loader, sampler
 
 

@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ..utils.io import atomic_write
 
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
@@ -20,8 +22,6 @@ class RunLog:
         self.main = main
         if not main:
             return
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=None if math.isinf(total) else int(total), initial=start_step, desc="train", dynamic_ncols=True)
         path = exp_dir / "log.csv"
         if path.exists():

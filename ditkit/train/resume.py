@@ -7,7 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ..checkpoints import Checkpoint, infer_config, read_checkpoint
-from ..config import DiTConfig, ObjectiveConfig, TrainConfig, field_default, flag, leaf_fields
+from ..config import DiTConfig, ObjectiveConfig, TrainConfig, UViTConfig, field_default, flag, leaf_fields
 from ..utils.io import read_pt
 from ..utils.runs import BUNDLED_NAME, find_checkpoint, resume_checkpoint
 
@@ -19,7 +19,7 @@ RESUME_FREE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", 
 # Where this command runs and what it resumes: never taken from the checkpoint.
 LOCAL_SETTINGS = ("device", "results_dir", "resume")
 # Objective settings that define what a network predicts: a fine-tune must keep its base's.
-MODEL_OBJECTIVE = ("objective", "path", "time_scale")
+MODEL_OBJECTIVE = ("objective", "path", "time_scale", "prediction")
 
 
 def read_training_checkpoint(path: Path) -> dict:
@@ -32,12 +32,14 @@ def read_training_checkpoint(path: Path) -> dict:
     return ck
 
 
-def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME_FREE):
+def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME_FREE, effective: dict | None = None):
     """The settings of the run that `source` continues (a TrainConfig, or another config of the same
     kind): the saved ones, except where `cfg` gives a value other than the default, which may change
-    only the `free` settings (a differing value of any other setting is refused, naming the flag).
-    So a bare --resume continues the run."""
+    only the `free` settings (a differing value of any other setting is refused, naming the flag and
+    the run's value: where it was left unset, the one `effective` records, such as the preset's depth
+    in the model config). So a bare --resume continues the run."""
     cls = type(cfg)
+    shown = lambda name: saved[name] if saved[name] is not None else (effective or {}).get(name, "unset")  # noqa: E731
     merged, conflicts = {}, []
     for f in leaf_fields(cls):
         now = getattr(cfg, f.name)
@@ -48,7 +50,7 @@ def resume_config(cfg, saved: dict, source: Path, free: tuple[str, ...] = RESUME
         elif f.name in free:
             merged[f.name] = now
         else:
-            conflicts.append(f"{flag(f.name)} {now} (the run's: {saved[f.name]})")
+            conflicts.append(f"{flag(f.name)} {now} (the run's: {shown(f.name)})")
     if conflicts:
         raise ValueError(f"{source} was trained with other settings: {'; '.join(conflicts)}; drop those flags to continue the run, "
                          "or leave out --resume to start a new one.")  # fmt: skip
@@ -79,17 +81,17 @@ def base_objective(cfg: TrainConfig, recorded: dict, source: Path) -> TrainConfi
     return cfg.replace(**merged)
 
 
-def base_model_config(base, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int) -> DiTConfig:
+def base_model_config(base, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int) -> DiTConfig | UViTConfig:
     """The --init-from model's config, after checking that the data fits it (one sentence if not)."""
     c = base.config or infer_config(base.state)
-    if not isinstance(c, DiTConfig):
-        raise ValueError(f"--init-from {base.path} is not a class-conditional DiT; pass a DiT model folder, run folder or checkpoint.")
+    if not isinstance(c, (DiTConfig, UViTConfig)) or not c.num_real_classes:
+        raise ValueError(f"--init-from {base.path} is not a class-conditional DiT or U-ViT; pass a DiT or U-ViT model folder, run folder or checkpoint.")
     if (in_channels, input_size) != (c.in_channels, c.input_size):
         raise ValueError(f"{cfg.data_path} gives {in_channels}-channel inputs of {input_size}x{input_size}, but --init-from {base.path} "
                          f"takes {c.in_channels}-channel {c.input_size}x{c.input_size}; pass --image-size and --channels to match it.")  # fmt: skip
-    if num_classes > c.num_classes or (cfg.num_classes is not None and cfg.num_classes != c.num_classes):
-        raise ValueError(f"the data has {num_classes} classes but --init-from {base.path} has {c.num_classes}; a fine-tune keeps its base's "
-                         f"classes, so use data with at most {c.num_classes} classes (and leave --num-classes unset).")  # fmt: skip
+    if num_classes > c.num_real_classes or (cfg.num_classes is not None and cfg.num_classes != c.num_real_classes):
+        raise ValueError(f"the data has {num_classes} classes but --init-from {base.path} has {c.num_real_classes}; a fine-tune keeps its base's "
+                         f"classes, so use data with at most {c.num_real_classes} classes (and leave --num-classes unset).")  # fmt: skip
     return c
 
 
@@ -100,7 +102,8 @@ def resolve_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None, dict | N
         return cfg, None, None, ""
     path = resume_checkpoint(cfg.resume, Path(cfg.results_dir))
     state = read_training_checkpoint(path)
-    merged = resume_config(cfg, state["args"], path)
+    recorded = state.get("model_config")
+    merged = resume_config(cfg, state["args"], path, effective=recorded if isinstance(recorded, dict) else None)
     return merged, path, state, resume_note(cfg, merged, state["args"])
 
 

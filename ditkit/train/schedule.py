@@ -65,8 +65,13 @@ def ema_decay(cfg: EMAOptions, step: int) -> float:
     if cfg.ema_schedule == "warmup":
         return min(cfg.ema_decay, (1 + step) / (10 + step))
     if cfg.ema_schedule == "power":  # EDM2: the average over a fixed fraction of the steps so far
-        return (1 - 1 / step) ** (cfg.ema_gamma + 1)
+        return power_decay(cfg.ema_gamma, step)
     return cfg.ema_decay
+
+
+def power_decay(gamma: float, step: int) -> float:
+    """The decay after 1-based step `step` of EDM2's power EMA of exponent gamma."""
+    return (1 - 1 / step) ** (gamma + 1)
 
 
 @torch.no_grad()

@@ -23,18 +23,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import DiTConfig, TrainConfig
+from ..config import DiTConfig, TrainConfig, UViTConfig
 from ..data import build_dataset
-from ..models import DiT
+from ..models import DiT, UViT
 from .resume import base_model_config
 
 
-class ClassTask:
-    """A class-conditional network on labelled images: DiT by default; `model_factory` builds any
-    module with forward(x, t, y) -> (N, C or 2C, H, W) whose `.config` has DiTConfig's data fields
-    (input_size, in_channels, num_classes, null_class, learn_sigma), such as the study's U-Net."""
+def build_class_model(config: DiTConfig | UViTConfig) -> nn.Module:
+    """The class-conditional network a config describes: a U-ViT or a DiT."""
+    return UViT(config) if isinstance(config, UViTConfig) else DiT(config)
 
-    def __init__(self, model_factory: Callable[[DiTConfig], nn.Module] = DiT):
+
+class ClassTask:
+    """A class-conditional network on labelled images: a DiT or U-ViT by default; `model_factory`
+    builds any module with forward(x, t, y) -> (N, C or 2C, H, W) whose `.config` has DiTConfig's data
+    fields (input_size, in_channels, num_real_classes, null_class, learn_sigma), such as the study's U-Net."""
+
+    def __init__(self, model_factory: Callable[[DiTConfig], nn.Module] = build_class_model):
         self.build = model_factory
 
     def run_name(self, cfg: TrainConfig, base) -> str:
@@ -51,11 +56,13 @@ class ClassTask:
         return cfg.model_config(num_classes, input_size, in_channels)
 
     def condition(self, y: torch.Tensor, drop: torch.Tensor, config) -> torch.Tensor:
+        if config.null_class is None:  # a network without a null class drops no labels
+            return y
         return torch.where(drop, config.null_class, y)
 
     def grid_condition(self, dataset, config, device) -> tuple[torch.Tensor, int]:
         """Every class up to 10, twice."""
-        classes = min(config.num_classes, 10)
+        classes = min(config.num_real_classes, 10)
         return torch.arange(classes, device=device).repeat(2), classes
 
     def recorded(self, cfg: TrainConfig) -> dict:

@@ -36,13 +36,14 @@ from ..text.task import TextTask
 from ..utils.devices import autocast, resolve_precision
 from ..utils.images import save_grid, to_uint8
 from ..utils.io import NoSpaceError, atomic_write, remove_temporaries, torch_save
-from ..utils.runs import checkpoint_steps, prune_checkpoints
+from ..utils.runs import checkpoint_steps, lock_run, prune_checkpoints
 from ..utils.vae import load_vae
 from ..video.task import VideoTask
-from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, data_shape, total_steps
+from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, check_network_size, data_shape, total_steps
 from .log import RunLog
+from .posthoc import save_snapshot, sigma_to_gamma
 from .resume import resolve_base, resolve_resume
-from .schedule import ema_decay, learning_rate, step_randomness, update_ema
+from .schedule import ema_decay, learning_rate, power_decay, step_randomness, update_ema
 from .tasks import ClassTask
 
 
@@ -69,6 +70,7 @@ class Trainer:
         self.grid_vae = None  # a latent store's VAE for sample grids: loaded on first use, False if unavailable
         self.dataset = self.task.dataset(cfg, cfg.channels or (self.vae.config.in_channels if self.vae else None), d)  # gray data goes RGB for a VAE
         self.model_config = self.task.model_config(cfg, *data_shape(self.dataset, self.vae, cfg), self.base)
+        check_network_size(self.model_config, cfg, d.device, self.local_batch)  # before anything is built
         self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
@@ -76,6 +78,7 @@ class Trainer:
         self.model = make()
         self.model.grad_checkpointing = cfg.grad_checkpointing
         self.ema = build_ema(self.model, make)
+        self.profiles = {sigma: build_ema(self.model, make) for sigma in cfg.ema_profiles}  # post-hoc EMA's power EMAs, by width
         self.fsdp = cfg.parallel == "fsdp" and d.world > 1
         if self.fsdp:  # shard before the optimizer sees the parameters
             shard(self.model)
@@ -85,12 +88,17 @@ class Trainer:
         torch.manual_seed(cfg.global_seed * d.world + d.rank)  # per-rank seed (VAE sampling)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.exp_dir = build_run_dir(cfg, d, self.task.run_name(cfg, self.base), self.resume_from)
+        self.lock = lock_run(self.exp_dir) if d.main else None  # the run is this process's until run() ends
         if d.main:
             for folder in ("", "checkpoints", "model", "adapter", "samples"):
                 remove_temporaries(self.exp_dir / folder)  # left by writes that a kill interrupted
         self.last_checkpoint = None  # for the closing message
         if resume_state is not None:
-            self._load(resume_state, self.resume_from)
+            try:
+                self._load(resume_state, self.resume_from)
+            except BaseException:
+                self.release()
+                raise
             if d.main:
                 print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch}) "
                       f"with the run's settings{note}", flush=True)  # fmt: skip
@@ -99,6 +107,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ema = dict(self.ema.named_parameters())
         self.ema_params = [ema[n] for n in trainable]  # the EMA follows what trains (a LoRA run: the adapter)
+        self.profile_params = [(sigma_to_gamma(sigma), [dict(m.named_parameters())[n] for n in trainable]) for sigma, m in self.profiles.items()]
 
     # -- checkpoints -----------------------------------------------------------------------
     def _load(self, ck: dict, path: Path) -> None:
@@ -128,6 +137,8 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.ema.load_state_dict(ck["ema"])
             self.opt.load_state_dict(ck["opt"])
+            for sigma, m in self.profiles.items():
+                m.load_state_dict(ck["ema_profiles"][f"{sigma:g}"])
         self.step, self.epoch, self.batch_in_epoch = ck["step"], ck["epoch"], ck["batch_in_epoch"]
         if hasattr(self.task, "load_state"):
             self.task.load_state(self, ck)
@@ -163,6 +174,8 @@ class Trainer:
                 "batch_in_epoch": self.batch_in_epoch, "data_size": len(self.dataset), "model_config": asdict(self.model_config), **recorded,
                 **extra,
             }  # fmt: skip
+            if self.profiles:
+                state["ema_profiles"] = {f"{sigma:g}": m.state_dict() for sigma, m in self.profiles.items()}
             try:
                 atomic_write(path, lambda tmp: torch_save(state, tmp))
                 prune_checkpoints(path.parent, self.cfg.keep_last, self.cfg.keep_every)
@@ -211,6 +224,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
         update_ema(self.ema_params, self.params, ema_decay(cfg.ema, self.step + 1))
+        for gamma, params in self.profile_params:
+            update_ema(params, self.params, power_decay(gamma, self.step + 1))
         if hasattr(self.task, "after_step"):
             self.task.after_step(self)
         return loss.detach()
@@ -219,7 +234,19 @@ class Trainer:
         """(DataLoader, ResumableSampler) of this rank's share of every global batch."""
         return build_loader(self.dataset, self.d, self.cfg, self.local_batch)
 
+    def release(self) -> None:
+        """Give the run folder back (another process may resume it now)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> Path:
         cfg, d = self.cfg, self.d
         if hasattr(self.task, "prepare"):
             self.task.prepare(self)
@@ -253,13 +280,13 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
                         avg = self._reduce(running / n_running)
                         if not math.isfinite(avg):
-                            raise FloatingPointError(
-                                f"the loss became {avg} by step {self.step}; the last good checkpoint is kept in "
-                                f"{self.exp_dir / 'checkpoints'}: lower --lr, use --precision fp32, or resume from it."
-                            )
+                            raise FloatingPointError(self._diverged(avg))
                         log.write(self.step, self.epoch, avg, self.opt.param_groups[0]["lr"], cfg.global_batch_size)
                         running.zero_()
                         n_running = 0
+                    if self.profiles and d.main and (self.step % cfg.ema_snapshot_every == 0 or last):
+                        for sigma, m in self.profiles.items():
+                            save_snapshot(self.exp_dir, sigma, self.step, m.state_dict())
                     if self.step % cfg.ckpt_every == 0 or last:
                         self.save()
                     if cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
@@ -278,7 +305,8 @@ class Trainer:
             return
         steps = f" of {int(total)}" if math.isfinite(total) else ""
         if self.step == start_step:
-            print(f"the run was already at step {self.step}{steps}; pass a larger --max-steps or --epochs to train it further.", flush=True)
+            further = getattr(self.task, "further", "pass a larger --max-steps or --epochs to train it further")
+            print(f"the run was already at step {self.step}{steps}; {further}.", flush=True)
         lines = [f"checkpoint    {self.last_checkpoint}"]
         if self.cfg.lora_rank:
             lines.append(f"adapter       {self.exp_dir / 'adapter'}  (ditkit sample --lora {self.exp_dir / 'adapter'})")
@@ -287,6 +315,16 @@ class Trainer:
         for grid in sorted((self.exp_dir / "samples").glob(f"{self.step:07d}.*")):
             lines.append(f"sample grid   {grid}")
         print(f"at step {self.step}{steps}:\n  " + "\n  ".join(lines), flush=True)
+
+    def _diverged(self, loss: float) -> str:
+        """Why the run stops at a NaN or infinite loss, and what on disk it can go on from."""
+        steps = checkpoint_steps(self.exp_dir / "checkpoints")
+        fp32 = " --precision fp32" if self.precision != "fp32" else ""
+        if not steps:
+            return f"the loss became {loss} by step {self.step} and no checkpoint of this run was written yet; start again with a lower --lr{fp32 and ' or' + fp32}."
+        newest = self.exp_dir / "checkpoints" / f"{steps[-1]:07d}.pt"
+        return (f"the loss became {loss} by step {self.step}; the newest checkpoint, {newest} (step {steps[-1]}), is intact: "
+                f"continue from it with --resume {self.exp_dir}{fp32}, or start again with a lower --lr.")  # fmt: skip
 
     def _out_of_time(self, start: float) -> bool:
         """--max-minutes is up: every step in one process; under torchrun rank 0's clock decides at
@@ -320,7 +358,9 @@ class Trainer:
                              precision=self.precision, device=self.d.device)  # fmt: skip
         y, ncol = self.task.grid_condition(self.dataset, self.model_config, self.d.device)
         g = torch.Generator(device=self.d.device).manual_seed(self.cfg.global_seed)
-        x = pipe.images(y, generator=g)
+        if self.d.main:  # tens of seconds on a CPU: say what runs
+            print(f"sample grid at step {self.step}: {len(y)} images, {pipe.sampling.describe()}", flush=True)
+        x = pipe.images(y, generator=g, progress=self.d.main)
         if self.d.main:
             (self.exp_dir / "samples").mkdir(exist_ok=True)
             write = getattr(self.task, "save_grid", save_grid)  # a video task animates its grid

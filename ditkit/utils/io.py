@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -59,11 +60,35 @@ def remove_temporaries(folder: str | Path, name: str = "*") -> None:
         tmp.unlink(missing_ok=True)
 
 
+class _Writes:
+    """A file that keeps the OSError of a failed write: torch.save reports any error of its file's
+    writes as RuntimeError("unexpected pos ..."), which would hide a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def torch_save(obj, path: str | Path) -> None:
-    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) and not torch's
-    "unexpected pos" RuntimeError."""
+    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) (which atomic_write
+    turns into NoSpaceError) and not torch's "unexpected pos" RuntimeError."""
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        writes = _Writes(f)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is not None:
+                raise writes.error from None
+            raise
 
 
 def safetensors_save(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
@@ -85,6 +110,14 @@ def read_pt(path: str | Path) -> dict:
             f"cannot read checkpoint {path}: it is not a PyTorch file of tensors ({type(e).__name__}); "
             "check that the download finished and the path is right."
         ) from None
+
+
+def read_json(path: str | Path):
+    """A JSON file, or one sentence naming it when it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); write it again, or export the model again.") from None
 
 
 def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:

@@ -4,8 +4,11 @@ names one of them. Only the file system is looked at here; reading the files is 
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from pathlib import Path
+from typing import IO
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"  # a ditkit model folder
 CKPT_RE = re.compile(r"^(\d{7})\.pt$")
@@ -15,6 +18,18 @@ ASSETS = Path(__file__).parent.parent / "assets"
 BUNDLED = ASSETS / "fashion-mnist"
 BUNDLED_NAME = "bundled"  # what --ckpt calls it; the other bundled models go by their folder names
 BUNDLED_TEXT = ASSETS / "fashion-mnist-text"  # the default when prompts are given
+# The official releases the README names, by file name: what each is and where it is downloaded once.
+OFFICIAL_DOWNLOADS = {
+    "DiT-XL-2-256x256.pt": ("the official DiT-XL/2 256x256 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
+    "DiT-XL-2-512x512.pt": ("the official DiT-XL/2 512x512 checkpoint", "https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"),
+    "SiT-XL-2-256x256.pt": ("the official SiT-XL/2 256x256 checkpoint", "the release of the SiT repository (github.com/willisma/SiT)"),
+    **{f"{name}.pth": (f"the official U-ViT {what}", "the U-ViT release (the table of github.com/baofff/U-ViT's README)") for name, what in (
+        ("cifar10_uvit_small", "CIFAR-10 U-ViT-S/2"), ("celeba64_uvit_small", "CelebA 64 U-ViT-S/4"),
+        ("imagenet64_uvit_mid", "ImageNet 64 U-ViT-M/4"), ("imagenet64_uvit_large", "ImageNet 64 U-ViT-L/4"),
+        ("imagenet256_uvit_large", "ImageNet 256 U-ViT-L/2"), ("imagenet256_uvit_huge", "ImageNet 256 U-ViT-H/2"),
+        ("imagenet512_uvit_large", "ImageNet 512 U-ViT-L/4"), ("imagenet512_uvit_huge", "ImageNet 512 U-ViT-H/4"))},
+}  # fmt: skip
+LOCK_NAME = ".lock"  # in a run folder: locked (flock) by the process training it
 
 
 def checkpoint_steps(folder: Path) -> list[int]:
@@ -50,6 +65,25 @@ def create_run_dir(results_dir: Path, name: str) -> Path:
             continue  # another run took this index after the scan: scan again
         (path / "checkpoints").mkdir()
         return path
+
+
+def lock_run(folder: Path) -> IO:
+    """An advisory lock (flock) on folder/.lock, held until the returned file is closed: one process
+    at a time trains a run, so a second resume of a running run is refused here, in one sentence,
+    before it writes anything. The kernel drops the lock when its process dies, even by kill -9."""
+    f = open(Path(folder) / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip()
+        f.close()
+        raise RuntimeError(f"{folder} is in use: another process{f' ({pid})' if pid.isdigit() else ''} is training this run; "
+                           "wait for it to end (or stop it) before resuming the run.") from None  # fmt: skip
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def is_run_checkpoint(path: Path) -> bool:
@@ -92,6 +126,14 @@ def bundled_model(name: str) -> Path | None:
     return ASSETS / name if "/" not in name and (ASSETS / name / WEIGHTS_NAME).exists() else None
 
 
+def check_official_download(path: str | Path) -> None:
+    """The one sentence for an official checkpoint that is not there: where to download it."""
+    path = Path(path)
+    if path.name in OFFICIAL_DOWNLOADS and not path.exists():
+        what, where = OFFICIAL_DOWNLOADS[path.name]
+        raise FileNotFoundError(f"{path} does not exist: {what} is downloaded once from {where}; pass the path of the downloaded file.")
+
+
 def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     """The checkpoint `--ckpt` names, as read_checkpoint takes it: a .pt or .safetensors file, a
     model folder, a run folder (RESULTS/NNN-MODEL: its model/, else its newest checkpoint) or its
@@ -106,6 +148,7 @@ def find_checkpoint(ckpt: str | None, bundled: Path = BUNDLED) -> Path:
     if not path.exists() and bundled_model(ckpt) is not None:
         return bundled_model(ckpt)
     if not path.exists():
+        check_official_download(path)
         names = ", ".join(sorted(d.name for d in ASSETS.iterdir() if (d / WEIGHTS_NAME).exists()))
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a .pt file, a ditkit model folder, a run folder (RESULTS/NNN-MODEL) or a bundled model ({names}).")
     if not path.is_dir() or (path / WEIGHTS_NAME).exists():

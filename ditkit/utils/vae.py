@@ -40,6 +40,9 @@ def find_vae(name: str) -> VaeSource:
 
     repo = VAE_SHORTHANDS.get(name, name)
     folder = Path(repo).expanduser()
+    if folder.is_file() and folder.name.startswith("autoencoder_kl"):
+        raise ValueError(f"--vae {folder} is U-ViT's own copy of Stable Diffusion's kl-f8 autoencoder, which ditkit does not read; pass a diffusers "
+                         "AutoencoderKL folder of that VAE instead (stabilityai/sd-vae-ft-ema, saved on a machine that is online).")  # fmt: skip
     if folder.is_file():
         raise ValueError(f"--vae {folder} is a file; pass the AutoencoderKL folder that holds config.json and the weights.")
     if folder.is_dir() or not HUB_ID.match(repo):

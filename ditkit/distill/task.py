@@ -1,120 +1,30 @@
-"""`ditkit distill`: students of a flow-matching teacher that need fewer network evaluations.
-
-guidance     The student takes the guidance scale w as an input (DiTConfig.cfg_embed) and learns the
-             teacher's guided velocity v_null + w (v_cond - v_null) at the teacher's training points
-             (data interpolated with noise at the teacher's training times), w uniform in --cfg-range:
-             guided sampling in one pass of N instead of one of 2N.
-progressive  Salimans & Ho (2022) on the velocity ODE: a student of N Euler steps learns to go in one
-             step where its teacher goes in two, N halving per phase from --start-steps down to
-             --student-steps. The first phase's teacher is the guided teacher (Heun, or Euler if that
-             is its sampler) at its own scale and interval, so the students need no guidance; each
-             later phase's teacher is the previous phase's student (its EMA, kept in the checkpoint).
-reflow       Liu et al. (2023): (noise, sample) pairs from the guided teacher at its own sampler,
-             cached in the run folder (a resume reuses them), and flow matching on the straight line
-             between them; the last --one-step-share of the steps put half of each batch at t = 0,
-             where one Euler step is the whole map.
-
-Each method is a task of ditkit train's Trainer (`Distillation`: the student, its data and its
-loss), so the run folder, log.csv, atomic checkpoints, EMA, exact resume and the model/ folder are
-ditkit train's. The randomness of a step is drawn for the global batch from (seed, step), so a
-resumed run continues with the same numbers.
-"""
+"""The Distillation task: what ditkit train's Trainer runs for `ditkit distill` (the student, its
+data and the method's loss), and the methods that need no second network: guidance, progressive
+and reflow. ADD and LADD add a discriminator (adversarial.py)."""
 
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .checkpoints import infer_config, load_model, read_checkpoint, save_pretrained
-from .config import DiTConfig, DistillConfig, ObjectiveConfig, Sampling, SamplingOptions, TrainConfig
-from .models import DiT
-from .objectives import FlowMatching, build_objective
-from .objectives.common import expand_to, mean_flat
-from .parallel import barrier
-from .pipeline import resolve_sampling
-from .samplers import sample
-from .train import ClassTask, Trainer
-from .train.resume import resume_config
-from .utils.devices import resolve_device
-from .utils.io import atomic_write, read_pt, safetensors_save
-from .utils.runs import find_checkpoint, resume_checkpoint
+from ..checkpoints import infer_config, read_checkpoint, save_pretrained
+from ..config import DiTConfig, DistillConfig, Sampling, TrainConfig
+from ..models import DiT
+from ..objectives.common import expand_to, mean_flat
+from ..parallel import barrier
+from ..samplers import sample
+from ..train import ClassTask
+from ..utils.io import atomic_write, safetensors_save
+from ..utils.runs import find_checkpoint
+from .adversarial import Adversarial
+from .teacher import Teacher, guided_velocity, ode_step
 
-# Settings a resumed distillation may change; the others shape the numbers (max_steps places the phases).
-RESUME_FREE = ("max_minutes", "log_every", "ckpt_every", "keep_last", "num_workers", "precision")
 PAIRS_NAME = "reflow_pairs.safetensors"
-
-
-# -- the teacher -----------------------------------------------------------------------------
-@dataclass
-class Teacher:
-    """A frozen flow-matching DiT with its objective, its default sampling and its training data."""
-
-    model: DiT
-    objective: FlowMatching
-    sampling: Sampling
-    data: str | None
-    path: Path
-
-
-def recorded_data(path: Path) -> str | None:
-    """The data a ditkit checkpoint was trained on: config.json's "data", a training checkpoint's args."""
-    if path.is_dir() or path.suffix == ".safetensors":
-        config = (path if path.is_dir() else path.parent) / "config.json"
-        return json.loads(config.read_text()).get("data") if config.exists() else None
-    args = read_pt(path).get("args")
-    return args.get("data_path") if isinstance(args, dict) else None
-
-
-def load_teacher(name: str, device: torch.device) -> Teacher:
-    """The teacher `--teacher` names, or one sentence on why it cannot be distilled."""
-    path = find_checkpoint(name)
-    ck = read_checkpoint(path)
-    config = ck.config or infer_config(ck.state)
-    if not isinstance(config, DiTConfig):
-        raise ValueError(f"{path} is not a class-conditional DiT (it is a text-to-image MMDiT, or no DiT at all); ditkit distill takes class-conditional DiT teachers.")
-    kind = ck.meta.get("objective", {}).get("objective", "gaussian")  # what records none samples as the paper's diffusion
-    if kind != "flow":
-        raise ValueError(f"{path} is a {kind} diffusion model, and ditkit distill needs a flow-matching teacher; distil a model trained with ditkit train --objective flow.")
-    model = load_model(ck).to(device).requires_grad_(False).eval()
-    objective = build_objective(ObjectiveConfig(**ck.meta["objective"]), learn_sigma=model.config.learn_sigma)
-    sampling = resolve_sampling(SamplingOptions(), "flow", ck.meta.get("sampling", {}), ck.official)
-    return Teacher(model, objective, sampling, recorded_data(path), path)
-
-
-def guided_velocity(model, flow: FlowMatching, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w,
-                    interval: tuple[float, float] | None = None) -> torch.Tensor:  # fmt: skip
-    """The guided velocity v_null + w (v_cond - v_null) of `model` at per-sample times t (flow time,
-    0 = noise); w is a number or (N,), 1 where t lies outside `interval`. Unlike samplers.cfg_model,
-    every sample has its own t. A cfg_embed model takes w as its input, in one pass."""
-    if isinstance(w, (int, float)) and w == 1.0:
-        return flow.velocity(model, x, t, y=y)
-    if interval is not None:
-        inside = (t >= interval[0]) & (t <= interval[1])
-        w = torch.where(inside, torch.as_tensor(w, dtype=t.dtype, device=t.device), 1.0)  # (N,)
-    if model.config.cfg_embed:
-        return flow.velocity(model, x, t, y=y, cfg_scale=torch.as_tensor(w, device=t.device).expand(len(x)))
-    null = torch.full_like(y, model.config.null_class)
-    v = flow.velocity(model, torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))  # (2N, C, H, W)
-    cond, uncond = v.chunk(2)
-    w = torch.as_tensor(w, dtype=v.dtype, device=v.device)
-    return uncond + (expand_to(w, v) if w.ndim else w) * (cond - uncond)
-
-
-def ode_step(v, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, solver: str) -> torch.Tensor:
-    """One step of dx/dt = v(x, t) from per-sample times t0 to t1 as the fixed-grid sampler
-    `solver` takes it: euler; heun2 (Heun everywhere); heun (Euler on a step that ends at t = 1)."""
-    dt = expand_to(t1 - t0, x)
-    k1 = v(x, t0)
-    if solver == "euler":
-        return x + dt * k1
-    heun = x + dt * 0.5 * (k1 + v(x + dt * k1, t1))
-    return torch.where(expand_to(t1 >= 1, x), x + dt * k1, heun) if solver == "heun" else heun
 
 
 # -- the distillation task ---------------------------------------------------------------------
@@ -139,8 +49,10 @@ class Distillation:
         else:
             self.student_config = c
         self.data = ClassTask()  # the teacher's data, read as ditkit train reads it
+        self.init_state = student_init(cfg.student_init, c) if cfg.student_init else None
         self.phase, self.phase_teacher = 0, None  # progressive: the phase the step is in, and its teacher (after phase 0)
         self.pairs = None  # reflow: (noise, data, labels), made in prepare()
+        self.adversarial = Adversarial(cfg, teacher, scale, interval, self.time_shift) if cfg.method in ("add", "ladd") else None
 
     def train_config(self, resume_from: Path | None) -> TrainConfig:
         """ditkit train's settings for the student: the teacher's network, objective and data, this
@@ -163,10 +75,18 @@ class Distillation:
         )  # fmt: skip
 
     # -- what the trainer asks of a task ---------------------------------------------------
+    @property
+    def further(self) -> str:
+        """How to take a finished run further (the trainer's closing words)."""
+        if self.dcfg.method == "progressive":
+            return "distil again with a larger --max-steps to go further (a progressive run spreads its phases over its steps)"
+        return "pass a larger --max-steps to train it further"
+
     def build(self, config) -> DiT:
-        """The student with the teacher's weights; a new guidance embedding starts at zero (as the teacher)."""
+        """The student with the teacher's weights (or --student-init's); a new guidance embedding starts
+        at zero (as the teacher)."""
         model = DiT(config)
-        missing, unexpected = model.load_state_dict(self.teacher.model.state_dict(), strict=False)
+        missing, unexpected = model.load_state_dict(self.init_state or self.teacher.model.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("w_embedder.") for k in missing), (missing, unexpected)
         return model
 
@@ -201,21 +121,30 @@ class Distillation:
                                 cfg_scale=1.0, time_shift=self.time_shift)  # fmt: skip
         distilled = {"method": d.method, "teacher": str(self.teacher.path), "teacher_cfg_scale": self.scale,
                      "teacher_cfg_interval": list(self.interval) if self.interval else None}  # fmt: skip
+        if d.method == "add":
+            distilled["disc_net"] = d.disc_net
+        if d.student_init:
+            distilled["student_init"] = d.student_init
         return {"sampling": sampling.to_dict(), "distilled": distilled}
 
     def state(self, trainer) -> dict:
         teacher = self.phase_teacher.state_dict() if self.phase_teacher is not None else None
-        return {"distill": asdict(self.dcfg), "phase": self.phase, "phase_teacher": teacher}
+        adversarial = self.adversarial.state() if self.adversarial else {}
+        return {"distill": asdict(self.dcfg), "phase": self.phase, "phase_teacher": teacher, **adversarial}
 
     def load_state(self, trainer, ck: dict) -> None:
         self.phase = ck.get("phase", 0)
         if ck.get("phase_teacher") is not None:
             self.phase_teacher = frozen_copy(trainer.ema, ck["phase_teacher"])
+        if self.adversarial:
+            self.adversarial.load_state(trainer, ck)
 
     def prepare(self, trainer) -> None:
         self.teacher.model.to(trainer.d.device)
         if self.dcfg.method == "reflow":
             self.pairs = self.make_pairs(trainer)
+        if self.adversarial:
+            self.adversarial.build(trainer)
 
     def loss(self, trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         cfg, d = trainer.cfg, trainer.d
@@ -226,9 +155,13 @@ class Distillation:
             # A new phase: its teacher is the last phase's student (EMA), which the student starts from.
             self.phase = self.phase_of(trainer.step)
             self.phase_teacher = frozen_copy(trainer.ema, trainer.ema.state_dict())
+        if self.adversarial:
+            return self.adversarial.loss(trainer, x, y, g, n, shape, mine)
         return getattr(self, f"loss_{self.dcfg.method}")(trainer, x, y, g, n, shape, mine)
 
     def after_step(self, trainer) -> None:
+        if self.adversarial:
+            self.adversarial.after_step(trainer)
         if self.dcfg.method == "progressive" and trainer.step + 1 == self.phase_end(self.phase) and trainer.d.main:
             self.save_phase(trainer)
 
@@ -320,9 +253,22 @@ class Distillation:
         return tuple(done[k][:total].to(trainer.d.device) for k in ("noise", "data", "labels"))  # type: ignore[return-value]
 
 
+def student_init(name: str, teacher: DiTConfig) -> dict:
+    """--student-init's weights: a model of the teacher's architecture (a student of it), or one sentence."""
+    ck = read_checkpoint(find_checkpoint(name))
+    c = ck.config or infer_config(ck.state)
+    if not isinstance(c, DiTConfig):
+        raise ValueError(f"--student-init {ck.path} is not a class-conditional DiT; pass a student of this teacher, such as an earlier distillation's model/.")
+    ours, theirs = asdict(teacher), asdict(replace(c, class_dropout_prob=teacher.class_dropout_prob))
+    if ours != theirs:
+        changed = "; ".join(f"{k} {theirs[k]}, the teacher's {v}" for k, v in ours.items() if theirs[k] != v)
+        raise ValueError(f"--student-init {ck.path} is not a DiT of the teacher's architecture ({changed}); pass a student of this teacher, such as an earlier distillation's model/.")
+    return ck.state
+
+
 def student_velocity(trainer, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
     """The student's velocity at flow time t, in float32."""
-    return trainer.net(x, t * trainer.objective.time_scale, y, **kwargs).float()[:, : x.shape[1]]
+    return trainer.objective.velocity(lambda *a, **k: trainer.net(*a, **k).float(), x, t, y=y, **kwargs)
 
 
 def frozen_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
@@ -330,60 +276,3 @@ def frozen_copy(model: torch.nn.Module, state: dict) -> torch.nn.Module:
     copy_ = copy.deepcopy(model)
     copy_.load_state_dict(state)
     return copy_.requires_grad_(False).eval()
-
-
-class Distiller:
-    """A distillation run: ditkit train's Trainer with the Distillation task. Its step, data, loop
-    and state are the trainer's; the task holds what is the method's (the phase, the reflow pairs)."""
-
-    def __init__(self, cfg: DistillConfig):
-        resume_from = None
-        if cfg.resume:  # the run's own distillation settings, then the trainer resumes the same file
-            resume_from = resume_checkpoint(cfg.resume, Path(cfg.results_dir))
-            saved = read_pt(resume_from).get("distill")
-            if not isinstance(saved, dict):
-                raise ValueError(f"{resume_from} is not a checkpoint of ditkit distill; resume it with ditkit train, or pass a distillation run.")
-            cfg = resume_config(cfg, saved, resume_from, RESUME_FREE)
-        resolve_device(cfg.device)  # a bad --device fails before the teacher loads
-        self.task = Distillation(cfg, load_teacher(cfg.teacher, torch.device("cpu")))  # onto this process's device in prepare()
-        self.trainer = Trainer(self.task.train_config(resume_from), self.task)
-
-    @property
-    def step(self) -> int:
-        return self.trainer.step
-
-    @step.setter
-    def step(self, value: int) -> None:
-        self.trainer.step = value
-
-    @property
-    def exp_dir(self) -> Path:
-        return self.trainer.exp_dir
-
-    @property
-    def phase(self) -> int:
-        return self.task.phase
-
-    @property
-    def pairs(self):
-        return self.task.pairs
-
-    @pairs.setter
-    def pairs(self, value) -> None:
-        self.task.pairs = value
-
-    def make_pairs(self):
-        return self.task.make_pairs(self.trainer)
-
-    def loader(self):
-        return self.trainer.loader()
-
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.trainer.train_step(x, y)
-
-    def run(self) -> Path:
-        return self.trainer.run()
-
-
-def run_distill(cfg: DistillConfig) -> Path:
-    return Distiller(cfg).run()
