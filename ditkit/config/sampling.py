@@ -234,3 +234,5 @@ class RecordedSampling(Config):
     cfg_scale: float | None = field(default=None, metadata=_same_as_flag("cfg_scale"))
     cfg_interval: tuple[float, ...] = field(default=(), metadata=_same_as_flag("cfg_interval"))
     time_shift: float | None = field(default=None, metadata=_same_as_flag("time_shift"))
+    apg_eta: float | None = field(default=None, metadata=_same_as_flag("apg_eta"))
+    guide: str | None = field(default=None, metadata=option("autoguidance's guide, a folder relative to the model's ('none': classifier-free guidance)"))
