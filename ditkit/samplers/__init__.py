@@ -14,19 +14,21 @@ from typing import Callable
 
 import torch
 
-from ..config import SAMPLER_OBJECTIVE, MMDiTConfig
+from ..config import SAMPLER_OBJECTIVE, MMDiTConfig, samplers_for
 from ..models.mmdit import TextCondition
 from ..objectives import objective_name
 from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
+from .meanflow import meanflow
 from .guidance import autocast_model, cfg_model, embedded_cfg_model
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
     "euler": euler, "heun": heun, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
+    "meanflow": meanflow,
 }  # fmt: skip
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
-DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler"}
+DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler", "meanflow": "meanflow"}
 
 __all__ = ["SAMPLERS", "sample", "cfg_model", "autocast_model", "check_labels", "check_condition", "check_sampler", "check_embedded_guidance"]
 
@@ -52,9 +54,8 @@ def check_sampler(sampler: str, objective: str) -> None:
     """One sentence when a sampler does not integrate the objective it is given."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-    if SAMPLER_OBJECTIVE[sampler] != objective:
-        fits = ", ".join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)
-        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {fits}.")
+    if sampler not in samplers_for(objective):
+        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {', '.join(samplers_for(objective))}.")
 
 
 def check_guidance(cfg_scale: float, cfg_channels: int | None, cfg_interval, channels: int) -> tuple[float, float] | None:
@@ -120,6 +121,8 @@ def sample(
     if not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta must be a finite number >= 0, got {eta}.")
     config = getattr(model, "config", None)
+    if sampler == "meanflow" and config is not None and getattr(config, "time_inputs", 1) != 2:
+        raise ValueError("the meanflow sampler needs a network that takes the interval (t, r), and this one takes one time; train it with --objective meanflow, or sample it with euler or heun.")
     if config is not None:
         check_condition(y, config)
         expected = (config.in_channels, config.input_size, config.input_size)
@@ -152,7 +155,7 @@ def sample(
     finally:
         model.train(was_training)
     out = out[: noise.shape[0]]
-    if kind == "flow" and clip_denoised:
+    if kind != "gaussian" and clip_denoised:
         out = out.clamp(-1, 1)
     if not torch.isfinite(out).all():
         raise FloatingPointError("sampling produced NaN or infinite values; use --precision fp32, fewer guidance, or more steps.")
