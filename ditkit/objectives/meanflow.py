@@ -105,9 +105,10 @@ class MeanFlow(FlowMatching):
         return torch.where(_expand(y == self.null_class, v), v, v_g)
 
     def training_losses(self, model_fn, data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, y=None, **model_kwargs):
-        """{"loss": (N,), "mse": (N,)}: the adaptively weighted ||u - sg(u_tgt)||^2 per sample, and
-        its plain per-element mean. `t` is draw_t's (N, 2); the last round(share * N) rows keep
-        their r, the others train at r = t."""
+        """{"loss": (N,), "mse": (N,)}: the adaptively weighted ||u - sg(u_tgt)||^2 per sample (at
+        p = 1 its value stays near 1, each sample's gradient normalised: "mse", the plain
+        per-element mean, is the error to watch). `t` is draw_t's (N, 2); the last
+        round(share * N) rows keep their r, the others train at r = t."""
         if t.ndim != 2 or t.shape[1] != 2:
             raise ValueError(f"MeanFlow trains on (t, r) pairs of shape (N, 2), got times of shape {tuple(t.shape)}; draw them with draw_t.")
         if noise is None:

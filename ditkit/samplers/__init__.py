@@ -19,8 +19,8 @@ from ..models.mmdit import TextCondition
 from ..objectives import objective_name
 from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
-from .meanflow import meanflow
 from .guidance import autocast_model, cfg_model, embedded_cfg_model
+from .meanflow import meanflow
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,

@@ -5,7 +5,6 @@ evaluation per sample. Guidance is already in the network (trained in), so it sa
 
 from __future__ import annotations
 
-import torch
 from tqdm.auto import tqdm
 
 from ..objectives.meanflow import MeanFlow
