@@ -1,12 +1,18 @@
 """Guidance for a trained model, measured: FD-EffNet against class accuracy over guidance scales,
-with and without a guidance interval, at one sampler and step count; a table and a plot.
+for classifier-free guidance (on all steps, or in an interval) and for autoguidance by weaker
+models of the same data, at one sampler and step count; a table and a plot.
 
-    python bench/guidance_sweep.py --ckpt ditkit/assets/fashion-mnist --sampler heun2 --steps 5 \\
+    python bench/guidance_sweep.py --ckpt ditkit/assets/fashion-mnist --sampler heun --steps 5 \\
         --scales 1 1.5 2 3 4 --intervals none 0.1,1 0.3,1 --out docs/guidance
+    python bench/guidance_sweep.py --ckpt bundled --sampler heun --steps 3 --scales 1.5 2 3 \\
+        --intervals none --guide small-1k=RUN/checkpoints/0001000.pt --out docs/guidance/auto
 
 Each point samples N images with uniform seeded labels (the same labels and noise for every point)
-and scores them against the Fashion-MNIST test set; `evals` counts network rows per sample
-(a guided evaluation is two: cond and null). Resumable: finished points are kept in OUT/guidance.json.
+and scores them against the Fashion-MNIST test set. `evals` counts network evaluations per sample
+(a classifier-free guided evaluation runs cond and null as one batch and counts once, two rows;
+autoguidance runs the model and the guide: two evaluations, one row each), `rows` network rows
+per sample. Resumable: finished points are kept in OUT/guidance.json. `--guide none` (the default)
+is classifier-free guidance.
 """
 
 from __future__ import annotations
@@ -28,17 +34,27 @@ def parse_interval(text: str):
     return None if text == "none" else tuple(float(v) for v in text.split(","))
 
 
+def curve_name(guide: str, interval: str, apg: float | None = None) -> str:
+    what = ("CFG" if guide == "none" else f"autoguidance by {guide}") + ("" if apg is None else f" + APG eta {apg:g}")
+    return what + (" on all steps" if interval == "none" else f" for t in [{interval.replace(',', ', ')}]")
+
+
+def curve(p: dict) -> tuple:
+    return p.get("guide", "none"), p["interval"], p.get("apg_eta")
+
+
 def plot(points: dict, out: Path, real_fd: float | None, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for interval in sorted({p["interval"] for p in points.values()}):
-        pts = sorted((p["scale"], p["fd"], p["accuracy"]) for p in points.values() if p["interval"] == interval)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    curves = sorted({curve(p) for p in points.values()}, key=str)
+    for guide, interval, apg in curves:
+        pts = sorted((p["scale"], p["fd"], p["accuracy"]) for p in points.values() if curve(p) == (guide, interval, apg))
         scale, fd, acc = zip(*pts)
-        ax.plot(acc, fd, marker="o", label="guidance on all steps" if interval == "none" else f"guidance for t in [{interval.replace(',', ', ')}]")
+        ax.plot(acc, fd, marker="o" if guide == "none" else "s", ls="-" if interval == "none" else "--", label=curve_name(guide, interval, apg))
         for s, f, a in pts:
             ax.annotate(f"{s:g}", (a, f), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if real_fd:
@@ -47,7 +63,7 @@ def plot(points: dict, out: Path, real_fd: float | None, title: str) -> None:
     ax.set_ylabel("FD-EffNet (lower is better)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     ax.set_title(f"{title}: guidance scale (labels) against quality and class fidelity", fontsize=9)
     fig.tight_layout()
     fig.savefig(out / "guidance.png", dpi=130)
@@ -60,6 +76,9 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     p.add_argument("--intervals", nargs="+", default=["none", "0.1,1", "0.3,1"])
+    p.add_argument("--guide", action="append", default=[], metavar="NAME=CKPT",
+                   help="autoguidance by this weaker model (repeat for more; 'none': classifier-free guidance, the default)")
+    p.add_argument("--apg-eta", type=float, help="APG: keep this fraction of the update parallel to the predicted image (default: plain guidance)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
@@ -70,30 +89,41 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     file = out / "guidance.json"
-    points = json.loads(file.read_text()).get("points", {}) if file.exists() else {}
-    pipe = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
-                                          compile=args.compile))
-    sampler, steps = pipe.sampling.sampler, pipe.sampling.steps
-    for interval_text in args.intervals:
-        for scale in args.scales:
-            key = f"{sampler}|{steps}|{scale:g}|{interval_text}"
-            if key in points or (scale == 1.0 and interval_text != "none"):
-                continue
-            pipe.sampling = replace(pipe.sampling, cfg_scale=scale)
-            r = run_point(pipe, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz")
-            points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, **r}
-            file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "points": points}, indent=2))
-            print(key, json.dumps(points[key]), flush=True)
+    saved = json.loads(file.read_text()) if file.exists() else {}
+    points, guides = saved.get("points", {}), saved.get("guides", {})
+    for spec in args.guide or ["none"]:
+        name, _, path = spec.partition("=")
+        if name != "none":
+            guides[name] = path
+        variant = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
+                                                guide_ckpt=path or "none", apg_eta=args.apg_eta, compile=args.compile))  # checks the guide against the model
+        sampler, steps = variant.sampling.sampler, variant.sampling.steps
+        for interval_text in args.intervals:
+            for scale in args.scales:
+                key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}") + ("" if args.apg_eta is None else f"|apg{args.apg_eta:g}")
+                if key in points or (scale == 1.0 and (interval_text != "none" or name != "none")):
+                    continue
+                variant.sampling = replace(variant.sampling, cfg_scale=scale)
+                r = run_point(variant, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz")
+                points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, "apg_eta": args.apg_eta, **r}
+                file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "guides": guides, "points": points}, indent=2))
+                print(key, json.dumps(points[key]), flush=True)
     (out / "tmp.npz").unlink(missing_ok=True)
-    for p_ in list(points.values()):  # the unguided point belongs to every interval's curve
-        if p_["scale"] == 1.0:
-            for interval_text in args.intervals:
-                points.setdefault(f"{sampler}|{steps}|1|{interval_text}", {**p_, "interval": interval_text})
+    curves = {curve(p_) for p_ in points.values()}
+    for p_ in [p_ for p_ in points.values() if p_["scale"] == 1.0]:  # the unguided point belongs to every curve
+        for guide, interval_text, apg in curves:
+            key = f"{sampler}|{steps}|1|{interval_text}" + ("" if guide == "none" else f"|{guide}") + ("" if apg is None else f"|apg{apg:g}")
+            points.setdefault(key, {**p_, "interval": interval_text, "guide": guide, "apg_eta": apg})
     plot(points, out, args.real_fd, f"{sampler}, {steps} steps, {args.num_samples} samples")
-    lines = ["| scale | guidance | evals/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|"]
-    for p_ in sorted(points.values(), key=lambda p_: (p_["interval"], p_["scale"])):
-        lines.append(f"| {p_['scale']:g} | {'all steps' if p_['interval'] == 'none' else 't in [' + p_['interval'].replace(',', ', ') + ']'} | "
-                     f"{p_['forwards']:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")
+    lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|---|---|"]
+    for p_ in sorted(points.values(), key=lambda p_: (str(curve(p_)), p_["scale"])):
+        guide, _, apg = curve(p_)
+        what = "none" if p_["scale"] == 1 else curve_name(guide, "none", apg).removesuffix(" on all steps")
+        evals, rows = p_["nfe"] + p_.get("guide_nfe", 0), p_["forwards"] + p_.get("guide_forwards", 0)
+        lines.append(f"| {what} | {p_['scale']:g} | {'all' if p_['interval'] == 'none' else '[' + p_['interval'].replace(',', ', ') + ']'} | "
+                     f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")  # fmt: skip
+    if guides:
+        lines += ["", "Guides: " + "; ".join(f"{k} = `{v}`" for k, v in sorted(guides.items()))]
     (out / "guidance.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -57,6 +57,14 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         rows[0] += len(args[0])
 
     hook = pipe.network.register_forward_pre_hook(count)
+    guide_calls, guide_rows = [0], [0]
+    guide = getattr(pipe, "guide_network", None)  # autoguidance: the guide's evaluations count too
+
+    def count_guide(module, args):
+        guide_calls[0] += 1
+        guide_rows[0] += len(args[0])
+
+    guide_hook = guide.register_forward_pre_hook(count_guide) if guide is not None else None
     labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -72,10 +80,13 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         images.append(to_uint8(z))
     seconds = time.perf_counter() - start
     hook.remove()
+    if guide_hook is not None:
+        guide_hook.remove()
     batches = -(-n // batch)
     path = save_npz(tmp, arr_0=np.concatenate(images), labels=labels)
     metrics = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
-    return {"nfe": calls[0] / batches, "forwards": rows[0] / n, "seconds": seconds, "fd": metrics["FD-EffNet"], "accuracy": metrics["accuracy"]}
+    guided = {"guide_nfe": guide_calls[0] / batches, "guide_forwards": guide_rows[0] / n} if guide is not None else {}
+    return {"nfe": calls[0] / batches, "forwards": rows[0] / n, **guided, "seconds": seconds, "fd": metrics["FD-EffNet"], "accuracy": metrics["accuracy"]}
 
 
 def plot(results: dict, out: Path, reference: dict) -> None:

@@ -7,9 +7,12 @@ the same sample count) and class accuracy (beside the classifier's own test accu
     python bench/time_to_quality.py --minutes 5 --ablate                  # fmnist-fast, each ingredient off in turn
     python bench/time_to_quality.py --recipe fmnist-fast --set lr=2e-3    # one recipe with a change
 
-A variant that changes only the sampling (the guidance interval) samples fmnist-fast's model from
-the same run. Model evaluations per sample are counted at the network (a guided step is two, cond and null;
-an unguided step outside the guidance interval is one). Results go to OUT/NAME/ and OUT/results.json.
+A variant that changes only the sampling (the guidance interval, the post-hoc EMA length, autoguidance
+by the run's own earlier EMA) samples fmnist-fast's model from the same run: --ablate trains with
+--ema-profiles 0.05 0.10, which changes nothing in training, so that `ditkit ema` can make those
+models afterwards. Rows per sample are counted at the networks (a classifier-free guided step is
+two, cond and null; an autoguided step one through the model and one through the guide; an
+unguided step outside the guidance interval is one). Results go to OUT/NAME/ and OUT/results.json.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditkit.cli import load_config_file  # noqa: E402
-from ditkit.config import EvalConfig, SampleNpzConfig, TrainConfig  # noqa: E402
+from ditkit.config import EMAConfig, EvalConfig, SampleNpzConfig, TrainConfig  # noqa: E402
+from ditkit.ema import run_ema  # noqa: E402
 from ditkit.eval.classifier import load_classifier  # noqa: E402
 from ditkit.eval.evaluate import evaluate  # noqa: E402
 from ditkit.eval.npz import save_npz  # noqa: E402
 from ditkit.pipeline import default_sampling, load_pipeline, to_uint8  # noqa: E402
 from ditkit.train import Trainer  # noqa: E402
+from ditkit.train.posthoc import list_snapshots  # noqa: E402
 
 # The paper's recipe (AdamW 1e-4, batch 256, EMA 0.9999, uniform t, eps + VB loss, no warm-up)
 # at the model size of fmnist-cpu and the bundled model: DiT-S/4 at width 192, depth 8; sampled
@@ -58,8 +63,16 @@ ABLATIONS = {
     "- power EMA (constant 0.9999)": dict(ema_schedule="constant", ema_decay=0.9999),
     "- guidance interval": dict(default_cfg_interval=()),
     "- bf16 + compile (fp32, eager)": dict(precision="fp32", compile=False),
+    "+ x-prediction (JiT: predict the image, velocity loss)": dict(prediction="data"),
+    "+ post-hoc EMA length 0.05": dict(posthoc_length=0.05),
+    "+ post-hoc EMA length 0.15": dict(posthoc_length=0.15),
+    "+ post-hoc EMA length 0.20": dict(posthoc_length=0.20),
+    # Autoguidance by the same run's EMA a quarter of the way in (no extra training), Heun 3 steps: 5 + 5 evaluations.
+    "+ autoguidance by its own EMA at 1/4 of the run (Heun 3, scale 2)": dict(guide_at=0.25, guide_length=0.05, default_steps=3, default_cfg_scale=2.0,
+                                                                              default_cfg_interval=()),  # fmt: skip
     "fmnist-fast, seed 1 (the spread of a rerun)": dict(global_seed=1),
 }
+SAMPLING_ONLY = ("default_", "posthoc_length", "guide_")  # variants that reuse fmnist-fast's model
 
 
 def recipe_values(spec) -> dict:
@@ -79,16 +92,32 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def posthoc_models(run: Path, change: dict, out: Path) -> tuple[Path, Path | None]:
+    """(the model to sample, its autoguidance guide or None) of a sampling-only variant: the run's
+    EMA of another length, and the run's EMA part of the way in as the guide (ditkit ema)."""
+    steps = max(step for _, step, _ in list_snapshots(run))
+    model = run / "model"
+    if "posthoc_length" in change:
+        model = run_ema(EMAConfig(run=str(run), length=(change["posthoc_length"],), out=str(out / "model")))[0]
+    guide = None
+    if "guide_at" in change:
+        at = max(s for _, s, _ in list_snapshots(run) if s <= change["guide_at"] * steps)
+        guide = run_ema(EMAConfig(run=str(run), length=(change["guide_length"],), step=at, out=str(out / "guide")))[0]
+    return model, guide
+
+
 @torch.no_grad()
-def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, recipe: dict | None = None) -> dict:
+def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, recipe: dict | None = None, guide: Path | None = None) -> dict:
     """Sample n images with uniform seeded labels and the model's recorded sampling (or what a run
-    of `recipe` would record: its default_* settings); evaluate them."""
-    pipe = load_pipeline(SampleNpzConfig(ckpt=str(model_dir), device="cpu"))
+    of `recipe` would record: its default_* settings), autoguided by `guide` if given; evaluate them."""
+    pipe = load_pipeline(SampleNpzConfig(ckpt=str(model_dir), device="cpu", guide_ckpt=str(guide) if guide else "none"))
     if recipe is not None:
         s = default_sampling(pipe.objective, **{k.removeprefix("default_"): v for k, v in recipe.items() if k.startswith("default_")})
         pipe.sampling = replace(pipe.sampling, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval)
     rows = [0]
-    pipe.network.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
+    for network in (pipe.network, pipe.guide_network):
+        if network is not None:
+            network.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
     labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
     torch.manual_seed(seed)
     start = time.perf_counter()
@@ -96,7 +125,7 @@ def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, 
     seconds = time.perf_counter() - start
     path = save_npz(out / "samples.npz", arr_0=images, labels=labels)
     metrics = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
-    return {"sampling": pipe.sampling.describe(), "evals_per_sample": rows[0] / n, "sample_s": seconds, **metrics}
+    return {"sampling": pipe.describe_sampling(), "evals_per_sample": rows[0] / n, "sample_s": seconds, **metrics}
 
 
 def train(name: str, values: dict, out: Path, minutes: float | None, steps: int | None) -> tuple[Path, dict]:
@@ -107,6 +136,7 @@ def train(name: str, values: dict, out: Path, minutes: float | None, steps: int 
     if steps is not None:
         values["max_steps"] = steps
         values.pop("max_minutes", None)
+    values = {k: v for k, v in values.items() if not k.startswith(SAMPLING_ONLY[1:])}
     values.setdefault("ckpt_every", 10**9)  # one checkpoint, at the end
     cfg = TrainConfig(**values)
     start = time.perf_counter()
@@ -132,7 +162,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.ablate:
-        base = recipe_values("fmnist-fast")
+        base = {**recipe_values("fmnist-fast"), "ema_profiles": (0.05, 0.10), "ema_snapshot_every": 250}  # snapshots for the post-hoc variants
         runs = {k: {**base, **v} for k, v in ABLATIONS.items() if not args.only or any(o in k for o in args.only)}
     else:
         names = args.recipe or list(RECIPES)
@@ -146,11 +176,13 @@ def main() -> None:
     for name, values in runs.items():
         folder = out / name.replace(" ", "_").replace("/", "_")
         change = ABLATIONS.get(name, {}) if args.ablate else {}
-        if change and all(k.startswith("default_") for k in change) and "fmnist-fast" in results:  # sampling alone: fmnist-fast's model
-            models = sorted((out / "fmnist-fast" / "runs").glob("*/model"))
+        if change and all(k.startswith(SAMPLING_ONLY) for k in change) and "fmnist-fast" in results:  # sampling alone: fmnist-fast's model
+            run = sorted((out / "fmnist-fast" / "runs").glob("*/model"))[-1].parent
             stats = {k: results["fmnist-fast"][k] for k in ("steps", "images", "train_s")}
             folder.mkdir(exist_ok=True)
-            scores = sample_and_score(models[-1], folder, args.num_samples, args.seed, args.batch, recipe={**values, **overrides})
+            model, guide = posthoc_models(run, change, folder)
+            recipe = {k: v for k, v in {**values, **overrides}.items() if not k.startswith(SAMPLING_ONLY[1:])}
+            scores = sample_and_score(model, folder, args.num_samples, args.seed, args.batch, recipe=recipe, guide=guide)
         else:
             exp, stats = train(name, {**values, **overrides}, folder, budget, args.steps)
             scores = sample_and_score(exp / "model", folder, args.num_samples, args.seed, args.batch)

@@ -19,7 +19,7 @@ import torch
 
 from ditkit.flops import measure
 from ditkit.config import TrainConfig
-from ditkit.train import Trainer
+from ditkit.train import ClassTask, Trainer
 
 # Official DiT code on one H100 (anchors.md): (model, batch, precision) -> images/s.
 OFFICIAL_H100 = {
@@ -54,14 +54,11 @@ def bench(model: str, batch: int, precision: str, compile: bool, steps: int, war
     latent = image_size // 8
     cfg = TrainConfig(model=model, global_batch_size=batch, precision=precision, compile=compile, device=device,
                       num_workers=0, results_dir="/tmp/ditkit-bench")  # fmt: skip
-    import ditkit.train as train_module
+    class InMemory(ClassTask):  # the step alone: latents already in memory, no data loading
+        def dataset(self, cfg, channels, d):
+            return LatentsInMemory(batch, latent)
 
-    real_build = train_module.build_dataset
-    train_module.build_dataset = lambda *a, **k: LatentsInMemory(batch, latent)
-    try:
-        trainer = Trainer(cfg)
-    finally:
-        train_module.build_dataset = real_build
+    trainer = Trainer(cfg, task=InMemory())
     dev = trainer.d.device
     x = torch.randn(batch, 4, latent, latent, device=dev)
     y = torch.randint(0, 1000, (batch,), device=dev)

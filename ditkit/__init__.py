@@ -9,22 +9,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # one source, read by pyproject.toml too
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "DiT": "models", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
+    "DiT": "checkpoints", "DiTConfig": "config", "PRESETS": "config", "ObjectiveConfig": "config",
     "GaussianDiffusion": "objectives", "FlowMatching": "objectives", "space_timesteps": "objectives.gaussian",
     "sample": "samplers", "SAMPLERS": "samplers", "cfg_model": "samplers",
     "MMDiT": "models.mmdit", "MMDiTConfig": "config", "MMDIT_PRESETS": "config", "TextCondition": "models.mmdit",
+    "UViT": "checkpoints", "UViTConfig": "config", "UVIT_PRESETS": "config",
 }  # fmt: skip
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # what a type checker sees: the same names, imported
     from .config import PRESETS as PRESETS, DiTConfig as DiTConfig, MMDiTConfig as MMDiTConfig, ObjectiveConfig as ObjectiveConfig
-    from .config import MMDIT_PRESETS as MMDIT_PRESETS
+    from .config import MMDIT_PRESETS as MMDIT_PRESETS, UVIT_PRESETS as UVIT_PRESETS, UViTConfig as UViTConfig
     from .models.mmdit import MMDiT as MMDiT, TextCondition as TextCondition
-    from .models import DiT as DiT
+    from .checkpoints import DiT as DiT, UViT as UViT
     from .objectives import FlowMatching as FlowMatching, GaussianDiffusion as GaussianDiffusion
     from .objectives.gaussian import space_timesteps as space_timesteps
     from .samplers import SAMPLERS as SAMPLERS, cfg_model as cfg_model, sample as sample

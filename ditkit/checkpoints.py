@@ -1,46 +1,57 @@
-"""Loading and saving DiT weights.
+"""Loading and saving DiT (and U-ViT) weights, in every format ditkit reads.
 
 Formats: the official release (`DiT-XL-2-256x256.pt`, a raw state dict; training checkpoints,
-a dict with `model`/`ema`/`opt`/`args`, of which `ema` is taken), and ditkit's own, a folder
-(or a `.safetensors` file) with `model.safetensors` and `config.json`. `.pt` files are read
-with `weights_only=True`: no arbitrary object is unpickled.
+a dict with `model`/`ema`/`opt`/`args`, of which `ema` is taken), the official U-ViT release
+(`imagenet256_uvit_huge.pth`, ..., raw state dicts told apart by their keys), ditkit's own, a folder
+(or a `.safetensors` file) with `model.safetensors` and `config.json`, and (through ditkit.hub)
+diffusers folders and Hugging Face Hub ids. `.pt`/`.pth` files are read with `weights_only=True`: no
+arbitrary object is unpickled.
+
+`ditkit.DiT` and `ditkit.UViT` are this module's: the networks of ditkit.models with
+`from_pretrained` and `save_pretrained`, which need the formats and so live above the models.
 """
 
 from __future__ import annotations
 
-import argparse
-import errno
 import json
 import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
-from .config import MMDiTConfig
-from .models import PRESET_SIZES, DiT, DiTConfig
+from . import hub
+from .config import PRESET_SIZES, UVIT_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, RecordedSampling, TextEncoderRecord, UViTConfig, from_record
+from .models import dit, uvit
 from .models.mmdit import MMDiT
+from .utils.devices import check_model_fits
+from .utils.io import atomic_write, read_json, read_pt, safetensors_save
+from .utils.runs import CONFIG_NAME, WEIGHTS_NAME, check_official_download
 
-WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
-META_KEYS = ("objective", "sampling", "text_encoder")  # what a ditkit checkpoint records beside the model config
-TMP_SUFFIX = ".tmp"  # atomic_write's temporaries: .NAME.XXXXXXXX.tmp beside NAME
+# What a ditkit checkpoint records beside the model config, and the config that checks each entry.
+RECORDS = {"objective": ObjectiveConfig, "sampling": RecordedSampling, "text_encoder": TextEncoderRecord}
+META_KEYS = tuple(RECORDS)
+ModelConfig = DiTConfig | MMDiTConfig | UViTConfig
 
-
-def read_pt(path: str | Path) -> dict:
-    """torch.load with weights_only=True; official training checkpoints carry an argparse.Namespace."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(
-            f"cannot read checkpoint {path}: it is not a PyTorch file of tensors ({type(e).__name__}); "
-            "check that the download finished and the path is right."
-        ) from None
+# How the official U-ViT code samples each released checkpoint (its eval scripts and configs):
+# (img_size, in_chans, embed_dim, depth) -> (its file, the objective, the sampling). The H models
+# were trained on Stable Diffusion's discrete schedule (the network sees n = k + 1) and sample with
+# DPM-Solver++; the others on the continuous VP SDE (the network sees 999 t) and sample with
+# DPM-Solver, the small pixel models with 1 000 Euler-Maruyama steps. Guidance: the official
+# scale s is eps_c + s (eps_c - eps_u), ditkit's cfg_scale 1 + s, on every channel.
+_SD_DISCRETE = {"objective": "gaussian", "betas": "scaled-linear", "time_offset": 1}
+_VP = {"objective": "vp"}
+UVIT_RELEASES = {
+    (32, 3, 512, 12): ("cifar10_uvit_small.pth", _VP, {"sampler": "euler-maruyama", "num_sampling_steps": 1000, "cfg_scale": 1.0}),
+    (64, 3, 512, 12): ("celeba64_uvit_small.pth", _VP, {"sampler": "euler-maruyama", "num_sampling_steps": 1000, "cfg_scale": 1.0}),
+    (64, 3, 768, 16): ("imagenet64_uvit_mid.pth", _VP, {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.0}),
+    (64, 3, 1024, 20): ("imagenet64_uvit_large.pth", _VP, {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.0}),
+    (32, 4, 1024, 20): ("imagenet256_uvit_large.pth", _VP, {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.4}),
+    (64, 4, 1024, 20): ("imagenet512_uvit_large.pth", _VP, {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.7}),
+    (32, 4, 1152, 28): ("imagenet256_uvit_huge.pth", _SD_DISCRETE, {"sampler": "dpm-solver++", "num_sampling_steps": 50, "cfg_scale": 1.4}),
+    (64, 4, 1152, 28): ("imagenet512_uvit_huge.pth", _SD_DISCRETE, {"sampler": "dpm-solver++", "num_sampling_steps": 50, "cfg_scale": 1.7}),
+}  # fmt: skip
 
 
 def _ditkit_files(path: Path) -> tuple[Path, Path] | None:
@@ -57,13 +68,14 @@ class Checkpoint:
     config is read off the shapes) and what ditkit records beside them ("objective", "sampling")."""
 
     state: dict[str, torch.Tensor]
-    config: DiTConfig | None
+    config: ModelConfig | None
     meta: dict
     path: Path
 
     @property
     def official(self) -> bool:
-        return self.path.suffix == ".pt" and self.config is None
+        """An official DiT .pt: sampled with the official code's guidance on three channels."""
+        return self.path.suffix == ".pt" and self.config is None and "x_embedder.proj.weight" in self.state
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
@@ -71,6 +83,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     checkpoint (its EMA weights), an official DiT or SiT .pt (raw, or a training dict's EMA)."""
     path = Path(path)
     if not path.exists():
+        check_official_download(path)
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file or a ditkit model folder.")
     files = _ditkit_files(path)
     if files is not None:
@@ -83,31 +96,53 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise ValueError(f"cannot read {weights}: not a valid safetensors file ({e}); re-export the model.") from None
         config, meta = None, {}
         if config_file.exists():
-            saved = json.loads(config_file.read_text())
-            config = config_from_dict(saved)
-            meta = {k: saved[k] for k in META_KEYS if k in saved}
+            saved = read_json(config_file)
+            config = config_from_dict(saved, str(config_file))
+            meta = read_records(saved, str(config_file))
         return Checkpoint(state, config, meta, path)
     obj = read_pt(path)
-    saved = config_from_dict(obj["model_config"]) if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict) else None
-    meta = {k: obj[k] for k in META_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)}
+    saved = config_from_dict(obj["model_config"], str(path), "model_config.") if isinstance(obj, dict) and obj.get("model_config") is not None else None
+    meta = read_records(obj, str(path)) if isinstance(obj, dict) else {}
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         obj = obj["ema"]  # official training checkpoint: sample from the EMA weights
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} is not a DiT checkpoint: it holds no state dict of tensors.")
+    if saved is None and not meta:
+        meta = official_uvit_meta(obj)
     return Checkpoint(obj, saved, meta, path)  # ditkit training checkpoints carry their model config
 
 
-def config_from_dict(d: dict) -> DiTConfig | MMDiTConfig:
-    """The model config a config.json records: an MMDiT's has a text width (context_dim)."""
-    cls = MMDiTConfig if "context_dim" in d else DiTConfig
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in known})
+def peek_config(path: Path) -> ModelConfig | None:
+    """The model config a ditkit model folder's config.json records, read without the weights (None
+    for other formats): what the flags can be checked against before anything large is read."""
+    files = _ditkit_files(Path(path))
+    return config_from_dict(read_json(files[1]), str(files[1])) if files and files[1].exists() else None
 
 
-def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
-    """The DiTConfig a state dict was made for, read off its shapes (None if it is not a DiT)."""
+def config_from_dict(d: dict, source: str = "the model config", prefix: str = "") -> ModelConfig:
+    """The model config a config.json (or a checkpoint's model_config) records, checked as flags
+    are: an MMDiT's has a text width (context_dim), a U-ViT's the official U-ViT names (embed_dim);
+    other names the file records are skipped."""
+    cls = (MMDiTConfig if "context_dim" in d else UViTConfig if "embed_dim" in d else DiTConfig) if isinstance(d, dict) else DiTConfig
+    return from_record(cls, d, source, prefix, strict=False)
+
+
+def read_records(saved: dict, source: str) -> dict:
+    """The entries a checkpoint records beside the model config ("objective", "sampling",
+    "text_encoder"), each checked by its config; kept as recorded."""
+    for key, cls in RECORDS.items():
+        if key in saved:
+            from_record(cls, saved[key], source, f"{key}.")
+    return {k: saved[k] for k in RECORDS if k in saved}
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | UViTConfig | None:
+    """The config a state dict was made for, read off its keys and shapes (None if it is neither a
+    DiT nor a U-ViT)."""
+    if "patch_embed.proj.weight" in state and "mid_block.attn.qkv.weight" in state:
+        return infer_uvit_config(state)
     try:
         hidden, cin, p, _ = state["x_embedder.proj.weight"].shape
         num_patches = state["pos_embed"].shape[1]
@@ -131,21 +166,67 @@ def infer_config(state: dict[str, torch.Tensor]) -> DiTConfig | None:
     )  # fmt: skip
 
 
-def describe(config: DiTConfig | MMDiTConfig) -> str:
+def infer_uvit_config(state: dict[str, torch.Tensor]) -> UViTConfig | None:
+    """The UViTConfig of an official U-ViT state dict. Heads are not in the shapes: the paper's count
+    for its widths, else 64-wide heads. A label table of 1001 rows (or 11, 101: classes + 1) holds
+    the null class of label dropout; the ImageNet 64 models' 1000 rows do not."""
+    try:
+        dim, cin, p, _ = state["patch_embed.proj.weight"].shape
+        tokens = state["pos_embed"].shape[1]
+        depth = 2 * sum(1 for k in state if k.startswith("in_blocks.") and k.endswith(".norm1.weight"))
+        fc1 = state["mid_block.mlp.fc1.weight"].shape[0]
+    except (KeyError, ValueError):
+        return None
+    rows = state["label_emb.weight"].shape[0] if "label_emb.weight" in state else -1
+    heads = {d: h for _, d, h in UVIT_SIZES.values()}.get(dim, max(1, dim // 64))
+    side = int(round((tokens - 1 - (rows > 0)) ** 0.5)) * p
+    return UViTConfig(
+        img_size=side, patch_size=p, in_chans=cin, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=fc1 / dim,
+        qkv_bias="mid_block.attn.qkv.bias" in state, mlp_time_embed="time_embed.0.weight" in state, num_classes=rows,
+        conv="final_layer.weight" in state, skip=depth == 0 or "out_blocks.0.skip_linear.weight" in state,
+        class_dropout_prob=0.1 if rows > 1 and rows % 10 == 1 else 0.0,
+    )  # fmt: skip
+
+
+def official_uvit_meta(state: dict[str, torch.Tensor]) -> dict:
+    """What the official U-ViT code samples a released checkpoint with ({"objective", "sampling"});
+    an unknown U-ViT gets the continuous VP SDE of the official train.py and train_ldm.py; {} for a DiT."""
+    c = infer_config(state)
+    if not isinstance(c, UViTConfig):
+        return {}
+    _, objective, sampling = UVIT_RELEASES.get((c.img_size, c.in_chans, c.embed_dim, c.depth), (None, _VP, {"sampler": "dpm-solver", "num_sampling_steps": 50}))
+    return {"objective": dict(objective), "sampling": dict(sampling)}
+
+
+def family(config) -> str:
+    return "U-ViT" if isinstance(config, UViTConfig) else "MMDiT" if isinstance(config, MMDiTConfig) else "DiT"
+
+
+def count(n: int, noun: str) -> str:
+    """"1 channel", "3 channels", "10 classes"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
+def describe(config: ModelConfig) -> str:
     """"DiT-XL/2 at 256 px (latent 32), 1000 classes" or the raw sizes for a custom config."""
+    size = f"{config.input_size * 8} px (latent {config.input_size})" if config.in_channels == 4 else f"{config.input_size} px"
+    if isinstance(config, UViTConfig):
+        name = next((f"U-ViT-{s}/{config.patch_size}" for s, (d, w, _) in UVIT_SIZES.items() if (d, w) == (config.depth, config.embed_dim)),
+                    f"a custom U-ViT (depth {config.depth}, width {config.embed_dim}, patch {config.patch_size})")  # fmt: skip
+        labels = (count(config.num_real_classes, "class") + (" + null" if config.null_class is not None else "")) if config.conditional else "unconditional"
+        return f"{name} at {size}, {count(config.in_channels, 'channel')}, {labels}"
     if isinstance(config, MMDiTConfig):
         return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
-                f"{config.in_channels} channels, text {config.context_dim} wide")  # fmt: skip
+                f"{count(config.in_channels, 'channel')}, text {config.context_dim} wide")  # fmt: skip
     name = next(
         (f"DiT-{s}/{config.patch_size}" for s, (d, h, n) in PRESET_SIZES.items()
          if (d, h) == (config.depth, config.hidden_size) and config.patch_size in (2, 4, 8)),
         f"a custom DiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size})",
     )  # fmt: skip
-    size = f"{config.input_size * 8} px (latent {config.input_size})" if config.in_channels == 4 else f"{config.input_size} px"
-    return f"{name} at {size}, {config.in_channels} channels, {config.num_classes} classes"
+    return f"{name} at {size}, {count(config.in_channels, 'channel')}, {count(config.num_classes, 'class')}"
 
 
-def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """load_state_dict(strict=True), failing with one sentence that says what does not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -157,80 +238,77 @@ def load_state_strict(model: DiT, state: dict[str, torch.Tensor], source: str = 
             if keys:
                 parts.append(f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
         like = infer_config(state)
-        hint = f"; it looks like {describe(like)}" if like else "; it does not look like a DiT checkpoint"
+        if like is not None and family(like) != family(model.config):
+            raise ValueError(f"{source} holds {describe(like)}, not a {family(model.config)}; pass a {family(like)} preset as --model "
+                             f"({'U-ViT-*' if isinstance(like, UViTConfig) else 'DiT-*'}) or drop --model to use the checkpoint's own.")  # fmt: skip
+        hint = f"; it looks like {describe(like)}" if like else "; it does not look like a DiT or U-ViT checkpoint"
         raise ValueError(f"{source} does not fit {describe(model.config)}: {'; '.join(parts)}{hint}. Pick the matching --model, --image-size and --num-classes.")
     model.load_state_dict(state, strict=True)
 
 
-def load_model(path: str | Path | Checkpoint, config: DiTConfig | MMDiTConfig | None = None) -> DiT | MMDiT:
-    """A DiT (or MMDiT) with the checkpoint's weights: `config` if given, else the checkpoint's own
-    config (ditkit format) or the config read off its shapes (official files)."""
+class UViT(uvit.UViT):
+    """The U-ViT of ditkit.models with the Hugging Face way of loading and saving it."""
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> UViT:
+        """A U-ViT in eval mode from a ditkit folder or an official U-ViT .pth (loaded strict)."""
+        model = load_pretrained(name)
+        if not isinstance(model, uvit.UViT):
+            raise ValueError(f"{name} holds {describe(model.config)}, not a U-ViT; load it with ditkit.DiT.from_pretrained.")
+        return model
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """folder/model.safetensors + folder/config.json (the UViTConfig), which from_pretrained reads."""
+        return save_pretrained(self, self.config, folder)
+
+
+class DiT(dit.DiT):
+    """The DiT of ditkit.models with the Hugging Face way of loading and saving it."""
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> DiT:
+        """A DiT in eval mode from a ditkit folder, an official .pt, a diffusers DiTPipeline or
+        DiTTransformer2DModel folder, or the Hugging Face Hub id of any of these (fetched while online)."""
+        return load_pretrained(name)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """folder/model.safetensors + folder/config.json (the DiTConfig), which from_pretrained reads."""
+        return save_pretrained(self, self.config, folder)
+
+
+def read_any(name: str | os.PathLike) -> Checkpoint:
+    """Every format ditkit reads, by path or Hub id."""
+    path = hub.resolve(name)
+    if hub.is_diffusers(path):
+        config, state, meta = hub.read_diffusers(path)
+        return Checkpoint(state, config, read_records(meta, str(path / hub.DITKIT_RECORD)), path)
+    if path.is_dir() and not (path / WEIGHTS_NAME).exists():
+        pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
+        if len(pts) == 1:
+            return read_checkpoint(pts[0])
+    return read_checkpoint(path)
+
+
+def load_pretrained(name: str | os.PathLike) -> DiT:
+    """`DiT.from_pretrained`: a DiT in eval mode from any format ditkit reads, by path or Hub id."""
+    return load_model(read_any(name))
+
+
+def load_model(path: str | Path | Checkpoint, config: ModelConfig | None = None) -> DiT | MMDiT | UViT:
+    """A DiT (or MMDiT, or U-ViT) with the checkpoint's weights: `config` if given, else the
+    checkpoint's own config (ditkit format) or the config read off its shapes (official files)."""
     ck = path if isinstance(path, Checkpoint) else read_checkpoint(path)
     config = config or ck.config or infer_config(ck.state)
     if config is None:
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
-    model = MMDiT(config) if isinstance(config, MMDiTConfig) else DiT(config)
+    files = _ditkit_files(ck.path)
+    check_model_fits(config, torch.device("cpu"), source=f"{files[1] if files else ck.path}: ")  # built on the CPU first
+    model = MMDiT(config) if isinstance(config, MMDiTConfig) else UViT(config) if isinstance(config, UViTConfig) else DiT(config)
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()
 
 
-class NoSpaceError(OSError):
-    """The disk filled up during an atomic write; the file it was replacing is untouched."""
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), fsync it, rename it over `path` and fsync the folder: a crash or a power
-    loss leaves the old file or the new one, never half of one. A full disk raises NoSpaceError."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    os.close(fd)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-        _fsync(path.parent)  # the rename itself reaches the disk
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise NoSpaceError(f"no space left on {path.parent} while writing {path.name}") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_temporaries(folder: str | Path, name: str = "*") -> None:
-    """Delete what interrupted atomic writes of `folder/name` left behind (.NAME.XXXXXXXX.tmp, each
-    as large as the file it was to become)."""
-    for tmp in Path(folder).glob(f".{name}.*{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-
-
-def torch_save(obj, path: str | Path) -> None:
-    """torch.save through a Python file, so a full disk raises OSError(ENOSPC) and not torch's
-    "unexpected pos" RuntimeError."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def safetensors_save(state: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """safetensors' bytes written through a Python file: its own save_file can miss a write error."""
-    with open(path, "wb") as f:
-        f.write(safetensors.torch.save(state, metadata=metadata))
-
-
-def save_pretrained(model_or_state, config: DiTConfig | MMDiTConfig, folder: str | Path, extra: dict | None = None) -> Path:
+def save_pretrained(model_or_state, config: ModelConfig, folder: str | Path, extra: dict | None = None) -> Path:
     """ditkit's format: folder/model.safetensors + folder/config.json (DiTConfig fields + extra)."""
     folder = Path(folder)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import importlib
 import sys
-import tomllib
 import typing
-from pathlib import Path
 from typing import Any, Callable
 
 from . import config
-from .config import _unwrap
+from .config import build_config, flag, leaf_fields, leaf_hints, unwrap_optional
+from .config.files import RECIPE_COMMAND, RECIPES, load_config_file, recipe_names  # noqa: F401 (RECIPES: tests)
+from .version import __version__
 
 # name -> (config class, module and function that run it, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -24,23 +24,23 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "sample-npz": ("SampleNpzConfig", "ditkit.generate", "run_sample_npz", "sample N images into an ADM-evaluator .npz (torchrun for many processes)"),
     "eval": ("EvalConfig", "ditkit.eval.evaluate", "run_eval", "FD-EffNet, accuracy; FID, sFID, IS, precision, recall with the Inception weights"),
     "train": ("TrainConfig", "ditkit.train", "run_train", "train a DiT (torchrun for many processes)"),
-    "distill": ("DistillConfig", "ditkit.distill", "run_distill", "distil a flow teacher: guidance as an input, or few-step students (progressive, reflow)"),
-    "extract": ("ExtractConfig", "ditkit.data", "run_extract", "encode a dataset with the VAE into a latent store"),
+    "distill": ("DistillConfig", "ditkit.distill", "run_distill", "distil a flow teacher: guidance as an input, or few-step students (progressive, reflow, add, ladd)"),
+    "extract": ("ExtractConfig", "ditkit.data.extract", "run_extract", "encode a dataset with the VAE into a latent store"),
     "flops": ("FlopsConfig", "ditkit.flops", "run_flops", "the paper's params / Gflops table for DiT configs"),
     "study": ("StudyConfig", "ditkit.study", "run_study", "train and score a grid of configs (size x patch, blocks, U-Net): the paper's scaling plots"),
     "serve": ("ServeConfig", "ditkit.serve", "run_serve", "a web page and JSON API over a checkpoint, batching requests that arrive together"),
     "dpo": ("DPOConfig", "ditkit.dpo", "run_dpo", "Diffusion-DPO with a LoRA: prefer the model's own samples that a judge (the classifier) ranks higher"),
-    "export": ("ExportConfig", "ditkit.hub", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
+    "export": ("ExportConfig", "ditkit.export", "run_export", "convert a checkpoint to a diffusers DiTPipeline folder, or any format to ditkit's"),
+    "ema": ("EMAConfig", "ditkit.ema", "run_ema", "post-hoc EMA: the EMA of any length from a run's --ema-profiles snapshots, as a model folder"),
 }
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    hints = leaf_hints(cls)
+    for f in leaf_fields(cls):
         if not f.init or f.metadata.get("cli") is False:
             continue
-        tp, _ = _unwrap(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        tp, _ = unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f.metadata.get("help", "")
         if default is not None and default != () and tp is not bool:
@@ -56,44 +56,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = tp
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(flag, *f.metadata.get("aliases", ()), **kwargs)
-
-
-RECIPES = Path(__file__).parent / "recipes"
-RECIPE_COMMAND = "train"  # the shipped recipes are training settings
-
-
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.toml"))
-
-
-def load_config_file(path: str | Path, command: str = RECIPE_COMMAND) -> dict:
-    """Settings from a TOML/JSON file, or (for `ditkit train`) a recipe shipped with ditkit by name."""
-    path = Path(path)
-    recipe = RECIPES / f"{path}.toml"
-    if not path.exists() and recipe.exists():
-        if command != RECIPE_COMMAND:
-            raise ValueError(f"{path} is a training recipe: use it with ditkit {RECIPE_COMMAND} --config {path}, and give ditkit {command} "
-                             "its flags or a .toml file of its own settings.")  # fmt: skip
-        path = recipe
-    if not path.exists():
-        known = f" or a recipe name ({', '.join(recipe_names())})" if command == RECIPE_COMMAND else ""
-        raise FileNotFoundError(f"config file {path} does not exist; pass a .toml or .json file{known}.")
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as e:
-        raise ValueError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}.") from None
-    return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def build_config(cls: type, values: dict) -> Any:
-    """The config from a dict of field values; unknown names fail with the list of known ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(names))}.")
-    return cls(**values)  # validated (types, ranges) by the config itself
+        parser.add_argument(flag(f.name), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def parse_config(cls: type, args: argparse.Namespace) -> Any:
@@ -107,18 +70,16 @@ def _config_class(command: str) -> type:
 
 
 def _runner(command: str) -> Callable:
-    import importlib
-
+    # The command's module loads when it runs, so --help and argument errors answer without torch.
     _, module_name, fn_name, _ = COMMANDS[command]
     return getattr(importlib.import_module(module_name), fn_name)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(prog="ditkit", description="Diffusion Transformers: train, sample, evaluate.")
     parser.add_argument("--version", action="version", version=f"ditkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> the command's parser, which answers for its own flags
     for name, (_, _, _, help_text) in COMMANDS.items():
         cls = _config_class(name)
         p = sub.add_parser(name, help=help_text, description=(cls.__doc__ or help_text).strip())
@@ -129,7 +90,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's usage, not the top-level one
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         cfg = parse_config(_config_class(args.command), args)
         result = _runner(args.command)(cfg)

@@ -26,14 +26,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write
-from .config import DPOConfig, SamplingOptions
+from .config import DPOConfig, EvalConfig, SamplingOptions
+from .eval.classifier import classifier_judge, classifier_predictions, load_classifier
+from .eval.evaluate import evaluate
 from .lora import ADAPTER_WEIGHTS, adapter_disabled, add_lora, save_adapter
-from .pipeline import BUNDLED_NAME, Pipeline, decode, load_pipeline, to_uint8, vae_factor
+from .pipeline import Pipeline, load_pipeline
+from .utils.images import to_uint8
+from .utils.io import atomic_write, save_npz
+from .utils.runs import BUNDLED_NAME
+from .utils.vae import decode, vae_factor
 
 Judge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 LOG_COLUMNS = ("step", "loss", "implicit_acc", "reward_margin", "elapsed_s")
@@ -86,11 +92,7 @@ def make_pairs(scores: torch.Tensor, y: torch.Tensor, min_margin: float = 0.0) -
 def evaluate_samples(pipe: Pipeline, cfg: DPOConfig, path: Path) -> dict:
     """Unguided samples (classes cycled, fixed seed) written to `path`, and their class accuracy and
     (above 1280 samples) FD-EffNet against the Fashion-MNIST test split."""
-    from .config import EvalConfig
-    from .eval.evaluate import evaluate
-    from .eval.npz import save_npz
-
-    y = torch.arange(cfg.eval_samples) % pipe.config.num_classes
+    y = torch.arange(cfg.eval_samples) % pipe.config.num_real_classes
     _, images = sample_images(pipe, y, cfg.seed + 1, cfg.sample_batch_size, desc=f"evaluate {path.stem}")
     save_npz(path, arr_0=to_uint8(images), labels=y.numpy())
     metrics = ("accuracy", "FD-EffNet") if cfg.eval_samples > 1280 else ("accuracy",)
@@ -101,10 +103,6 @@ def paired_change(before: Path, after: Path) -> dict:
     """Accuracy change between two evaluations drawn with the same labels and noise, sample by sample:
     how many samples the shipped classifier recognises only after (fixed) or only before (broken),
     and the standard error of the change, which pairing makes smaller than either accuracy's own."""
-    import numpy as np
-
-    from .eval.classifier import classifier_predictions, load_classifier
-
     model = load_classifier()[0]
     with np.load(before) as b, np.load(after) as a:
         labels = b["labels"]
@@ -123,10 +121,11 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         raise FileExistsError(f"{out / 'adapter'} already holds an adapter; pass another --out (or remove it) to run again.")
     pipe = load_pipeline(SamplingOptions(ckpt=cfg.ckpt, vae=cfg.vae, sampler=cfg.sampler, num_sampling_steps=cfg.num_sampling_steps,
                                          cfg_scale=cfg.cfg_scale, device=cfg.device))  # fmt: skip
+    if pipe.config.conditioning != "class":
+        raise ValueError(f"{pipe.source} is a text-to-image model, and ditkit dpo tunes class-conditional ones (its judge scores each sample "
+                         "against the class it was drawn for); pass --ckpt with a class-conditional model.")  # fmt: skip
     model, objective, device = pipe.model, pipe.objective, pipe.device
     if judge is None:
-        from .eval.classifier import classifier_judge
-
         judge = classifier_judge(cfg.judge, device)
     c = pipe.config
     shape = (c.in_channels, c.input_size, c.input_size)
@@ -135,10 +134,10 @@ def run_dpo(cfg: DPOConfig, judge: Judge | None = None) -> Path:
         shape = (pipe.vae.config.out_channels, c.input_size * factor, c.input_size * factor)
     judge(torch.zeros(1, *shape, device=device), torch.full((1,), c.num_classes - 1, device=device))  # a judge that cannot score these fails before sampling
     out.mkdir(parents=True, exist_ok=True)
-    print(f"dpo: {pipe.describe_source()} sampled with {pipe.sampling.describe()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
+    print(f"dpo: {pipe.describe_source()} sampled with {pipe.describe_sampling()}, beta {cfg.beta:g}, LoRA rank {cfg.lora_rank}", flush=True)
 
     # 1. The model's own samples, judged, paired within each class.
-    num_classes = pipe.config.num_classes
+    num_classes = pipe.config.num_real_classes
     y = torch.arange(num_classes).repeat_interleave(cfg.samples_per_class)
     latents, images = sample_images(pipe, y, cfg.seed, cfg.sample_batch_size, desc="pair samples")
     scores = torch.cat([judge(part.to(device), labels.to(device)).float().cpu() for part, labels in

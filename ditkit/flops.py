@@ -1,4 +1,4 @@
-"""Parameters and multiply-adds of a DiT forward, counted from the operations it really runs.
+"""Parameters and multiply-adds of a DiT (or U-ViT) forward, counted from the operations it really runs.
 
 The paper's "Gflops" are G multiply-adds per forward of one image (Table 1: DiT-XL/2 = 118.6).
 `FlopCounterMode` sees every matmul, convolution and attention product the forward dispatches;
@@ -18,9 +18,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, MMDIT_PRESETS, SD_VAE_FACTOR, FlopsConfig, MMDiTConfig
-from .models import PRESETS, DiT, DiTConfig
+from .checkpoints import infer_config, read_checkpoint
+from .config import FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES, MMDIT_PRESETS, SD_VAE_FACTOR, UVIT_PRESETS, FlopsConfig, MMDiTConfig, UViTConfig
+from .models import PRESETS, DiT, DiTConfig, UViT
 from .models.mmdit import MMDiT, TextCondition
+from .utils.runs import find_checkpoint
 
 # Table 1 of the paper: G multiply-adds per forward at 256 px (32x32x4 latents), adaLN-Zero.
 PAPER_GFLOPS = {
@@ -64,8 +66,10 @@ def count_macs(model: nn.Module, batch_size: int = 1) -> int:
             y = TextCondition(torch.empty(batch_size, FLOPS_TEXT_TOKENS, c.context_dim, device=device),
                               torch.ones(batch_size, FLOPS_TEXT_TOKENS, dtype=torch.bool, device=device),
                               torch.empty(batch_size, c.pooled_dim, device=device))  # fmt: skip
-        else:
+        elif getattr(c, "conditional", True):
             y = torch.zeros(batch_size, dtype=torch.long, device=device)
+        else:  # an unconditional U-ViT takes no labels
+            y = None
         with counter:
             model(x, t, y)
     return counter.get_total_flops() // 2
@@ -97,8 +101,12 @@ class Cost:
         return {**asdict(self), "gflops": self.gflops}
 
 
-def preset_name(config: DiTConfig | MMDiTConfig) -> str:
-    """The paper's name of a config ("DiT-S/4", "MMDiT-S/4") when it is that preset at some data shape, else "custom"."""
+def preset_name(config: DiTConfig | MMDiTConfig | UViTConfig) -> str:
+    """The paper's name of a config ("DiT-S/4", "MMDiT-S/4", "U-ViT-H/2") when it is that preset at some data shape, else "custom"."""
+    if isinstance(config, UViTConfig):
+        data = {f: getattr(config, f) for f in ("img_size", "in_chans", "num_classes", "class_dropout_prob", "conv", "mlp_time_embed", "qkv_bias")}
+        same = (n for n in UVIT_PRESETS if n.endswith(f"/{config.patch_size}") and UViTConfig.from_preset(n, **data) == config)
+        return next(same, "custom")
     if isinstance(config, MMDiTConfig):
         data = {f: getattr(config, f) for f in ("input_size", "in_channels", "context_dim", "pooled_dim", "learn_sigma")}
         same = (n for n in MMDIT_PRESETS if n.endswith(f"/{config.patch_size}") and MMDiTConfig.from_preset(n, **data) == config)
@@ -117,27 +125,29 @@ def paper_gflops(name: str, config: DiTConfig) -> float | None:
     return PAPER_BLOCK_GFLOPS[config.block] if name == "DiT-XL/2" else None
 
 
-def measure(config: DiTConfig | MMDiTConfig, name: str | None = None) -> Cost:
-    """Parameters and multiply-adds of the DiT (or MMDiT) `config` describes, built on "meta" (no memory)."""
-    text = isinstance(config, MMDiTConfig)
+def measure(config: DiTConfig | MMDiTConfig | UViTConfig, name: str | None = None) -> Cost:
+    """Parameters and multiply-adds of the DiT (or MMDiT, or U-ViT) `config` describes, built on "meta"
+    (no memory). A U-ViT's depth is its paper's layer count (in-blocks, the mid block, out-blocks)
+    and its block "long-skips" (or "no-skips")."""
+    text, uvit = isinstance(config, MMDiTConfig), isinstance(config, UViTConfig)
     name = name or preset_name(config)
     with torch.device("meta"):
-        model = MMDiT(config) if text else DiT(config)
+        model = MMDiT(config) if text else UViT(config) if uvit else DiT(config)
     params = list(model.parameters())
     return Cost(
         model=name,
-        block="joint" if text else config.block,
+        block="joint" if text else ("long-skips" if config.skip else "no-skips") if uvit else config.block,
         input_size=config.input_size,
         in_channels=config.in_channels,
         patch_size=config.patch_size,
-        depth=config.depth,
+        depth=config.num_blocks if uvit else config.depth,
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
-        tokens=model.num_patches,
+        tokens=(config.img_size // config.patch_size) ** 2 if uvit else model.num_patches,
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(model),
-        paper_gflops=None if text else paper_gflops(name, config),
+        paper_gflops=None if text or uvit else paper_gflops(name, config),
     )
 
 
@@ -146,11 +156,8 @@ def measure_preset(name: str, **overrides) -> Cost:
     return measure(DiTConfig.from_preset(name, **overrides))
 
 
-def checkpoint_config(ckpt: str) -> DiTConfig:
-    """The DiTConfig of a checkpoint (what it records, or what its shapes say)."""
-    from .checkpoints import infer_config, read_checkpoint
-    from .pipeline import find_checkpoint
-
+def checkpoint_config(ckpt: str) -> DiTConfig | MMDiTConfig | UViTConfig:
+    """The config of a checkpoint (what it records, or what its shapes say)."""
     ck = read_checkpoint(find_checkpoint(ckpt))
     config = ck.config or infer_config(ck.state)
     if config is None:
@@ -171,16 +178,28 @@ def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
     else:
         in_channels = cfg.in_channels or FLOPS_IN_CHANNELS
         input_size = cfg.input_size_for(in_channels) or (PAPER_INPUT_SIZE if in_channels not in (1, 3) else FLOPS_IMAGE_SIZE)
-        bases = [MMDiTConfig.from_preset(name) if name in MMDIT_PRESETS else DiTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES)
-                 for name in cfg.model or PRESETS]  # fmt: skip
+        bases = [preset_config(name) for name in cfg.model or PRESETS]
     configs = []
     for base in bases:
-        if isinstance(base, MMDiTConfig):
+        if isinstance(base, UViTConfig):
+            uvit_sizes = {"embed_dim" if k == "hidden_size" else k: v for k, v in sizes.items() if k != "num_classes"}
+            classes = sizes.get("num_classes", base.num_classes - 1) + 1  # the null class on top, as the ImageNet U-ViTs have it
+            configs.append(replace(base, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3), num_classes=classes, **uvit_sizes))
+        elif isinstance(base, MMDiTConfig):
             configs.append(replace(base, input_size=input_size, in_channels=in_channels, **{k: v for k, v in sizes.items() if k != "num_classes"}))
         else:
             base = replace(base, input_size=input_size, in_channels=in_channels, **sizes)
             configs += [replace(base, block=block) for block in cfg.block or (base.block,)]
     return configs
+
+
+def preset_config(name: str) -> DiTConfig | MMDiTConfig | UViTConfig:
+    """A preset at the paper's counting setting: 1 000 classes (+ the null class for a U-ViT)."""
+    if name in MMDIT_PRESETS:
+        return MMDiTConfig.from_preset(name)
+    if name in UVIT_PRESETS:
+        return UViTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES + 1, conv=False)
+    return DiTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES)
 
 
 def measure_all(cfg: FlopsConfig) -> list[Cost]:

@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_write, remove_temporaries
 from .config import SampleConfig, SampleNpzConfig
-from .eval.npz import save_npz
-from .pipeline import IMAGENET_DEMO_CLASSES, Pipeline, load_pipeline, save_grid, to_uint8
+from .parallel import barrier, setup_distributed
+from .pipeline import IMAGENET_DEMO_CLASSES, Pipeline, load_pipeline
 from .samplers import check_labels
+from .text.prompts import read_prompts
+from .utils.images import save_grid, to_uint8
+from .utils.io import atomic_write, remove_temporaries, save_npz
 
 
 def prompt_list(cfg: SampleConfig | SampleNpzConfig) -> list[str]:
     """--prompt values, then the lines of --prompts (a file or a fashion-mnist-captions suite)."""
-    from .eval.prompts import read_prompts
-
     return [*cfg.prompt, *(read_prompts(cfg.prompts) if cfg.prompts else [])]
 
 
@@ -53,11 +53,13 @@ def run_sample(cfg: SampleConfig) -> Path:
     c = pipe.config
     items, condition = conditioner(pipe, cfg)
     if not items:
-        items = list(cfg.classes or (tuple(range(c.num_classes)) if c.num_classes <= 16 else IMAGENET_DEMO_CLASSES))
-        check_labels(torch.tensor(items), c.num_classes)
+        items = list(cfg.classes or (tuple(range(c.num_real_classes)) if c.num_real_classes <= 16 else IMAGENET_DEMO_CLASSES))
+        check_labels(torch.tensor(items), c.num_real_classes)
     n = cfg.num_samples or (4 * len(items) if len(items) <= 16 else len(items))
     order = [items[i % len(items)] for i in range(n)]
-    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.sampling.describe()}, seed {cfg.seed}", flush=True)
+    print(f"sampling {n} images from {pipe.describe_source()} with {pipe.describe_sampling()}, seed {cfg.seed}", flush=True)
+    if pipe.text_encoder is not None:  # the prompts, as the model reads them (long lists: the first ones)
+        print(f"prompts: {'; '.join(repr(p) for p in items[:16])}{f'; ... ({len(items)} in all)' if len(items) > 16 else ''}", flush=True)
     torch.manual_seed(cfg.seed)
     grid_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -81,24 +83,25 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
     its noise comes from a generator seeded by (seed, i), so the result depends neither on the
     number of processes nor on interruptions: the same command resumes where a killed run
     stopped. Rank 0 joins the shards into OUT at the end."""
-    from .parallel import barrier, setup_distributed
-
     d = setup_distributed(cfg.device)
     try:
         torch.backends.cuda.matmul.allow_tf32 = True  # as the official sample_ddp.py
         torch.backends.cudnn.allow_tf32 = True
+        out = Path(cfg.out)
+        parts = out.parent / f".{out.name}.parts"
+        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
+        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
+        if out.exists() and not resumed:  # OUT beside its own shards: a join that a kill interrupted, finished below
+            raise FileExistsError(f"{out} already exists; pass another --out, or delete it to sample again "
+                                  "(sample-npz resumes only its own unfinished runs).")  # fmt: skip
         pipe = load_pipeline(cfg, device=d.device)
         n, bs = cfg.num_samples, cfg.batch_size
         prompts, condition = conditioner(pipe, cfg)
         if prompts:  # sample i takes prompt i mod P
             labels = np.array([prompts[i % len(prompts)] for i in range(n)])
         else:  # labels are drawn for all N at once, so they do not depend on the number of processes
-            labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_classes, size=n)
+            labels = np.random.default_rng(cfg.seed).integers(0, pipe.config.num_real_classes, size=n)
         extra = {"prompts": labels} if prompts else {"labels": labels}
-        out = Path(cfg.out)
-        parts = out.parent / f".{out.name}.parts"
-        plan = json.loads(json.dumps({**asdict(cfg), "out": None, "device": d.device.type}))  # what the shards depend on
-        resumed = _check_parts(parts, plan)  # every rank checks before anyone writes
         barrier(d)
         if d.main:
             remove_temporaries(out.parent, out.name)  # left by a join that a kill interrupted
@@ -111,7 +114,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
         todo = [i for i in shards[d.rank :: d.world] if not (parts / SHARD.format(i)).exists()]
         done = sum(min(bs, n - i * bs) for i in shards if (parts / SHARD.format(i)).exists())
         if d.main:
-            print(f"sample-npz: {n} samples ({pipe.sampling.describe()}) on {d.world} process(es) into {out}"
+            print(f"sample-npz: {n} samples ({pipe.describe_sampling()}) on {d.world} process(es) into {out}"
                   + (f"; resuming with {done} already in {parts}" if done else ""), flush=True)  # fmt: skip
         start = time.perf_counter()
         with tqdm(total=n, initial=done, desc="sample-npz", unit="img", disable=not d.main) as bar:
@@ -120,7 +123,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
                 g = torch.Generator(device=d.device).manual_seed((cfg.seed * 1_000_003 + i) % 2**63)
                 save_npz(parts / SHARD.format(i), arr_0=to_uint8(pipe.images(y, generator=g)))
                 bar.update(min(bs, n - i * bs) * d.world)  # rank 0's pace stands for all
-                if k == 0 and d.main:
+                if k == 0 and d.main and len(todo) > 1:
                     took = time.perf_counter() - start
                     bar.write(f"sample-npz: the first batch of {min(bs, n - i * bs)} took {took:.1f}s: about {_duration(took * (len(todo) - 1))} to go")
         barrier(d)
@@ -130,7 +133,7 @@ def run_sample_npz(cfg: SampleNpzConfig) -> Path:
             shutil.rmtree(parts)
             elapsed = time.perf_counter() - start
             print(f"wrote {out}: {n} samples {'x'.join(map(str, images.shape[1:]))} uint8 with {next(iter(extra))} "
-                  f"({pipe.sampling.describe()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
+                  f"({pipe.describe_sampling()}) in {elapsed:.1f}s", flush=True)  # fmt: skip
         barrier(d)
         return out
     finally:
@@ -164,4 +167,6 @@ def _join_shards(parts: Path, count: int) -> np.ndarray:
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 1 else "under a second"

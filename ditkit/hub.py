@@ -32,10 +32,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .checkpoints import Checkpoint, describe, load_model, read_checkpoint, read_pt, save_pretrained
-from .config import DIFFUSERS_SAMPLERS, DiTConfig, ExportConfig, field_default
+from .config import DiTConfig, MMDiTConfig, field_default
 from .models import DiT
 from .models.layers import get_2d_sincos_pos_embed
+from .objectives import GaussianDiffusion
+from .samplers.gaussian import multistep_scheduler
+from .utils.io import read_json, read_pt
+from .utils.runs import bundled_model, check_official_download
+from .utils.vae import load_vae
 
 DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class, hard-coded there
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
@@ -44,9 +48,11 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 PAPER_DESIGN = ("block", "mlp_ratio", "mlp", "norm", "qk_norm", "pos_embed")
 DIT_LAYERNORM_EPS = 1e-6  # the official DiT's LayerNorms (diffusers' default norm_eps is 1e-5)
 # What DiT.from_pretrained fetches of a Hub repository: a ditkit folder, or a diffusers one's transformer.
-HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "transformer/config.json",
-             "transformer/diffusion_pytorch_model.safetensors"]  # fmt: skip
+HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "ditkit.json", "scheduler/scheduler_config.json",
+             "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]  # fmt: skip
 HUB_PT_FILES = ["*.pt", "transformer/diffusion_pytorch_model.bin"]  # fetched only where no safetensors are
+# Beside model_index.json: what ditkit records of the model ("objective", "sampling") and diffusers has no place for.
+DITKIT_RECORD = "ditkit.json"
 
 
 def _linear(ours: str, theirs: str) -> list[tuple[str, str]]:
@@ -69,13 +75,29 @@ EMBEDDERS = _linear("t_embedder.mlp.0", "norm1.emb.timestep_embedder.linear_1") 
 LABEL_TABLE = ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight")
 
 
+def diffusers_obstacle(c, objective: str = "gaussian") -> str | None:
+    """Why a model with config `c` and this objective cannot be written as a diffusers DiT (None if
+    it can): the words before ", so export it with --format ditkit"."""
+    if not isinstance(c, DiTConfig):
+        return "diffusers has no pipeline for ditkit's text-to-image MMDiT" if isinstance(c, MMDiTConfig) else "DiTPipeline runs DiTs, and this is a U-ViT"
+    if objective != "gaussian":
+        return f"DiTPipeline samples diffusion models, and this is a {objective} model"
+    differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]
+    if differs:
+        return (f"DiTTransformer2DModel holds the paper's DiT only (adaLN-Zero blocks, 4x GELU MLPs, LayerNorm, sin-cos positions), "
+                f"and this model has {', '.join(differs)}")  # fmt: skip
+    if c.cfg_embed:
+        return "DiTTransformer2DModel has no guidance-scale input, which this guidance-distilled model needs"
+    if c.in_channels not in (1, 3) and c.num_classes > DIFFUSERS_NULL_LABEL:
+        return f"DiTPipeline takes label {DIFFUSERS_NULL_LABEL} as its null label, and this model has {c.num_classes} classes"
+    return None
+
+
 def diffusers_config(c: DiTConfig, embeds: int) -> dict:
     """DiTTransformer2DModel's config of a DiT (the paper's design only) with a label table of
     `embeds` classes + the null row: DIFFUSERS_NULL_LABEL for a DiTPipeline, else the model's classes."""
-    differs = [f"{name} {getattr(c, name)}" for name in PAPER_DESIGN if getattr(c, name) != field_default(DiTConfig, name)]
-    if differs:
-        raise ValueError(f"DiTTransformer2DModel holds the paper's DiT only (adaLN-Zero blocks, 4x GELU MLPs, LayerNorm, sin-cos positions); "
-                         f"this model has {', '.join(differs)}, so export it with --format ditkit.")  # fmt: skip
+    if any(getattr(c, name) != field_default(DiTConfig, name) for name in PAPER_DESIGN):
+        raise ValueError(f"{diffusers_obstacle(c)}, so export it with --format ditkit.")
     return dict(num_attention_heads=c.num_heads, attention_head_dim=c.hidden_size // c.num_heads, in_channels=c.in_channels,
                 out_channels=c.out_channels, num_layers=c.depth, sample_size=c.input_size, patch_size=c.patch_size,
                 num_embeds_ada_norm=embeds, norm_eps=DIT_LAYERNORM_EPS)  # fmt: skip
@@ -145,9 +167,6 @@ def scheduler(sampler: str):
     (tests/test_hub.py measures it), "linspace" takes the official timesteps but steps to t - 1000 // N."""
     from diffusers import DDIMScheduler
 
-    from .objectives import GaussianDiffusion
-    from .samplers.gaussian import multistep_scheduler
-
     diffusion = GaussianDiffusion()
     if sampler == "ddim":
         return DDIMScheduler(num_train_timesteps=diffusion.num_timesteps, trained_betas=diffusion.betas, clip_sample=False,
@@ -155,7 +174,7 @@ def scheduler(sampler: str):
     return multistep_scheduler(sampler, diffusion)
 
 
-def _fresh_folder(out: Path):
+def fresh_folder(out: Path):
     """A temporary folder beside `out`, renamed onto it by the caller once complete."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; pass a new --out folder (nothing was written).")
@@ -163,26 +182,25 @@ def _fresh_folder(out: Path):
     return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
 
 
-def _finish(tmp: Path, out: Path) -> Path:
+def finish_folder(tmp: Path, out: Path) -> Path:
     if out.exists():
-        out.rmdir()  # empty (checked by _fresh_folder)
+        out.rmdir()  # empty (checked by fresh_folder)
     os.replace(tmp, out)
     return out
 
 
-def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sampler: str = "ddim") -> Path:
+def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sampler: str = "ddim", record: dict | None = None) -> Path:
     """Write `model` as a diffusers folder. A latent model gets a full DiTPipeline (its VAE copied from
-    `vae`); a pixel model, which DiTPipeline cannot decode, gets transformer/ and scheduler/ only."""
+    `vae`); a pixel model, which DiTPipeline cannot decode, gets transformer/ and scheduler/ only.
+    `record` ({"objective", "sampling"}: what ditkit records of the model) goes into ditkit.json,
+    which read_diffusers reads back."""
     from diffusers import DiTPipeline, DiTTransformer2DModel
 
-    from .pipeline import load_vae
-
     c, out = model.config, Path(out)
-    if c.cfg_embed:
-        raise ValueError("DiTTransformer2DModel has no guidance-scale input, which this guidance-distilled model needs; export it with --format ditkit.")
+    obstacle = diffusers_obstacle(c)
+    if obstacle:
+        raise ValueError(f"{obstacle}, so export it with --format ditkit.")
     latent = c.in_channels not in (1, 3)
-    if latent and c.num_classes > DIFFUSERS_NULL_LABEL:
-        raise ValueError(f"DiTPipeline takes label {DIFFUSERS_NULL_LABEL} as its null label, so a model with {c.num_classes} classes cannot be exported to it; use --format ditkit.")
     embeds = DIFFUSERS_NULL_LABEL if latent else c.num_classes
     transformer = DiTTransformer2DModel(**diffusers_config(c, embeds))
     transformer.load_state_dict(to_diffusers(model.state_dict(), c, embeds), strict=True)
@@ -191,7 +209,7 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
     autoencoder = load_vae(vae, torch.device("cpu")) if latent else None
     if autoencoder is not None and autoencoder.config.latent_channels != c.in_channels:
         raise ValueError(f"the VAE makes {autoencoder.config.latent_channels}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
-    tmp = _fresh_folder(out)
+    tmp = fresh_folder(out)
     try:
         if latent:
             DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=scheduler(sampler)).save_pretrained(tmp)
@@ -202,7 +220,9 @@ def export_diffusers(model: DiT, out: str | Path, vae: str | None = None, sample
         else:
             transformer.save_pretrained(tmp / "transformer")
             scheduler(sampler).save_pretrained(tmp / "scheduler")
-        return _finish(tmp, out)
+        if record:
+            (tmp / DITKIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        return finish_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -213,15 +233,19 @@ def is_diffusers(path: Path) -> bool:
         return False
     if (path / "model_index.json").exists() or (path / "transformer" / "config.json").exists():
         return True
-    config = path / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("_class_name") in DIFFUSERS_CLASSES
+    try:  # a config.json that is not a diffusers model's (not even JSON) is for read_checkpoint to refuse
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("_class_name") in DIFFUSERS_CLASSES
 
 
 _SAMPLER_OF_SCHEDULER = {"DDIMScheduler": "ddim", "DPMSolverMultistepScheduler": "dpm++2m", "UniPCMultistepScheduler": "unipc"}
 
 
-def read_diffusers(path: str | Path) -> Checkpoint:
-    """A diffusers DiT folder as a ditkit Checkpoint (weights converted, config, the scheduler's sampler)."""
+def read_diffusers(path: str | Path) -> tuple[DiTConfig, dict[str, torch.Tensor], dict]:
+    """A diffusers DiT folder as ditkit's (config, state dict, what it records): weights converted;
+    the objective and sampling settings of ditkit.json (ditkit's export), with the scheduler's sampler."""
     path = Path(path)
     index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").exists() else {}
     folder = path / "transformer" if (path / "transformer").is_dir() else path
@@ -232,25 +256,24 @@ def read_diffusers(path: str | Path) -> Checkpoint:
     state = load_file(str(weights)) if weights.suffix == ".safetensors" else read_pt(weights)
     labels = index.get("id2label")
     config, state = from_diffusers(dconfig, state, num_classes=len(labels) if labels else None)
-    meta: dict = {"objective": {"objective": "gaussian"}}
+    meta: dict = read_json(path / DITKIT_RECORD) if (path / DITKIT_RECORD).exists() else {"objective": {"objective": "gaussian"}}
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    if scheduler_file.exists():
+    if isinstance(meta, dict) and scheduler_file.exists():
         sampler = _SAMPLER_OF_SCHEDULER.get(json.loads(scheduler_file.read_text()).get("_class_name"))
-        if sampler is not None:
-            meta["sampling"] = {"sampler": sampler}
-    return Checkpoint(state, config, meta, path)
+        if sampler is not None:  # the scheduler the folder holds, whatever ditkit.json says
+            meta["sampling"] = {**(meta.get("sampling") if isinstance(meta.get("sampling"), dict) else {}), "sampler": sampler}
+    return config, state, meta
 
 
 def resolve(name: str | os.PathLike) -> Path:
     """A local path as it is; otherwise a Hub id (owner/name), fetched into the Hugging Face cache
     (only the files a DiT needs; works offline once cached)."""
-    from .pipeline import bundled_model
-
     path = Path(name)
     if path.exists():
         return path
     if bundled_model(str(name)) is not None:
         return bundled_model(str(name))
+    check_official_download(path)
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import validate_repo_id
 
@@ -266,58 +289,3 @@ def resolve(name: str | os.PathLike) -> Path:
         raise OSError(f"{name} is not a local path and could not be fetched from the Hugging Face Hub ({type(e).__name__}); "
                       "check the id and the network, or pass a local folder.") from None  # fmt: skip
     return folder
-
-
-def read_any(name: str | os.PathLike) -> Checkpoint:
-    """Every format ditkit reads, by path or Hub id."""
-    path = resolve(name)
-    if is_diffusers(path):
-        return read_diffusers(path)
-    if path.is_dir() and not (path / "model.safetensors").exists():
-        pts = sorted(path.glob("*.pt"))  # a Hub repository of an official .pt
-        if len(pts) == 1:
-            return read_checkpoint(pts[0])
-    return read_checkpoint(path)
-
-
-def load_pretrained(name: str | os.PathLike) -> DiT:
-    """`DiT.from_pretrained`: a DiT in eval mode from any format ditkit reads, by path or Hub id."""
-    return load_model(read_any(name))
-
-
-def run_export(cfg: ExportConfig) -> Path:
-    from .pipeline import BUNDLED, find_checkpoint
-
-    adapter = None
-    if cfg.lora:
-        from .lora import read_adapter
-
-        adapter = read_adapter(cfg.lora)
-    ck = read_any(cfg.ckpt or (find_checkpoint(adapter.base) if adapter and adapter.base else BUNDLED))
-    objective = ck.meta.get("objective", {}).get("objective", "gaussian")
-    model = load_model(ck)
-    if adapter is not None:
-        from .lora import apply_adapter
-
-        model = apply_adapter(model, adapter)  # merged: a plain model of the base's layout
-    out = Path(cfg.out)
-    if cfg.format == "ditkit":
-        tmp = _fresh_folder(out)
-        try:
-            save_pretrained(model, model.config, tmp, extra=ck.meta)
-            _finish(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        print(f"wrote {out}: {describe(model.config)} (ditkit format: model.safetensors + config.json)")
-        return out
-    if objective != "gaussian":
-        raise ValueError(f"DiTPipeline samples diffusion models; this is a {objective} model, so export it with --format ditkit.")
-    recorded = ck.meta.get("sampling", {}).get("sampler")
-    sampler = cfg.sampler or (recorded if recorded in DIFFUSERS_SAMPLERS else "ddim")
-    export_diffusers(model, out, vae=cfg.vae, sampler=sampler)
-    if model.config.in_channels in (1, 3):
-        print(f"wrote {out}: {describe(model.config)} as transformer/ and scheduler/ ({sampler}); a pixel-space model has no VAE, "
-              "so DiTPipeline cannot decode it: load DiTTransformer2DModel.from_pretrained(OUT, subfolder='transformer').")  # fmt: skip
-    else:
-        print(f"wrote {out}: {describe(model.config)} as a DiTPipeline ({sampler}); load it with diffusers.DiTPipeline.from_pretrained('{out}').")
-    return out

@@ -14,14 +14,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
-from .checkpoints import atomic_write, config_from_dict, describe, safetensors_save
+from .checkpoints import config_from_dict, describe
+from .config import AdapterRecord, from_record
+from .utils.io import atomic_write, read_json, safetensors_save
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 BASE_CONFIG_KEY = "ditkit_base_config"  # safetensors metadata: the base model's config, as JSON
 # The linear layers of a DiT block (both MLP kinds) and the adaLN regressions (blocks and final layer).
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "mlp.w12", "mlp.w3", "adaLN_modulation.1")
+# adapter_config.json entries that do not change what the adapter computes; every other one must be
+# what ditkit writes (AdapterRecord's) or peft's default.
+INERT_KEYS = ("peft_type", "peft_version", "task_type", "auto_mapping", "revision", "inference_mode")
 SHAPE_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes",
                 "learn_sigma", "block", "mlp")  # fmt: skip
 
@@ -115,9 +122,6 @@ class Adapter:
 
 def read_adapter(path: str | Path) -> Adapter:
     """An adapter folder (or its adapter_model.safetensors), with one sentence when it is not one."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     peft = _peft()
     path = Path(path)
     folder = path.parent if path.suffix == ".safetensors" else path
@@ -131,15 +135,44 @@ def read_adapter(path: str | Path) -> Adapter:
         state = load_file(str(weights))
         with safe_open(str(weights), "pt") as f:
             meta = f.metadata() or {}
-        saved = json.loads(config_file.read_text())
     except Exception as e:
         raise ValueError(f"cannot read the LoRA adapter {folder} ({type(e).__name__}); write it again.") from None
-    if saved.get("peft_type") != "LORA":
-        raise ValueError(f"{folder} holds a {saved.get('peft_type')} adapter, not LoRA; pass a LoRA adapter folder.")
-    known = set(peft.LoraConfig.__dataclass_fields__)
-    config = peft.LoraConfig(**{k: v for k, v in saved.items() if k in known and k not in ("peft_type", "peft_version")})
-    base_config = config_from_dict(json.loads(meta[BASE_CONFIG_KEY])) if BASE_CONFIG_KEY in meta else None
+    saved = read_json(config_file)
+    if isinstance(saved, dict) and saved.get("peft_type") != "LORA":
+        raise ValueError(f"{folder} holds a {str(saved.get('peft_type'))[:40]} adapter, not LoRA; pass a LoRA adapter folder.")
+    record = from_record(AdapterRecord, saved, str(config_file), strict=False)
+    check_peft_defaults(saved, peft, config_file)
+    config = peft.LoraConfig(r=record.r, lora_alpha=record.lora_alpha, target_modules=list(record.target_modules),
+                             base_model_name_or_path=record.base_model_name_or_path)  # what ditkit writes, and nothing else
+    base_config = None
+    if BASE_CONFIG_KEY in meta:
+        source = f"{weights}'s metadata"
+        try:
+            recorded = json.loads(meta[BASE_CONFIG_KEY])
+        except ValueError:
+            raise ValueError(f"{source}: {BASE_CONFIG_KEY} is not valid JSON; write the adapter again.") from None
+        base_config = config_from_dict(recorded, source, f"{BASE_CONFIG_KEY}.")
     return Adapter(state, config, base_config, folder)
+
+
+def _jsonable(value):
+    """A peft setting as JSON writes it (sets as sorted lists, enums as their values)."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    return getattr(value, "value", value)
+
+
+def check_peft_defaults(saved: dict, peft, config_file: Path) -> None:
+    """One sentence when adapter_config.json sets what ditkit never writes (init_lora_weights
+    "pissa", DoRA, modules_to_save, ...): such a setting could change the base model's own weights."""
+    defaults = {k: _jsonable(v) for k, v in peft.LoraConfig().to_dict().items()}
+    for key, value in saved.items():
+        if key in INERT_KEYS or key in AdapterRecord.__dataclass_fields__:
+            continue
+        default = defaults.get(key)
+        if (key in defaults and _jsonable(value) != default) or (key not in defaults and value not in (None, False, {}, [], "")):
+            raise ValueError(f"{config_file}: {key} is {str(value)[:40]!r}, which ditkit never writes (its adapters keep peft's default, "
+                             f"{default!r}); use an adapter written by ditkit train --lora-rank or ditkit dpo.")  # fmt: skip
 
 
 def check_fits(adapter: Adapter, model: nn.Module) -> None:
@@ -149,6 +182,10 @@ def check_fits(adapter: Adapter, model: nn.Module) -> None:
     c = adapter.base_config
     if c is not None and type(c) is type(model.config) and any(getattr(c, f, None) != getattr(model.config, f, None) for f in SHAPE_FIELDS):
         raise ValueError(f"the LoRA adapter {adapter.path} was made for {describe(c)}, but the checkpoint holds {describe(model.config)}; {fix}.")
+    names = linear_names(model)
+    for target in adapter.config.target_modules:
+        if not any(_matches(n, target) for n in names):
+            raise ValueError(f"{adapter.path / ADAPTER_CONFIG}: target_modules names {target[:40]!r}, no Linear layer of {describe(model.config)}; {fix}.")
     modules = dict(model.named_modules())
     for key, tensor in adapter.state.items():  # peft's names: PREFIX.lora_A.weight (r, in), PREFIX.lora_B.weight (out, r)
         prefix, _, kind = key.rpartition(".lora_")

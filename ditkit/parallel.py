@@ -1,5 +1,5 @@
 """Parallelism applied from outside the model: torchrun process groups (training, latent extraction,
-sample-npz) and FSDP2 sharding."""
+sample-npz), DDP, FSDP2 sharding and torch.compile."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .utils.devices import resolve_device
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,6 @@ def setup_distributed(device_name: str) -> Dist:
     """torchrun's process group (NCCL on GPU, gloo on CPU), or a single process.
     The GPU comes from LOCAL_RANK, never the global rank, so many nodes work; an explicit
     cuda:N is kept as given."""
-    from .pipeline import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # resolve_device refuses what is neither cpu nor cuda (--device tpu) and cuda without a GPU.
     cuda = torch.cuda.is_available() if device_name == "auto" else resolve_device(device_name).type == "cuda"
@@ -68,3 +69,14 @@ def shard(model: torch.nn.Module) -> None:
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
+
+
+def wrap(model: nn.Module, d: Dist, parallel: str = "ddp", compile: bool = False) -> nn.Module:
+    """What the training step calls: DDP across processes (FSDP2 shards in place, see `shard`), then
+    torch.compile."""
+    net = model
+    if d.world > 1 and parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net

@@ -14,6 +14,11 @@ Given a model folder instead of a training checkpoint, it re-records only those 
 weights are copied unchanged, and the folder's recorded source and data are kept):
 
     python scripts/bundle_model.py ditkit/assets/fashion-mnist --sampler heun --steps 5 --cfg-scale 2.5 --cfg-interval 0.1 1
+
+With --guide, guidance is autoguidance by that weaker model of the same data: its EMA weights go
+to OUT/guide/ and the folder records it, so `ditkit sample` guides with it by default:
+
+    python scripts/bundle_model.py RUN/model --guide GUIDE_RUN/checkpoints/0001000.pt --sampler heun --steps 3 --cfg-scale 2
 """
 
 import json
@@ -25,6 +30,7 @@ from ditkit.checkpoints import read_checkpoint, save_pretrained
 from ditkit.config import MMDiTConfig
 from ditkit.distill import recorded_data
 from ditkit.pipeline import BUNDLED, BUNDLED_TEXT
+from ditkit.utils.runs import find_checkpoint
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,6 +39,7 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LO", "HI"), help="guide only for t in [LO, HI] (t = 0 noise, 1 data)")
+    p.add_argument("--guide", help="autoguidance: a weaker model of the same data (any --ckpt form), shipped in OUT/guide/ and recorded as the default guide")
     p.add_argument("--out", default=None, help=f"default: {BUNDLED}, or {BUNDLED_TEXT} for a text-to-image model")
     args = p.parse_args()
     ck = read_checkpoint(args.ckpt)
@@ -48,5 +55,14 @@ if __name__ == "__main__":
     text = isinstance(ck.config, MMDiTConfig)
     if text:
         extra["text_encoder"] = ck.meta["text_encoder"]
-    folder = save_pretrained(ck.state, ck.config, args.out or (BUNDLED_TEXT if text else BUNDLED), extra=extra)
+    out = Path(args.out or (BUNDLED_TEXT if text else BUNDLED))
+    if args.guide:
+        guide = read_checkpoint(find_checkpoint(args.guide))
+        guide_extra = {"source": Path(args.guide).as_posix(), "objective": guide.meta.get("objective", extra["objective"])}
+        if text:
+            guide_extra["text_encoder"] = guide.meta["text_encoder"]
+        save_pretrained(guide.state, guide.config, out / "guide", extra=guide_extra)
+        sampling["guide"] = "guide"  # relative to the model folder
+        print(f"wrote {out / 'guide'} ({sum(v.numel() for v in guide.state.values()):,} parameters): the default guide")
+    folder = save_pretrained(ck.state, ck.config, out, extra=extra)
     print(f"wrote {folder} ({sum(v.numel() for v in ck.state.values()):,} parameters)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditkit.captions import (
+from ditkit.text.captions import (
     ATTRIBUTES,
     HELD_OUT,
     INK,
@@ -21,7 +21,7 @@ from ditkit.captions import (
     parse_prompt,
 )
 from ditkit.data import item_seed
-from ditkit.eval.prompts import GROUPS, prompt_following, prompt_suite, read_prompts
+from ditkit.text.prompts import GROUPS, prompt_following, prompt_suite, read_prompts
 
 
 def test_measure_by_hand():

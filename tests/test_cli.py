@@ -14,7 +14,7 @@ from ditkit.config import DiTConfig, StudyConfig, TrainConfig
 
 ROOT = Path(__file__).parent.parent
 PUBLIC = ("DiT", "DiTConfig", "PRESETS", "GaussianDiffusion", "FlowMatching", "ObjectiveConfig", "sample", "SAMPLERS", "cfg_model", "space_timesteps",
-          "MMDiT", "MMDiTConfig", "MMDIT_PRESETS", "TextCondition")  # fmt: skip
+          "MMDiT", "MMDiTConfig", "MMDIT_PRESETS", "TextCondition", "UViT", "UViTConfig", "UVIT_PRESETS")  # fmt: skip
 
 
 def fresh_python(code: str) -> subprocess.CompletedProcess:

@@ -227,3 +227,46 @@ def test_compiled_network_samples_what_the_plain_one_does(pixel_ckpt, tmp_path):
         runs[len(flag)] = np.load(out)["arr_0"].astype(int)
     assert runs[0].std() > 10  # images, not a constant
     assert np.abs(runs[0] - runs[1]).max() <= 1
+
+
+# --- autoguidance -------------------------------------------------------------------------------
+
+
+def random_dit(folder, seed, hidden_size=16, num_classes=3, **extra):
+    """A small DiT whose zero-initialised layers (adaLN-Zero, the final layer) are random too, so
+    that its predictions depend on its weights."""
+    torch.manual_seed(seed)
+    model = ditkit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=hidden_size, depth=1, num_heads=2, num_classes=num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.3)
+    return save_pretrained(model, model.config, folder, extra=extra or None)
+
+
+def test_guide_ckpt_flag_and_the_guide_a_model_folder_records(tmp_path, capsys):
+    """--guide-ckpt guides with another model in place of the null condition: guided by itself the
+    model samples what it samples unguided (same noise: N rows, no null half); a folder may record
+    its guide (relative to it), which --guide-ckpt none turns off; a guide of other data is refused."""
+    model = random_dit(tmp_path / "model", 0, hidden_size=32)
+    base = ["--num-sampling-steps", "3", "--sampler", "ddim", "--seed", "3"]
+    unguided = grid_of(model, tmp_path / "u", *base, "--cfg-scale", "1")
+    assert unguided.std() > 10
+    selfguided = grid_of(model, tmp_path / "s", *base, "--cfg-scale", "3", "--guide-ckpt", str(model))
+    assert f"cfg 3, autoguidance by {model}" in capsys.readouterr().out
+    np.testing.assert_array_equal(selfguided, unguided)
+
+    random_dit(model / "guide", 1)
+    meta = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**meta, "sampling": {"sampler": "ddim", "num_sampling_steps": 3, "cfg_scale": 3.0, "guide": "guide"}}))
+    recorded = grid_of(model, tmp_path / "r", "--seed", "3")
+    assert f"autoguidance by {model / 'guide'}" in capsys.readouterr().out
+    cfg = grid_of(model, tmp_path / "n", "--seed", "3", "--guide-ckpt", "none")
+    assert "autoguidance" not in capsys.readouterr().out
+    assert not np.array_equal(recorded, cfg) and not np.array_equal(recorded, unguided)
+
+    random_dit(tmp_path / "other", 2, num_classes=4)
+    assert "the guide has 4 classes but the model has 3" in error_of(capsys, "--ckpt", str(model), "--guide-ckpt", str(tmp_path / "other"))
+    random_dit(tmp_path / "flow-guide", 2, objective={"objective": "flow"})
+    assert "predicts something else than the model (objective 'flow' (the model's: 'gaussian'))" in error_of(
+        capsys, "--ckpt", str(model), "--guide-ckpt", str(tmp_path / "flow-guide"))

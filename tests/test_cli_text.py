@@ -55,7 +55,7 @@ def test_sample_npz_and_eval_prompt_following(text_ckpt, tmp_path, capsys, monke
     with np.load(out) as data:
         assert data["arr_0"].shape == (12, 32, 32, 1) and "labels" not in data.files
         prompts = data["prompts"]
-    assert prompts[:3].tolist() == ditkit.eval.prompts.read_prompts("fashion-mnist-captions")[:3]
+    assert prompts[:3].tolist() == ditkit.text.prompts.read_prompts("fashion-mnist-captions")[:3]
     tiny = TinyNet()
     tiny.dims = {"pool": 5}
     monkeypatch.setattr(evaluate, "EffNetFeatures", lambda device: tiny)
@@ -99,9 +99,10 @@ def test_prompt_to_a_class_model_and_wrong_encoder_width(text_ckpt, tmp_path, ca
     assert "gives 24-wide embeddings but the model takes 16" in capsys.readouterr().err
 
 
-def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsys, monkeypatch):
+def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, text_ckpt, capsys, monkeypatch):
     """`ditkit train --model MMDiT-...` on a folder with captions: the run records its encoder, the
-    exported model samples with a prompt and nothing else, and a resumed run continues bitwise."""
+    exported model samples with a prompt and nothing else, a resumed run continues bitwise, and
+    --init-from continues the model in a new run."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     data = tmp_path / "data"
     data.mkdir()
@@ -123,7 +124,14 @@ def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsy
     out = tmp_path / "o"
     assert main(["sample", "--ckpt", str(model_dir), "--prompt", "a light square", *STEPS, "--out", str(out)]) == 0
     assert np.array(Image.open(out / "000000.png")).shape == (16, 16, 3)
+    # --init-from continues a text model with fresh optimizer state: its weights are the start.
+    assert main([*common, "--max-steps", "1", "--results-dir", str(tmp_path / "more"), "--init-from", str(model_dir), "--lr", "1e-12"]) == 0
+    c = torch.load(next((tmp_path / "more").glob("*/checkpoints/0000001.pt")), weights_only=True)["model"]
+    start = ditkit.checkpoints.read_checkpoint(model_dir).state
+    assert all(torch.allclose(c[k], start[k], rtol=0, atol=1e-9) for k in start)  # a tiny lr: still the base's weights
     capsys.readouterr()
+    assert main([*common, "--max-steps", "1", "--results-dir", str(tmp_path / "more"), "--init-from", str(text_ckpt)]) == 2
+    assert "takes 1-channel 32x32; pass --image-size and --channels to match it" in capsys.readouterr().err
     assert main(["train", "--model", "MMDiT-S/8", "--data-path", str(data), "--results-dir", str(tmp_path / "x")]) == 2
     assert "add --objective flow" in capsys.readouterr().err
     assert main(["train", "--model", "DiT-S/8", "--data-path", "fashion-mnist-captions", "--results-dir", str(tmp_path / "x")]) == 2
@@ -133,7 +141,7 @@ def test_train_on_captioned_folder_then_sample(tmp_path, text_encoder_dir, capsy
 def test_prompt_alone_samples_the_bundled_text_model(tmp_path, monkeypatch):
     """`ditkit sample --prompt ...` with no other argument: the shipped MMDiT and encoder, offline;
     the shipped classifier recognises the classes it draws and the pixels show the brightness asked."""
-    from ditkit.captions import measure_attributes
+    from ditkit.text.captions import measure_attributes
     from ditkit.eval.classifier import classifier_predictions, load_classifier
 
     monkeypatch.chdir(tmp_path)

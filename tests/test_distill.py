@@ -16,7 +16,7 @@ from ditkit.cli import main
 from ditkit.config import DistillConfig, ObjectiveConfig, SamplingOptions
 from ditkit.distill import Distiller, guided_velocity, ode_step
 from ditkit.pipeline import load_pipeline
-from ditkit.train import latest_checkpoint
+from ditkit.utils.runs import latest_checkpoint
 
 TINY = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10, learn_sigma=False,
             mlp="swiglu", norm="rmsnorm", qk_norm=True, pos_embed="rope")  # fmt: skip
@@ -126,7 +126,7 @@ def test_resume_continues_exactly(tmp_path, teacher_dir, method, one_thread, mon
     run = tmp_path / "b" / "results" / f"000-distill-{method}"
     assert latest_checkpoint(run.parent).name == "0000003.pt"
     if method == "reflow":
-        monkeypatch.setattr("ditkit.distill.sample", lambda *a, **k: pytest.fail("reflow pairs made again on resume"))
+        monkeypatch.setattr("ditkit.distill.task.sample", lambda *a, **k: pytest.fail("reflow pairs made again on resume"))
     d = Distiller(DistillConfig(resume=str(run), results_dir=str(tmp_path / "b" / "results"), device="cpu", num_workers=0))
     assert (d.step, d.exp_dir, d.phase) == (3, run, 1 if method == "progressive" else 0)
     d.run()
@@ -181,7 +181,7 @@ def test_cli_reflow_end_to_end(tmp_path, teacher_dir, one_thread):
                "--max-steps", "3", "--global-batch-size", "16", "--num-workers", "0", "--results-dir", str(results), "--device", "cpu"])  # fmt: skip
     assert rc == 0
     run = results / "000-distill-reflow"
-    pairs = ditkit.distill.load_file(str(run / "reflow_pairs.safetensors"))
+    pairs = ditkit.distill.task.load_file(str(run / "reflow_pairs.safetensors"))
     assert pairs["noise"].shape == pairs["data"].shape == (20, 1, 8, 8) and pairs["labels"].tolist() == [i % 10 for i in range(20)]
     assert json.loads((run / "model" / "config.json").read_text())["sampling"]["num_sampling_steps"] == 2
 

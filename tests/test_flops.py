@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ditkit.cli import main
 from ditkit.flops import PAPER_BLOCK_GFLOPS, PAPER_GFLOPS, count_macs, measure, measure_preset
 from ditkit.models import BLOCKS, PRESETS, DiT, DiTConfig
-from ditkit.pipeline import ASSETS, BUNDLED
+from ditkit.utils.runs import ASSETS, BUNDLED
 from conftest import REFERENCE
 
 MANIFEST = REFERENCE / "official" / "official_state_dict_manifest.json"

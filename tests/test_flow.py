@@ -96,6 +96,38 @@ def test_loss_is_zero_for_the_true_velocity_and_uses_time_scale(learn_sigma):
     assert wrong["loss"].min() > 1e-3
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_x_prediction_implies_the_velocity_and_takes_its_loss(path):
+    """JiT's x-prediction: a network that outputs the exact E[data | x_t] of Gaussian data gives, through
+    the objective, the exact velocity E[u_t | x_t] (checked against it written out), so its
+    velocity loss equals that of the exact velocity network; the clip of sigma bites only near t = 1."""
+    m, s = 0.3, 0.6  # data N(m, s^2) per pixel
+    flow, xflow = ditkit.FlowMatching(path=path), ditkit.FlowMatching(path=path, prediction="data")
+
+    def posterior_mean(x, t):  # E[data | x_t] and E[noise | x_t] for x_t = alpha data + sigma noise
+        a, b, _, _ = flow.alpha_sigma(t.view(-1, 1, 1, 1))
+        var = a**2 * s**2 + b**2
+        return m + a * s**2 / var * (x - a * m), b / var * (x - a * m)
+
+    def exact_velocity(x, t_net, y):
+        t = t_net.view(-1, 1, 1, 1)
+        data, noise = posterior_mean(x, t_net)
+        _, _, da, db = flow.alpha_sigma(t)
+        return da * data + db * noise
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(6, 1, 4, 4, generator=g), torch.tensor([0.0, 0.2, 0.5, 0.8, 0.94, 0.99])
+    v = xflow.velocity(lambda x_, t_, y: posterior_mean(x_, t_)[0], x, t, y=None)
+    torch.testing.assert_close(v[:5], exact_velocity(x, t, None)[:5], rtol=1e-5, atol=1e-5)
+    assert (v[5] - exact_velocity(x, t, None)[5]).abs().max() > 1e-3  # 1 - t = 0.01 < 0.05: clipped
+    data, noise = m + s * torch.randn(6, 1, 4, 4, generator=g), torch.randn(6, 1, 4, 4, generator=g)
+    t = t[:5].clone()
+    x_loss = xflow.training_losses(lambda x_, t_, y: posterior_mean(x_, t_)[0], data[:5], t, noise=noise[:5], y=None)["loss"]
+    v_loss = flow.training_losses(exact_velocity, data[:5], t, noise=noise[:5], y=None)["loss"]
+    torch.testing.assert_close(x_loss, v_loss, rtol=1e-4, atol=1e-6)
+    assert v_loss.min() > 1e-3
+
+
 def test_time_sampling_and_shift():
     g = torch.Generator().manual_seed(0)
     uniform = ditkit.FlowMatching().draw_t(20000, generator=g)
@@ -118,8 +150,11 @@ def test_flow_config_is_recorded_and_validated():
         ditkit.FlowMatching(path="vp")
     with pytest.raises(ValueError, match="--time-shift must be positive"):
         ditkit.FlowMatching(time_shift=0.0)
-    with pytest.raises(ValueError, match="predict the velocity"):
+    with pytest.raises(ValueError, match="--prediction is 'noise', not one of velocity, data"):
         ditkit.FlowMatching(prediction="noise")
+    with pytest.raises(ValueError, match="prediction only apply to --objective flow"):
+        ditkit.ObjectiveConfig(objective="gaussian", prediction="data")
+    assert ditkit.FlowMatching(prediction="data").config.to_dict()["prediction"] == "data"
     with pytest.raises(ValueError, match="only apply to --objective flow"):
         ditkit.ObjectiveConfig(objective="gaussian", path="gvp")
 
@@ -130,7 +165,8 @@ from ditkit.checkpoints import read_pt  # noqa: E402
 from ditkit.cli import main  # noqa: E402
 from ditkit.config import SampleConfig, TrainConfig  # noqa: E402
 from ditkit.pipeline import load_pipeline  # noqa: E402
-from ditkit.train import Trainer, latest_checkpoint  # noqa: E402
+from ditkit.train import Trainer  # noqa: E402
+from ditkit.utils.runs import latest_checkpoint  # noqa: E402
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, log_every=2)
 

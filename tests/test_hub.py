@@ -11,7 +11,9 @@ from conftest import rel, tiny_vae
 import ditkit
 from ditkit import cli
 from ditkit.hub import diffusers_config, export_diffusers, scheduler, to_diffusers
-from ditkit.pipeline import ASSETS, Pipeline, Sampling, decode
+from ditkit.config import Sampling
+from ditkit.pipeline import Pipeline, decode
+from ditkit.utils.runs import ASSETS
 
 LABELS = [1, 3, 7]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on busy cores
@@ -204,7 +206,7 @@ def test_export_cli(tmp_path, exported, capsys):
     assert cli.main(["export", "--ckpt", str(tmp_path / "src"), "--out", str(tmp_path / "novae")]) == 2
     assert "pass --vae" in capsys.readouterr().err and not (tmp_path / "novae").exists()
     random_dit(block="in_context", mlp="swiglu").save_pretrained(tmp_path / "modern")
-    assert cli.main(["export", "--ckpt", str(tmp_path / "modern"), "--vae", str(vae), "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["export", "--ckpt", str(tmp_path / "modern"), "--vae", str(vae), "--out", str(tmp_path / "x"), "--format", "diffusers"]) == 2
     assert "this model has block in_context, mlp swiglu, so export it with --format ditkit." in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))  # failed exports leave nothing behind
 
@@ -216,7 +218,7 @@ def test_export_pixel_model(tmp_path, capsys):
 
     assert cli.main(["export", "--ckpt", "fashion-mnist-diffusion", "--out", str(tmp_path / "fm")]) == 0
     assert "cannot decode it" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "fm").iterdir()) == ["scheduler", "transformer"]
+    assert sorted(p.name for p in (tmp_path / "fm").iterdir()) == ["ditkit.json", "scheduler", "transformer"]
     transformer = DiTTransformer2DModel.from_pretrained(tmp_path / "fm", subfolder="transformer")
     assert transformer.config.num_embeds_ada_norm == 10
     bundled, back = ditkit.DiT.from_pretrained(ASSETS / "fashion-mnist-diffusion"), ditkit.DiT.from_pretrained(tmp_path / "fm")

@@ -18,7 +18,8 @@ from ditkit.checkpoints import WEIGHTS_NAME, read_pt, save_pretrained
 from ditkit.cli import main
 from ditkit.config import TrainConfig
 from ditkit.lora import ADAPTER_WEIGHTS, add_lora, apply_adapter, lora_state, read_adapter, save_adapter
-from ditkit.train import Trainer, latest_checkpoint
+from ditkit.train import Trainer
+from ditkit.utils.runs import latest_checkpoint
 
 pytest.importorskip("peft")
 

@@ -185,6 +185,14 @@ def test_bad_input_is_one_sentence():
         ObjectiveConfig(objective="meanflow", path="gvp")
     with pytest.raises(ValueError, match="mf_share only apply to --objective meanflow"):
         ObjectiveConfig(objective="flow", mf_share=0.5)
+    with pytest.raises(ValueError, match="prediction only apply to --objective flow"):
+        ObjectiveConfig(objective="meanflow", prediction="data")  # MeanFlow's network outputs a velocity
+    with pytest.raises(ValueError, match="mf_power only apply to --objective meanflow"):
+        ObjectiveConfig(objective="vp", mf_power=0.0)
+    with pytest.raises(ValueError, match="t_mean only apply to --objective flow or --objective meanflow"):
+        ObjectiveConfig(objective="gaussian", t_mean=-0.4)
+    with pytest.raises(ValueError, match="U-ViT-S/2 takes one, so use a DiT"):
+        TrainConfig(model="U-ViT-S/2", objective="meanflow")
     with pytest.raises(ValueError, match="--mf-kappa must be less than 1"):
         ObjectiveConfig(objective="meanflow", mf_kappa=1.0)
     with pytest.raises(ValueError, match=r"pairs of shape \(N, 2\)"):

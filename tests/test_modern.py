@@ -12,7 +12,9 @@ from ditkit.checkpoints import load_model, read_pt
 from ditkit.config import TrainConfig
 from ditkit.flops import measure
 from ditkit.models.layers import SwiGLU, apply_rope_2d, rope_2d
-from ditkit.train import Trainer, ema_decay, latest_checkpoint, learning_rate
+from ditkit.train import Trainer
+from ditkit.train.schedule import ema_decay, learning_rate
+from ditkit.utils.runs import latest_checkpoint
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
@@ -231,7 +233,7 @@ def test_cpu_half_precision_training_attention_is_the_math_form_and_agrees_with_
 
 
 def test_auto_precision_is_bf16_only_where_its_matmuls_are_fast(monkeypatch, tmp_path):
-    from ditkit.train import resolve_precision
+    from ditkit.utils.devices import resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"

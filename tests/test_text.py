@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditkit import text
+from ditkit.text import encoder as text
 from ditkit.text import TextEncoder, caption_table, resolve_encoder
 
 

@@ -16,11 +16,13 @@ from conftest import free_port, tiny_vae
 from PIL import Image
 
 import ditkit
-from ditkit import checkpoints
-from ditkit.checkpoints import atomic_write, load_model, read_pt
+from ditkit.checkpoints import load_model
+from ditkit.utils import io as checkpoints
+from ditkit.utils.io import atomic_write, read_pt
 from ditkit.cli import main
 from ditkit.config import TrainConfig
-from ditkit.train import Trainer, latest_checkpoint
+from ditkit.train import Trainer
+from ditkit.utils.runs import latest_checkpoint
 
 TINY = dict(model="DiT-S/2", depth=2, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, log_every=2)
 TINY_FLAGS = ["--data-path", "digits", "--model", "DiT-S/2", "--depth", "1", "--hidden-size", "32", "--num-heads", "2",
@@ -315,7 +317,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
         return loss * float("nan") if trainer.step >= 3 else loss
 
     trainer.train_step = poisoned
-    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+    with pytest.raises(FloatingPointError, match="the newest checkpoint, .*0000002.pt \\(step 2\\), is intact"):
         trainer.run()
     assert [p.name for p in (trainer.exp_dir / "checkpoints").iterdir()] == ["0000002.pt"]
 

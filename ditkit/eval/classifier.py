@@ -10,10 +10,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from ..checkpoints import atomic_write
 from ..data import FASHION_MNIST_CLASSES
-from .npz import ImageArray, _to_float, fashion_mnist
+from ..utils.io import atomic_write
+from .npz import ImageArray, fashion_mnist, to_float
 
 CLASSIFIER_PATH = Path(__file__).parent.parent / "assets" / "fmnist_classifier.safetensors"
 CLASSIFIER_IMAGE = (32, 32, 1)
@@ -37,7 +39,7 @@ class FashionClassifier(nn.Module):
 
 
 def _classifier_input(images: np.ndarray, device: torch.device | str) -> torch.Tensor:
-    return _to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
+    return to_float(images, torch.device(device)) * 2 - 1  # (N, 1, 32, 32) in [-1, 1], as the samples
 
 
 def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_size: int = 128, lr: float = 2e-3,
@@ -45,8 +47,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
     """Train FashionClassifier on the Fashion-MNIST training split (random flips and +-2 px
     shifts), save it to `out` (safetensors, test accuracy in its metadata) and return the test
     accuracy. The shipped weights come from `python scripts/train_fmnist_classifier.py`."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     train_x, train_y = fashion_mnist("train")
@@ -83,9 +83,6 @@ def train_classifier(out: str | Path = CLASSIFIER_PATH, epochs: int = 10, batch_
 
 def load_classifier(path: str | Path = CLASSIFIER_PATH) -> tuple[FashionClassifier, dict]:
     """(classifier, metadata) from a safetensors file written by train_classifier."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"the Fashion-MNIST classifier {path} is missing; train it with python scripts/train_fmnist_classifier.py.")

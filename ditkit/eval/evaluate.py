@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..config import METRICS, EvalConfig
-from ..pipeline import resolve_device
+from ..text.prompts import format_prompt_following, prompt_following
+from ..utils.devices import resolve_device
 from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, classifier_accuracy, classifier_predictions, load_classifier
 from .features import (
     EFFNET_SIZE,
@@ -42,7 +43,6 @@ from .features import (
 )
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, precision_recall
 from .npz import ImageArray, read_images, resolve_images
-from .prompts import format_prompt_following, prompt_following
 
 METRIC_NOTES = {
     "FD-EffNet": f"Fréchet distance, EfficientNet-Lite0 features at {EFFNET_SIZE} px (not FID)",

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .metrics import FeatureStats
-from .npz import ImageArray, _to_float, cache_dir, save_npz
+from ..utils.io import cache_dir, save_npz
+from .npz import ImageArray, to_float
 
 INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's port of the TF FID graph
 INCEPTION_SIZE = 299
@@ -257,7 +258,7 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = _to_float(images, self.device, channels=3)
+        x = to_float(images, self.device, channels=3)
         x = F.interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="bilinear", align_corners=False)
         return {k: v.float().cpu().numpy() for k, v in self.net(2 * x - 1).items()}
 
@@ -291,7 +292,7 @@ class EffNetFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        x = _to_float(images, self.device, channels=3)
+        x = to_float(images, self.device, channels=3)
         x = F.interpolate(x, size=(EFFNET_SIZE, EFFNET_SIZE), mode="bilinear", align_corners=False, antialias=True)
         feats = self.net.extract_features((x - self.mean) / self.std)  # (N, 1280, 2, 2)
         return {"pool": feats.mean((2, 3)).float().cpu().numpy()}

@@ -14,16 +14,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..checkpoints import atomic_write
 from ..data import NAMED
+from ..utils.io import cache_dir, save_npz
 
 DATASET_SPEC = re.compile(r"^(fashion-mnist)(?:-(train|test))?(?::(\d+))?$")
-
-
-def cache_dir(explicit: str | Path | None = None) -> Path:
-    if explicit is not None:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ditkit"
 
 
 @contextlib.contextmanager
@@ -111,23 +105,12 @@ def read_images(path: str | Path, what: str = "samples") -> ImageArray:
     return ImageArray(path=path, shape=tuple(int(s) for s in shape), labels=labels, name=path.name)
 
 
-def _to_float(images: np.ndarray, device: torch.device, channels: int | None = None) -> torch.Tensor:
+def to_float(images: np.ndarray, device: torch.device, channels: int | None = None) -> torch.Tensor:
     """(N, H, W, C) uint8 -> (N, C, H, W) float in [0, 1]; gray broadcast to `channels` if given."""
     x = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device).permute(0, 3, 1, 2).float() / 255.0
     if channels is not None and x.shape[1] != channels:
         x = x.expand(-1, channels, -1, -1)
     return x
-
-
-def save_npz(path: str | Path, **arrays: np.ndarray) -> Path:
-    """np.savez written atomically (tmp + rename): a crash leaves the old file or none."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
-    return Path(path)
 
 
 # Datasets as reference sets: Fashion-MNIST from the Debian package, 28 px padded to 32 px.

@@ -10,15 +10,13 @@ forward(x, t, y, r=r), with r - t embedded like t and added to the conditioning.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import BLOCKS, PRESET_SIZES, PRESETS, DataShape, DiTConfig
+from ..config import DiTConfig
 from .layers import (
     Attention,
     CrossAttention,
@@ -31,9 +29,6 @@ from .layers import (
     modulate,
     rope_2d,
 )
-
-__all__ = ["BLOCKS", "PRESET_SIZES", "PRESETS", "DataShape", "DiTConfig", "DiT"]
-
 
 class DiTBlock(nn.Module):
     """One transformer block in any of the paper's four conditioning designs.
@@ -143,22 +138,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "DiT":
+    def from_preset(cls, name: str, **overrides) -> DiT:
         return cls(DiTConfig.from_preset(name, **overrides))
-
-    @classmethod
-    def from_pretrained(cls, name: str | os.PathLike) -> "DiT":
-        """A DiT in eval mode from a ditkit folder, an official .pt, a diffusers DiTPipeline or
-        DiTTransformer2DModel folder, or the Hugging Face Hub id of any of these (fetched while online)."""
-        from ..hub import load_pretrained
-
-        return load_pretrained(name)
-
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """folder/model.safetensors + folder/config.json (the DiTConfig), which from_pretrained reads."""
-        from ..checkpoints import save_pretrained
-
-        return save_pretrained(self, self.config, folder)
 
     def initialize_weights(self) -> None:
         """Initialisation of the official code; adaLN-Zero's zeros written out."""

@@ -86,6 +86,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+class HeadNorm(nn.RMSNorm):
+    """RMSNorm of each head's queries or keys (QK-norm), computed in float32 and returned in the
+    input's dtype: the numbers torch gives a bf16 input with a float32 weight under autocast, without
+    the warning it prints on every such forward (its fused kernel wants a single dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA (flash / memory-efficient kernels on GPU), with
     optional QK-norm (RMSNorm of each head's queries and keys, SD3) and 2-D RoPE on q and k."""
@@ -96,8 +105,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
-            self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
+            self.q_norm = HeadNorm(dim // num_heads, eps=1e-6)
+            self.k_norm = HeadNorm(dim // num_heads, eps=1e-6)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         N, T, D = x.shape

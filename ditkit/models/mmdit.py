@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDIT_PRESETS, MMDiTConfig
 from .dit import DiT, FinalLayer, init_backbone
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, attention, make_norm, modulate
+from .layers import HeadNorm, Mlp, PatchEmbed, TimestepEmbedder, attention, make_norm, modulate
 
 __all__ = ["MMDIT_PRESETS", "MMDiTConfig", "MMDiT", "TextCondition"]
 
@@ -82,8 +82,8 @@ class Stream(nn.Module):
         head_dim = hidden_size // num_heads
         self.norm1 = make_norm("layernorm", hidden_size)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.q_norm = HeadNorm(head_dim, eps=1e-6)
+        self.k_norm = HeadNorm(head_dim, eps=1e-6)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, (2 if pre_only else 6) * hidden_size))
         if not pre_only:
             self.proj = nn.Linear(hidden_size, hidden_size)

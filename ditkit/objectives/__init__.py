@@ -4,16 +4,16 @@ from ..config import ObjectiveConfig
 from .flow import FlowMatching
 from .gaussian import GaussianDiffusion
 from .meanflow import MeanFlow
+from .vp import VPDiffusion
 
-__all__ = ["GaussianDiffusion", "FlowMatching", "MeanFlow", "ObjectiveConfig", "build_objective", "objective_name"]
+__all__ = ["GaussianDiffusion", "FlowMatching", "MeanFlow", "VPDiffusion", "ObjectiveConfig", "build_objective", "objective_name"]
 
 
 def objective_name(objective) -> str:
-    if isinstance(objective, GaussianDiffusion):
-        return "gaussian"
-    if isinstance(objective, FlowMatching):
-        return objective.name  # "flow", or "meanflow" for its subclass
-    raise ValueError(f"{type(objective).__name__} is not an objective; pass a ditkit.GaussianDiffusion, FlowMatching or MeanFlow.")
+    for cls in (GaussianDiffusion, FlowMatching, VPDiffusion):
+        if isinstance(objective, cls):
+            return objective.name  # a subclass's own: MeanFlow is a FlowMatching named "meanflow"
+    raise ValueError(f"{type(objective).__name__} is not an objective; pass a ditkit.GaussianDiffusion, FlowMatching, MeanFlow or VPDiffusion.")
 
 
 def build_objective(config: ObjectiveConfig, learn_sigma: bool = True, null_class: int | None = None):
@@ -23,4 +23,6 @@ def build_objective(config: ObjectiveConfig, learn_sigma: bool = True, null_clas
         return FlowMatching.from_config(config)
     if config.objective == "meanflow":
         return MeanFlow.from_config(config, null_class=null_class)
-    return GaussianDiffusion(learn_sigma=learn_sigma)
+    if config.objective == "vp":
+        return VPDiffusion()
+    return GaussianDiffusion(learn_sigma=learn_sigma, schedule=config.betas, time_offset=config.time_offset)

@@ -13,14 +13,25 @@ import numpy as np
 import torch
 
 from ..config import ObjectiveConfig
+from .common import mean_flat
+from .vp import DiscreteVPSchedule
 
 NUM_TIMESTEPS = 1000
 BETA_START, BETA_END = 1e-4, 0.02  # linear schedule endpoints for 1000 steps
+SD_BETA_START, SD_BETA_END = 0.00085, 0.012  # Stable Diffusion's scaled-linear schedule (U-ViT-H's)
 
 
 def linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
     scale = 1000 / num_timesteps  # keeps the schedule's shape for other step counts, as ADM does
     return np.linspace(scale * BETA_START, scale * BETA_END, num_timesteps, dtype=np.float64)
+
+
+def scaled_linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
+    """Stable Diffusion's "scaled linear" betas: linear in sqrt(beta)."""
+    return np.linspace(SD_BETA_START**0.5, SD_BETA_END**0.5, num_timesteps, dtype=np.float64) ** 2
+
+
+BETAS = {"linear": linear_betas, "scaled-linear": scaled_linear_betas}
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> set[int]:
@@ -46,10 +57,6 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
         steps += [start + round(stride * k) for k in range(count)]  # round() as the official loop
         start += size
     return set(steps)
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=list(range(1, x.ndim)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -78,7 +85,9 @@ class GaussianDiffusion:
     (and, with learn_sigma, an interpolation between the two variance bounds).
 
     `respaced(n)` gives the same process on a subset of steps (the official SpacedDiffusion):
-    its model calls receive the original timesteps through `timestep_map`.
+    its model calls receive the original timesteps through `timestep_map`. `schedule` names the
+    betas ("scaled-linear": Stable Diffusion's), and the network sees step k as k + `time_offset`
+    (U-ViT-H counts its steps from 1: offset 1).
     """
 
     name = "gaussian"
@@ -91,9 +100,12 @@ class GaussianDiffusion:
         betas: np.ndarray | None = None,
         timestep_map: list[int] | None = None,
         base_timesteps: int | None = None,
+        schedule: str = "linear",
+        time_offset: int = 0,
     ):
-        betas = linear_betas(num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
+        betas = BETAS[schedule](num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all()
+        self.schedule, self.time_offset = schedule, time_offset
         self.learn_sigma = learn_sigma
         self.sigma_small = sigma_small
         self.num_timesteps = len(betas)
@@ -139,14 +151,20 @@ class GaussianDiffusion:
                 last = a
                 new_map.append(self.timestep_map[i])
         return GaussianDiffusion(self.learn_sigma, sigma_small=self.sigma_small, betas=np.array(new_betas), timestep_map=new_map,
-                                 base_timesteps=self.base_timesteps)  # fmt: skip
+                                 base_timesteps=self.base_timesteps, schedule=self.schedule, time_offset=self.time_offset)  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"GaussianDiffusion(learn_sigma={self.learn_sigma}, num_timesteps={self.num_timesteps})"
+        return f"GaussianDiffusion(learn_sigma={self.learn_sigma}, num_timesteps={self.num_timesteps}, schedule={self.schedule!r})"
 
     @property
     def config(self) -> ObjectiveConfig:
-        return ObjectiveConfig(objective="gaussian")
+        return ObjectiveConfig(objective="gaussian", betas=self.schedule, time_offset=self.time_offset)
+
+    def vp_schedule(self) -> DiscreteVPSchedule:
+        """The process in continuous time, as DPM-Solver reads a discrete one: t_n = n / T."""
+        if self.timestep_map != list(range(self.num_timesteps)):
+            raise ValueError("DPM-Solver takes the full diffusion, not a respaced one; pass GaussianDiffusion().")
+        return DiscreteVPSchedule(self.betas, self.time_offset)
 
     def draw_t(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
         """Training timesteps: uniform integers in [0, T), as the official train.py."""
@@ -154,7 +172,7 @@ class GaussianDiffusion:
 
     def unit_time(self, t_model: torch.Tensor) -> torch.Tensor:
         """The network's timestep on ditkit's common [0, 1] scale (0 = noise at T - 1, 1 = data at 0)."""
-        return 1 - t_model.float() / (self.base_timesteps - 1)
+        return 1 - (t_model.float() - self.time_offset) / (self.base_timesteps - 1)
 
     # -- coefficients ----------------------------------------------------------------------
     def _extract(self, name: str, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -167,7 +185,7 @@ class GaussianDiffusion:
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """Indices of this (possibly respaced) process -> the timesteps the model was trained on."""
-        return self._extract_long("timestep_map", t)
+        return self._extract_long("timestep_map", t) + self.time_offset
 
     def _extract_long(self, name: str, t: torch.Tensor) -> torch.Tensor:
         key = (name, str(t.device))

@@ -43,7 +43,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import ObjectiveConfig
-from .flow import FlowMatching, _expand
+from .common import expand_to
+from .flow import FlowMatching
 
 ADAPTIVE_EPS = 0.01  # c in the adaptive weight 1 / (||error||^2 + c)^p (the official code's norm_eps)
 
@@ -102,7 +103,7 @@ class MeanFlow(FlowMatching):
             else:
                 cond, uncond = 0.0, self.velocity(model_fn, xt, t, y=null).float()
         v_g = self.omega * v + self.kappa * cond + (1 - self.omega - self.kappa) * uncond
-        return torch.where(_expand(y == self.null_class, v), v, v_g)
+        return torch.where(expand_to(y == self.null_class, v), v, v_g)
 
     def training_losses(self, model_fn, data: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, y=None, **model_kwargs):
         """{"loss": (N,), "mse": (N,)}: the adaptively weighted ||u - sg(u_tgt)||^2 per sample (at
@@ -121,7 +122,7 @@ class MeanFlow(FlowMatching):
         target = v_g
         if k:
             du_dt = self.jvp(self, model_fn, xt[n - k :], t[n - k :], r[n - k :], v_g[n - k :], y[n - k :], model_kwargs)
-            target = torch.cat([v_g[: n - k], v_g[n - k :] - _expand(t[n - k :] - r[n - k :], du_dt) * du_dt])
+            target = torch.cat([v_g[: n - k], v_g[n - k :] - expand_to(t[n - k :] - r[n - k :], du_dt) * du_dt])
         u = self.average_velocity(model_fn, xt, t, r, y=y, **model_kwargs).float()
         sq = ((u - target.detach()) ** 2).flatten(1).sum(1)  # (N,)
         weight = (sq.detach() + ADAPTIVE_EPS) ** -self.power

@@ -76,27 +76,50 @@ def heun(model_fn, flow: FlowMatching, x, steps, extra_args=None, callback=None,
 
 
 def dopri5(model_fn, flow: FlowMatching, x, steps=None, extra_args=None, callback=None, generator=None, progress=False,
-           time_shift=None, atol=1e-6, rtol=1e-3):  # fmt: skip
+           time_shift=None, atol=1e-6, rtol=1e-3, max_steps=1000):  # fmt: skip
     """Adaptive Dormand-Prince 5(4) through torchdiffeq with SiT's tolerances; `steps` is unused
-    (the solver picks its own), the time shift reparametrises the ODE's time."""
+    (the solver picks its own). Each try of a step, accepted or rejected, costs 6 model calls (2 more
+    to start); a stiff ODE (an extreme guidance scale) would shrink the steps without end, so more
+    than `max_steps` tries is an ArithmeticError. `callback` gets {"i": tries left, "t", "x": the
+    state so far, "nfe": model calls so far} before each try, so a caller can stop the solver there
+    by raising, as it can between the steps of the fixed-step samplers. The time shift reparametrises
+    the ODE's time."""
     from torchdiffeq import odeint
 
     v = _velocity(model_fn, flow, extra_args or {})
     shift = flow.time_shift if time_shift is None else time_shift
     bar = tqdm(disable=not progress, desc="sampling (model calls)", leave=False)
+    nfe, tries = 0, 0
 
-    def f(s, x):  # s is the unshifted time; t = shift_time(s), dx/ds = v(x, t) dt/ds
+    def shifted(s):  # s is the unshifted time the solver integrates over
+        return s / (s + shift * (1 - s))
+
+    def f(s, x):  # dx/ds = v(x, t) dt/ds
+        nonlocal nfe
+        nfe += 1
         bar.update()
         if shift == 1.0:
             return v(x, s)
-        t = s / (s + shift * (1 - s))
-        return v(x, t) * shift / (s + shift * (1 - s)) ** 2
+        return v(x, shifted(s)) * shift / (s + shift * (1 - s)) ** 2
 
+    def before_try(s, x, ds):  # torchdiffeq calls it before every try, accepted or rejected
+        nonlocal tries
+        tries += 1
+        if tries > max_steps:
+            raise ArithmeticError(f"dopri5 did not reach t = 1 within {max_steps} steps ({nfe} model calls): its error estimate "
+                                  "does not settle (an extreme guidance scale makes the ODE stiff); use a fixed-step sampler "
+                                  "such as heun, or a lower guidance scale.")  # fmt: skip
+        if callback is not None:
+            callback({"i": max_steps - tries + 1, "t": shifted(s), "x": x, "nfe": nfe})
+
+    f.callback_step = before_try
     span = torch.tensor([0.0, 1.0], device=x.device)
-    x = odeint(f, x, span, method="dopri5", atol=atol, rtol=rtol)[-1]
-    bar.close()
+    try:
+        x = odeint(f, x, span, method="dopri5", atol=atol, rtol=rtol)[-1]
+    finally:
+        bar.close()
     if callback is not None:
-        callback({"i": 0, "t": span[-1], "x": x})
+        callback({"i": 0, "t": span[-1], "x": x, "nfe": nfe})
     return x
 
 

@@ -66,7 +66,7 @@ def _multistep(scheduler, model_fn, diffusion: GaussianDiffusion, x, steps, extr
     C = x.shape[1]
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling", leave=False)):
         tt = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        eps = model_fn(x, tt, **extra_args)[:, :C]
+        eps = model_fn(x, diffusion.model_timesteps(tt), **extra_args)[:, :C]  # the network's own time (U-ViT-H: k + 1)
         if callback is not None or clip_denoised:
             x0 = diffusion.predict_x0_from_eps(x, tt, eps)
             if clip_denoised:  # clip the x0 prediction and re-derive eps from it (pixel models live in [-1, 1])

@@ -20,11 +20,12 @@ import functools
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from .data import NAMED, OFFICIAL_IMAGE_SIZE, DitDataset, ImageFolderDataset, NamedDataset, _is_image
+from ..data import NAMED, OFFICIAL_IMAGE_SIZE, DitDataset, ImageFolderDataset, NamedDataset, walk_images
 
 # -- attributes measured from pixels ------------------------------------------------------------
 INK = 32  # a pixel (of 255) brighter than this belongs to the garment; the background is 0
@@ -169,11 +170,13 @@ class CaptionedFolder(ImageFolderDataset):
 
 
 def read_captions(root: Path) -> dict[str, str]:
-    """{image path: caption} for every image under `root`; one sentence if any image has none."""
-    images = sorted(os.path.join(d, f) for d, _, files in os.walk(root, followlinks=True) for f in files if _is_image(f))
+    """{image path: caption} for every image under `root` that has one; an image whose caption is
+    empty or null is left out, with a count on stderr (an empty caption is the null condition, not a
+    description); one sentence if any image has no caption at all."""
+    images = walk_images(root)
     if not images:
         raise ValueError(f"{root} holds no images; put images with a caption each (name.txt beside them or metadata.jsonl) in it.")
-    listed: dict[str, str] = {}
+    listed: dict[str, str | None] = {}
     meta = root / "metadata.jsonl"
     if meta.exists():
         for n, line in enumerate(meta.read_text().splitlines(), 1):
@@ -181,21 +184,34 @@ def read_captions(root: Path) -> dict[str, str]:
                 continue
             try:
                 row = json.loads(line)
-                listed[os.path.normpath(root / row["file_name"])] = str(row["text"]).strip()
+                text = row["text"]
+                if text is not None and not isinstance(text, str):
+                    raise TypeError
+                listed[os.path.normpath(root / row["file_name"])] = text
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"line {n} of {meta} is not a JSON object with file_name and text; fix or remove it.") from None
-    texts, missing = {}, []
+                raise ValueError(f"line {n} of {meta} is not a JSON object with file_name and text (a string); fix or remove it.") from None
+    texts, missing, empty = {}, [], []
     for path in images:
         txt = Path(path).with_suffix(".txt")
         if os.path.normpath(path) in listed:
-            texts[path] = listed[os.path.normpath(path)]
+            text = listed[os.path.normpath(path)]
         elif txt.exists():
-            texts[path] = txt.read_text().strip()
+            text = txt.read_text()
         else:
             missing.append(path)
+            continue
+        if text is None or not text.strip():
+            empty.append(path)
+        else:
+            texts[path] = text.strip()
     if missing:
         raise ValueError(f"{len(missing)} of {len(images)} images in {root} have no caption (the first: {missing[0]}); "
                          "add a .txt of the same name beside each, or a metadata.jsonl line with its file_name and text.")  # fmt: skip
+    if not texts:
+        raise ValueError(f"none of the {len(images)} images in {root} has a caption: each one's is empty or null; write what each image shows.")
+    if empty:
+        print(f"skipping {len(empty)} of {len(images)} images in {root} with an empty or null caption (the first: {empty[0]}); "
+              "write what they show to train on them.", file=sys.stderr, flush=True)  # fmt: skip
     return texts
 
 

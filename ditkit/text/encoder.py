@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from .checkpoints import atomic_write
-from .config import DEFAULT_TEXT_ENCODER, TEXT_MAX_LENGTH
-from .models.mmdit import TextCondition
+from ..config import DEFAULT_TEXT_ENCODER, TEXT_MAX_LENGTH
+from ..models.mmdit import TextCondition
+from ..utils.io import atomic_write, cache_dir
 
 T5_TYPES = ("t5", "mt5", "umt5")
 CLIP_TYPES = ("clip", "clip_text_model")
@@ -141,10 +142,6 @@ def _fingerprint(where: str) -> list:
 def caption_table(captions: tuple[str, ...], encoder: str = DEFAULT_TEXT_ENCODER, max_length: int = TEXT_MAX_LENGTH,
                   cache: str | Path | None = None, device: torch.device | str = "cpu", batch_size: int = 256) -> CaptionTable:  # fmt: skip
     """The encodings of `captions` (row 0 must be ""), read from the cache or encoded and cached."""
-    from safetensors.torch import load_file, save_file
-
-    from .eval.npz import cache_dir
-
     if not captions or captions[0] != "":
         raise ValueError("a caption table starts with the empty prompt (the null condition); put \"\" first.")
     key = json.dumps({"encoder": _fingerprint(resolve_encoder(encoder)), "max_length": max_length, "captions": list(captions)})

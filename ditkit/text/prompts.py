@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..captions import (
+from .captions import (
     ATTRIBUTES,
     HELD_OUT,
     NOUNS,
