@@ -168,6 +168,12 @@ def test_one_and_two_step_sampling():
     assert torch.equal(ditkit.sample(model, flow, noise, y, steps=1), one)
     euler = ditkit.sample(model, flow, noise, y, sampler="euler", steps=1)  # the flow samplers read u at r = t
     torch.testing.assert_close(euler, noise + model(noise, zero, y).detach())
+    # guidance on t in [0.5, 1] only: the first jump unguided, the second guided (r sliced with the batch)
+    guided = ditkit.sample(model, flow, noise, y, sampler="meanflow", steps=2, cfg_scale=2.0, cfg_interval=(0.5, 1.0))
+    with torch.no_grad():
+        mid = noise + 0.5 * model(noise, zero, y, r=half)
+        cond, null = model(mid, half, y, r=full), model(mid, half, torch.full_like(y, 10), r=full)
+        torch.testing.assert_close(guided, mid + 0.5 * (null + 2.0 * (cond - null)))
 
 
 def test_bad_input_is_one_sentence():
