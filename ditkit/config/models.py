@@ -128,6 +128,8 @@ class DiTConfig(DiTDesign, TransformerConfig, DataShape):
     # Guidance distillation (`ditkit distill --method guidance`): the guidance scale is an input, embedded like t.
     cfg_embed: bool = field(default=False, metadata=option("take the guidance scale as an input (one pass per step instead of two)"))
     cfg_range: tuple[float, ...] = field(default=(), metadata=option("the guidance scales LO HI a cfg_embed model was trained on", ge=0, interval=True))
+    # MeanFlow (`--objective meanflow`): a second time, the end r of the interval the network averages the velocity over.
+    time_inputs: int = field(default=1, metadata=option("times the network takes: 1 (t), or 2 (t and r, embedded as r - t: MeanFlow's average velocity)", choices=(1, 2)))
 
     def check(self) -> None:
         TransformerConfig.check(self)

@@ -23,6 +23,7 @@ from .base import (
     Config,
     option,
     positive,
+    samplers_for,
 )
 
 
@@ -32,9 +33,8 @@ APG_HELP = ("flow models: adaptive projected guidance (Sadat et al. 2024): of th
 
 def check_sampler(sampler: str, objective: str) -> None:
     """One sentence when a sampler does not integrate the objective it is given."""
-    if SAMPLER_OBJECTIVE[sampler] != objective:
-        fits = ", ".join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)
-        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {fits}.")
+    if sampler not in samplers_for(objective):
+        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {', '.join(samplers_for(objective))}.")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from .base import (
     MAX_SAMPLING_STEPS,
     MMDIT_PRESETS,
     PRESETS,
-    SAMPLER_OBJECTIVE,
     SAMPLERS,
     TEXT_MAX_LENGTH,
     TRAIN_PRECISIONS,
@@ -29,6 +28,7 @@ from .base import (
     nonnegative,
     option,
     positive,
+    samplers_for,
 )
 from .models import DiTConfig, DiTDesign, UViTConfig
 from .objectives import ObjectiveConfig, ObjectiveFlags
@@ -191,9 +191,10 @@ class TrainConfig(Grouped):
         # merges it in (train.resume.base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(ObjectiveConfig, "objective")):
             objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
-            if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
-                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
-                                 f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+            if self.default_sampler is not None and self.default_sampler not in samplers_for(objective):
+                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of {', '.join(samplers_for(objective))}.")
+        if self.uvit and self.objective == "meanflow":
+            raise ValueError(f"--objective meanflow needs a network that takes a second time (a DiT); {self.model} takes one, so use a DiT-* preset.")
         if self.text and self.objective != "flow":
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
         if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
@@ -226,7 +227,7 @@ class TrainConfig(Grouped):
             return UViTConfig.from_preset(self.model, **sizes, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3),
                                           num_classes=num_classes + (n.class_dropout_prob > 0), class_dropout_prob=n.class_dropout_prob)  # fmt: skip
         return DiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                     learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob,
+                                     learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob, time_inputs=2 if self.objective == "meanflow" else 1,
                                      **{f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__})  # fmt: skip
 
 
