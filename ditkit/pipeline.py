@@ -23,7 +23,6 @@ import torch
 from .checkpoints import family, infer_config, load_model, peek_config, read_checkpoint
 from .config import (
     MMDIT_PRESETS,
-    SAMPLER_OBJECTIVE,
     TEXT_MAX_LENGTH,
     UVIT_PRESETS,
     DiTConfig,
@@ -33,6 +32,7 @@ from .config import (
     SamplingOptions,
     UViTConfig,
     VideoDiTConfig,
+    samplers_for,
 )
 from .lora import apply_adapter, read_adapter
 from .objectives import FlowMatching, GaussianDiffusion, VPDiffusion, build_objective, objective_name
@@ -53,9 +53,10 @@ OFFICIAL_SAMPLING = {
     "gaussian": {"sampler": "ddpm", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "flow": {"sampler": "dopri5", "num_sampling_steps": 250, "cfg_scale": 4.0},
     "vp": {"sampler": "dpm-solver", "num_sampling_steps": 50, "cfg_scale": 1.0},  # U-ViT's eval.py
+    "meanflow": {"sampler": "meanflow", "num_sampling_steps": 1, "cfg_scale": 1.0},  # the paper's: one step, guidance trained in
 }
 # What a model trained by ditkit records for `ditkit sample` unless its run says otherwise: fast samplers.
-FAST_SAMPLING = {"gaussian": ("dpm++2m", 10), "flow": ("heun", 5), "vp": ("dpm-solver", 20)}
+FAST_SAMPLING = {"gaussian": ("dpm++2m", 10), "flow": ("heun", 5), "vp": ("dpm-solver", 20), "meanflow": ("meanflow", 1)}
 
 
 class Unconditional(torch.nn.Module):
@@ -135,7 +136,7 @@ class Pipeline:
 def resolve_sampling(opts: SamplingOptions, objective: str, recorded: dict, official: bool) -> Sampling:
     """Flags over what the checkpoint records over the objective's official defaults."""
     base = {**OFFICIAL_SAMPLING[objective], **recorded}
-    if SAMPLER_OBJECTIVE.get(base["sampler"]) != objective:  # a recorded sampler of the other objective
+    if base["sampler"] not in samplers_for(objective):  # a recorded sampler of another objective
         base["sampler"] = DEFAULT_SAMPLER[objective]
     pick = lambda name: getattr(opts, name) if getattr(opts, name) is not None else base.get(name)  # noqa: E731
     interval = tuple(opts.cfg_interval) if opts.cfg_interval else (tuple(base["cfg_interval"]) if base.get("cfg_interval") else None)
@@ -280,8 +281,8 @@ def grid_pipeline(model: torch.nn.Module, objective, vae=None, precision: str = 
     """The pipeline of training sample grids: a fast deterministic sampler, light guidance."""
     kind = objective_name(objective)
     guided = max(getattr(model.config, "class_dropout_prob", 0), getattr(model.config, "prompt_dropout_prob", 0)) > 0
-    sampler, steps = {"gaussian": ("ddim", 50), "flow": ("heun", 25), "vp": ("dpm-solver", 25)}[kind]
-    sampling = Sampling(sampler=sampler, steps=steps, cfg_scale=1.5 if guided else 1.0, precision=precision)
+    sampler, steps = {"gaussian": ("ddim", 50), "flow": ("heun", 25), "vp": ("dpm-solver", 25), "meanflow": ("meanflow", 1)}[kind]
+    sampling = Sampling(sampler=sampler, steps=steps, cfg_scale=1.5 if guided and kind != "meanflow" else 1.0, precision=precision)
     return Pipeline(model=model, objective=objective, sampling=sampling, vae=vae,
                     device=device if device is not None else next(model.parameters()).device)  # fmt: skip
 
@@ -290,6 +291,8 @@ def default_sampling(objective, sampler: str | None = None, steps: int | None = 
                      cfg_interval: tuple[float, ...] = ()) -> Sampling:  # fmt: skip
     """What a model trained by ditkit records for `ditkit sample` to use with no flags: a fast
     sampler unless the run says otherwise (TrainConfig's default_* settings)."""
-    fast_sampler, fast_steps = FAST_SAMPLING[objective_name(objective)]
+    kind = objective_name(objective)
+    fast_sampler, fast_steps = FAST_SAMPLING[kind]
+    unguided = 1.0 if kind == "meanflow" else 4.0  # MeanFlow's guidance is trained in
     return Sampling(sampler=sampler or fast_sampler, steps=steps or fast_steps,
-                    cfg_scale=4.0 if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip
+                    cfg_scale=unguided if cfg_scale is None else cfg_scale, cfg_interval=tuple(cfg_interval) or None)  # fmt: skip

@@ -85,6 +85,15 @@ def test_recipes_are_for_training(capsys):
         assert "fmnist-cpu" in names and ("orarecipename(" + names + ")" in help_text) == helps_recipes
 
 
+def test_every_shipped_recipe_is_a_valid_training_config():
+    """A recipe is read when a user names it: each one shipped parses and passes the config's checks."""
+    for recipe in sorted(RECIPES.glob("*.toml")):
+        cfg = parsed("train", "--config", recipe.stem)
+        assert isinstance(cfg, TrainConfig) and cfg.max_steps > 0, recipe.stem
+    five, fast = parsed("train", "--config", "fmnist-5min"), parsed("train", "--config", "fmnist-fast")
+    assert (five.max_minutes, five.max_steps, five.model_config(10, 32, 1)) == (5, 2800, fast.model_config(10, 32, 1))
+
+
 def test_paper_block_names_in_every_command():
     aliases = {"adaLN-Zero": "adaln_zero", "adaLN": "adaln", "cross-attention": "cross_attn", "in-context": "in_context"}
     for alias, name in aliases.items():

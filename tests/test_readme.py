@@ -235,6 +235,10 @@ CHECKS = {
     "ditkit distill --teacher bundled --method reflow --reflow-pairs 2048 --student-steps 2 --max-steps 600 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit sample --ckpt fashion-mnist-turbo --out turbo.png": ("run", turbo_grid),
     "ditkit distill --resume latest": ("parsed", DistillConfig),
+    "ditkit train --data-path fashion-mnist --model DiT-S/4 --hidden-size 128 --depth 6 --num-heads 4 --no-learn-sigma --objective meanflow "
+    "--t-sampling logit-normal --t-mean -0.4 --mf-share 0.25 --mf-kappa 0.5 --mlp swiglu --norm rmsnorm --qk-norm --pos-embed sincos+rope "
+    "--global-batch-size 32 --lr 1e-3 --warmup-steps 100 --lr-schedule cosine --min-lr 1e-5 --adam-beta2 0.95 --grad-clip 1.0 --ema-schedule power "
+    "--precision bf16 --compile --max-steps 4000 --max-minutes 70 --ckpt-every 1000 --log-every 50 --num-workers 0": ("parsed",),
     "pip install -e .[lora]": ("not run", "installs"),
     "ditkit train --init-from bundled --data-path mnist --lora-rank 8 --lora-alpha 16 --max-steps 2000 --lr 1e-3 --ema-schedule power": ("parsed",),
     "ditkit sample --lora results/000-lora/adapter --classes 3 7": ("fails", "LoRA adapter results/000-lora/adapter does not exist"),

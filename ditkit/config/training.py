@@ -17,7 +17,6 @@ from .base import (
     MIN_FRAMES,
     MMDIT_PRESETS,
     PRESETS,
-    SAMPLER_OBJECTIVE,
     SAMPLERS,
     TEXT_MAX_LENGTH,
     TRAIN_PRECISIONS,
@@ -31,6 +30,7 @@ from .base import (
     nonnegative,
     option,
     positive,
+    samplers_for,
 )
 from .models import DiTConfig, DiTDesign, UViTConfig, VideoDesign, VideoDiTConfig
 from .objectives import ObjectiveConfig, ObjectiveFlags
@@ -197,9 +197,10 @@ class TrainConfig(Grouped):
         # merges it in (train.resume.base_objective) and these checks run again on the merged config.
         if not (self.init_from is not None and self.objective == field_default(ObjectiveConfig, "objective")):
             objective = self.objective_config().objective  # flow-only settings on a gaussian run fail here
-            if self.default_sampler is not None and SAMPLER_OBJECTIVE[self.default_sampler] != objective:
-                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of "
-                                 f"{', '.join(s for s, o in SAMPLER_OBJECTIVE.items() if o == objective)}.")  # fmt: skip
+            if self.default_sampler is not None and self.default_sampler not in samplers_for(objective):
+                raise ValueError(f"--default-sampler {self.default_sampler} does not sample {objective} models; pick one of {', '.join(samplers_for(objective))}.")
+        if self.uvit and self.objective == "meanflow":
+            raise ValueError(f"--objective meanflow needs a network that takes a second time (a DiT); {self.model} takes one, so use a DiT-* preset.")
         if self.text and self.objective != "flow":
             raise ValueError(f"{self.model} is a text-to-image model trained by flow matching, as SD3; add --objective flow.")
         if self.video:
@@ -218,6 +219,8 @@ class TrainConfig(Grouped):
             raise ValueError(f"{self.model} is a video model, trained from scratch in pixel space; drop --vae and --init-from.")
         if self.data_path in ("fashion-mnist", "mnist", "digits", "fashion-mnist-captions"):
             raise ValueError(f"{self.model} is a video model and {self.data_path} holds images; pass --data-path moving-fashion-mnist or a folder of clips.")
+        if self.objective == "meanflow":  # its second time input (r) is a DiT's, not yet the video DiT's
+            raise ValueError(f"{self.model} is a video model, which trains with --objective flow or gaussian, not meanflow; pick one of those.")
 
     @property
     def text(self) -> bool:
@@ -247,7 +250,7 @@ class TrainConfig(Grouped):
             return UViTConfig.from_preset(self.model, **sizes, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3),
                                           num_classes=num_classes + (n.class_dropout_prob > 0), class_dropout_prob=n.class_dropout_prob)  # fmt: skip
         return DiTConfig.from_preset(self.model, **n.sizes(), input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-                                     learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob,
+                                     learn_sigma=n.learn_sigma, class_dropout_prob=n.class_dropout_prob, time_inputs=2 if self.objective == "meanflow" else 1,
                                      **{f: getattr(self.design, f) for f in DiTDesign.__dataclass_fields__})  # fmt: skip
 
     def video_model_config(self, num_classes: int, input_size: int, in_channels: int, frames: int) -> VideoDiTConfig:

@@ -4,6 +4,8 @@ State-dict keys and shapes equal the official release, so its checkpoints load w
 strict=True. The model knows nothing of losses, guidance or distribution: forward(x, t, y).
 A guidance-distilled DiT (cfg_embed) also takes the guidance scale, forward(x, t, y, cfg_scale),
 embedded like t and added to the conditioning; the scale itself is applied by nobody but the network.
+A MeanFlow DiT (time_inputs=2) also takes the end r of the interval it averages over,
+forward(x, t, y, r=r), with r - t embedded like t and added to the conditioning.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
         if c.cfg_embed:  # absent otherwise, so the official state-dict keys stay as they are
             self.w_embedder = TimestepEmbedder(c.hidden_size)
+        if c.time_inputs == 2:  # MeanFlow's interval length; absent otherwise, as w_embedder
+            self.h_embedder = TimestepEmbedder(c.hidden_size)
         self.num_patches = (c.input_size // c.patch_size) ** 2
         if "sincos" in c.pos_embed:  # fixed sin-cos table, a frozen parameter so official checkpoints carry it
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
@@ -143,6 +147,9 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.config.time_inputs == 2:  # as t_embedder (MeanFlow's official init)
+            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
+            nn.init.normal_(self.h_embedder.mlp[2].weight, std=0.02)
         if self.config.cfg_embed:  # a zero last layer: the student starts as the teacher it is made from
             nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.w_embedder.mlp[2].weight)
@@ -165,9 +172,11 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: torch.Tensor | float | None = None,
+                r: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """x: (N, C, H, W) noisy input; t: (N,) timesteps; y: (N,) labels, num_classes = null;
-        cfg_scale: (N,) or a number, for cfg_embed models only (default 1: no guidance)."""
+        cfg_scale: (N,) or a number, for cfg_embed models only (default 1: no guidance);
+        r: (N,) the interval's other end, for time_inputs=2 models only (default t: the velocity at t)."""
         x = self.x_embedder(x)  # (N, T, D)
         if hasattr(self, "pos_embed"):
             x = x + self.pos_embed
@@ -178,6 +187,10 @@ class DiT(nn.Module):
             t_emb = t_emb + self.w_embedder(w.expand(t.shape[0]))  # (N, D)
         elif cfg_scale is not None:
             raise ValueError("this DiT does not take the guidance scale as an input (cfg_embed is off); guide it with ditkit.sample(cfg_scale=...) instead.")
+        if hasattr(self, "h_embedder"):
+            t_emb = t_emb + self.h_embedder(torch.zeros_like(t) if r is None else r - t)  # (N, D)
+        elif r is not None:
+            raise ValueError("this DiT takes one time (time_inputs is 1), not the interval (t, r) of a MeanFlow model; call it without r.")
         y_emb = self.y_embedder(y)  # (N, D)
         block = self.config.block
         if block.startswith("adaln"):

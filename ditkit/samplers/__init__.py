@@ -7,7 +7,7 @@ own time: the diffusion's integer timesteps, or the flow's t * time_scale. `extr
 condition, which samplers pass on without looking at it: class ids, encoded prompts, anything the
 network takes, as long as its rows slice (`y[:n]`) and it has a null for guidance (a `.null()`, or
 the network's null class for label tensors). Each sampler belongs to one objective
-(`config.SAMPLER_OBJECTIVE`).
+(`config.SAMPLER_OBJECTIVE`; a MeanFlow model runs the flow ones too, `config.samplers_for`).
 
 `sample` is the checked entry point for Python users: it validates its settings once (a `Sampling`)
 and calls `run_sampling`, which the pipeline calls directly with the settings it has checked.
@@ -24,15 +24,17 @@ from ..objectives import objective_name
 from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
 from .guidance import autocast_model, autoguided_model, cfg_model, embedded_cfg_model, null_condition
+from .meanflow import meanflow
 from .vp import dpm_solver, dpm_solver_pp, euler_maruyama, euler_maruyama_ode
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
     "euler": euler, "heun": heun, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
     "dpm-solver++": dpm_solver_pp, "dpm-solver": dpm_solver, "euler-maruyama": euler_maruyama, "euler-maruyama-ode": euler_maruyama_ode,
+    "meanflow": meanflow,
 }  # fmt: skip
 assert set(SAMPLERS) == set(SAMPLER_OBJECTIVE)
-DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler", "vp": "dpm-solver"}
+DEFAULT_SAMPLER = {"gaussian": "ddim", "flow": "euler", "vp": "dpm-solver", "meanflow": "meanflow"}
 
 __all__ = ["SAMPLERS", "sample", "run_sampling", "cfg_model", "autoguided_model", "autocast_model", "check_labels", "check_condition",
            "check_embedded_guidance", "check_guide"]  # fmt: skip
@@ -93,6 +95,8 @@ def check_setup(model: torch.nn.Module, objective, sampling: Sampling, channels:
     if sampling.cfg_channels is not None and sampling.cfg_channels > channels:
         raise ValueError(f"cfg_channels must lie in 1..{channels} (the prediction's channels), got {sampling.cfg_channels}; None guides all.")
     config = getattr(model, "config", None)
+    if sampling.sampler == "meanflow" and config is not None and getattr(config, "time_inputs", 1) != 2:
+        raise ValueError("the meanflow sampler needs a network that takes the interval (t, r), and this one takes one time; train it with --objective meanflow, or sample it with euler or heun.")
     if getattr(config, "cfg_embed", False):
         check_embedded_guidance(config, sampling.cfg_scale, sampling.cfg_channels)
     elif sampling.cfg_scale != 1.0 and getattr(config, "conditioning", "class") == "class" and getattr(config, "null_class", 0) is None:
@@ -123,8 +127,8 @@ def sample(
     """N samples (in the model's input space) for N noises and N labels (class ids, or a
     TextCondition of N prompts for a text-to-image model: its null is the empty prompt).
 
-    `objective` is a GaussianDiffusion or a FlowMatching; `sampler` one of SAMPLERS that fits it
-    (default: ddim or euler). With cfg_scale != 1 the conditional and null batches run together as
+    `objective` is a GaussianDiffusion, a FlowMatching (or MeanFlow) or a VPDiffusion; `sampler` one of
+    SAMPLERS that fits it (default: ddim, euler, meanflow or dpm-solver). With cfg_scale != 1 the conditional and null batches run together as
     one batch of 2N, as the official sample.py does, so DDPM draws the same per-step noise; a
     guidance-distilled model (cfg_embed) takes the scale as an input instead, in one batch of N.
     With a `guide` (a weaker model of the same data and objective), guidance is autoguidance: the
@@ -176,7 +180,7 @@ def run_sampling(model: torch.nn.Module, objective, noise: torch.Tensor, y, s: S
         options["eta"] = s.eta
     if kind == "gaussian":
         options["clip_denoised"] = clip_denoised
-    if kind == "flow" and s.time_shift is not None:
+    if kind in ("flow", "meanflow") and s.time_shift is not None:
         options.setdefault("time_shift", s.time_shift)
     networks = [m for m in (model, guide) if m is not None]
     was_training = [m.training for m in networks]

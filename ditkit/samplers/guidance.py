@@ -46,7 +46,8 @@ def cfg_model(model_fn: Callable, cfg_scale: float, cfg_channels: int | None = N
         if interval is not None:
             u = float(unit_time(t[:1].float())[0])
             if not interval[0] <= u <= interval[1]:
-                out = model_fn(half, t[:n], y[:n], **kwargs)  # (N, C_out, H, W): the conditional prediction
+                half_kwargs = {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}  # a MeanFlow model's r
+                out = model_fn(half, t[:n], y[:n], **half_kwargs)  # (N, C_out, H, W): the conditional prediction
                 return torch.cat([out, out])
         k = x.shape[1] if cfg_channels is None else cfg_channels
         out = model_fn(torch.cat([half, half]), t, y, **kwargs)  # (2N, C_out, H, W)

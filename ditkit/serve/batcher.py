@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..checkpoints import describe
-from ..config import SAMPLER_OBJECTIVE, GenerateRequest, ServeConfig
+from ..config import GenerateRequest, ServeConfig, samplers_for
 from ..objectives import objective_name
 from ..pipeline import Pipeline
 from ..utils.images import to_uint8
@@ -369,7 +369,7 @@ class Batcher:
     def info(self) -> dict:
         c, s = self.pipe.config, self.pipe.sampling
         kind = objective_name(self.pipe.objective)
-        samplers = [name for name, objective in SAMPLER_OBJECTIVE.items() if objective == kind]
+        samplers = list(samplers_for(kind))
         defaults = {"prompts": []} if self.text else {"classes": [0]}
         info = {
             "model": describe(c), "objective": kind, "conditioning": "text" if self.text else "class",

@@ -71,7 +71,8 @@ class Trainer:
         self.dataset = self.task.dataset(cfg, cfg.channels or (self.vae.config.in_channels if self.vae else None), d)  # gray data goes RGB for a VAE
         self.model_config = self.task.model_config(cfg, *data_shape(self.dataset, self.vae, cfg), self.base)
         check_network_size(self.model_config, cfg, d.device, self.local_batch)  # before anything is built
-        self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma)
+        self.objective = build_objective(cfg.objective_config(), learn_sigma=self.model_config.learn_sigma,
+                                         null_class=getattr(self.model_config, "null_class", None))  # fmt: skip
 
         torch.manual_seed(cfg.global_seed)  # the same initial weights on every rank
         make = lambda: build_network(self.task.build, self.model_config, cfg, self.base, self.base_name).to(d.device)  # noqa: E731
@@ -103,6 +104,8 @@ class Trainer:
                 print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch}) "
                       f"with the run's settings{note}", flush=True)  # fmt: skip
         self.net = wrap(self.model, d, cfg.parallel, cfg.compile)
+        if cfg.compile and hasattr(self.objective, "compile"):
+            self.objective.compile()  # MeanFlow's jvp: inside a compiled region, or it runs eagerly
         trainable = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         ema = dict(self.ema.named_parameters())
