@@ -209,6 +209,7 @@ CHECKS = {
     "ditkit train --config fmnist-bundled": ("parsed",),
     "ditkit train --config fmnist-cpu": ("parsed",),
     "ditkit train --config fmnist-fast": ("parsed",),
+    "ditkit train --config fmnist-5min": ("parsed",),
     "ditkit train --data-path fashion-mnist --model DiT-S/4 --objective flow --t-sampling logit-normal --cos-loss 0.1 --mlp swiglu "
     "--norm rmsnorm --qk-norm --pos-embed sincos+rope --lr 1e-3 --lr-schedule cosine --ema-schedule power --max-minutes 30": ("parsed",),
     "ditkit train --data-path fashion-mnist --model DiT-S/2 --max-steps 1000": ("parsed",),
@@ -235,6 +236,8 @@ CHECKS = {
     "ditkit distill --teacher bundled --method reflow --reflow-pairs 2048 --student-steps 2 --max-steps 600 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit sample --ckpt fashion-mnist-turbo --out turbo.png": ("run", turbo_grid),
     "ditkit distill --resume latest": ("parsed", DistillConfig),
+    "ditkit distill --teacher bundled --method ladd --student-steps 1 --student-init fashion-mnist-turbo --max-steps 500 --lr 3e-5 "
+    "--disc-lr 1e-4 --disc-warmup 100 --adv-t-mean -1.5 --precision auto": ("parsed", DistillConfig),
     "ditkit train --data-path fashion-mnist --model DiT-S/4 --hidden-size 128 --depth 6 --num-heads 4 --no-learn-sigma --objective meanflow "
     "--t-sampling logit-normal --t-mean -0.4 --mf-share 0.25 --mf-kappa 0.5 --mlp swiglu --norm rmsnorm --qk-norm --pos-embed sincos+rope "
     "--global-batch-size 32 --lr 1e-3 --warmup-steps 100 --lr-schedule cosine --min-lr 1e-5 --adam-beta2 0.95 --grad-clip 1.0 --ema-schedule power "
