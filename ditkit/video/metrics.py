@@ -94,7 +94,7 @@ def i3d_input(clips: np.ndarray, device: torch.device | str = "cpu") -> torch.Te
     """(N, T, H, W, C) uint8 -> (N, 3, T, 224, 224) in [-1, 1]: the short side resized to 224
     (bilinear), center-cropped, gray repeated to RGB."""
     n, t, h, w, c = clips.shape
-    x = torch.from_numpy(np.ascontiguousarray(clips)).to(device).float().div(255)  # (N, T, H, W, C)
+    x = torch.tensor(clips).to(device).float().div(255)  # (N, T, H, W, C); a copy: .npz arrays are read-only
     x = x.reshape(n * t, h, w, c).permute(0, 3, 1, 2).expand(-1, 3, -1, -1)  # (N T, 3, H, W)
     scale = I3D_SIZE / min(h, w)
     x = F.interpolate(x, size=(max(I3D_SIZE, round(h * scale)), max(I3D_SIZE, round(w * scale))), mode="bilinear", align_corners=False)
