@@ -75,6 +75,8 @@ def test_study_end_to_end_rerun_and_resume(tmp_path, monkeypatch, capsys):
         assert r["images"] == "32"
     # Every run trained the recipe for 4 steps with its seed, the paper's DiT blocks and t on [0, 1000].
     ck = torch.load(next((out / "runs" / "uvit-L2-s0").glob("*/checkpoints/0000004.pt")), weights_only=True)
+    # A run's folder says what it trained, not the preset the study sized it from.
+    assert [p.name for p in (out / "runs" / "unet-L1-s0").glob("000-*")] == [f"000-{rows['unet-L1-s0']['label'].replace(' ', '')}"]
     assert ck["args"]["time_scale"] == 1000.0 and ck["args"]["lr_schedule"] == "cosine" and ck["args"]["mlp"] == "gelu"
     assert ck["objective"]["objective"] == "flow" and UViTConfig(**ck["model_config"]).patch_size == 4
     info = data_info("digits")

@@ -154,7 +154,7 @@ class Study:
         latest = latest_checkpoint(run_dir)
         print(f"{tag} {run.name} ({run.label}): {meta['params']:,} parameters, {meta['gflops']:.3g} Gflops, {run.train.max_steps} steps", flush=True)
         if latest is None or latest.stem != f"{run.train.max_steps:07d}":
-            Trainer(replace(run.train, resume="latest" if latest else None), task=ClassTask(run.factory())).run()
+            Trainer(replace(run.train, resume="latest" if latest else None), task=ClassTask(run.factory(), name=run.label)).run()
             latest = latest_checkpoint(run_dir)
         model, objective = load_checkpoint_model(run, latest)
         metrics = self.scorer.score(model, objective, run_dir / "samples.npz")

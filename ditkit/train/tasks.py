@@ -37,15 +37,17 @@ def build_class_model(config: DiTConfig | UViTConfig) -> nn.Module:
 class ClassTask:
     """A class-conditional network on labelled images: a DiT or U-ViT by default; `model_factory`
     builds any module with forward(x, t, y) -> (N, C or 2C, H, W) whose `.config` has DiTConfig's data
-    fields (input_size, in_channels, num_real_classes, null_class, learn_sigma), such as the study's U-Net."""
+    fields (input_size, in_channels, num_real_classes, null_class, learn_sigma), such as the study's U-Net;
+    `name` names its run folders where the --model preset would not say what is built (NNN-NAME)."""
 
-    def __init__(self, model_factory: Callable[[DiTConfig], nn.Module] = build_class_model):
+    def __init__(self, model_factory: Callable[[DiTConfig], nn.Module] = build_class_model, name: str | None = None):
         self.build = model_factory
+        self.name = name
 
     def run_name(self, cfg: TrainConfig, base) -> str:
         if base is not None:
             return "lora" if cfg.lora_rank else "finetune"
-        return cfg.model.replace("/", "-")
+        return (self.name or cfg.model).replace("/", "-").replace(" ", "")
 
     def dataset(self, cfg: TrainConfig, channels: int | None, d):
         return build_dataset(cfg.data_path, cfg.image_size, channels, flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)
