@@ -70,16 +70,21 @@ def _style(g: dict) -> dict:
     return FAMILY_STYLES[g["family"]]
 
 
+DIT_LEVELS = "DiT at the levels"  # the DiTs of the backbones grid, one line as U-ViT's and the U-Net's
+
+
 def _series(groups: list[dict]) -> dict[str, list[dict]]:
-    """The lines of a quality plot: each DiT size across its patches, each other family across its levels."""
+    """The lines of a quality plot: each DiT size across its patches (the sizes grid), the DiTs of the
+    backbones grid across its levels, each other family across its levels."""
     lines: dict[str, list[dict]] = {}
     for g in groups:
-        if g["family"] == "DiT":
-            if g["block"] != "adaln_zero":
-                continue
-            lines.setdefault(f"DiT-{g['model'].split('/')[0]}", []).append(g)
-        else:
+        if g["family"] != "DiT":
             lines.setdefault(g["family"], []).append(g)
+        elif g["block"] == "adaln_zero":
+            if "sizes" in g["grids"]:
+                lines.setdefault(f"DiT-{g['model'].split('/')[0]}", []).append(g)
+            if "backbones" in g["grids"]:
+                lines.setdefault(DIT_LEVELS, []).append(g)
     return lines
 
 
@@ -88,12 +93,14 @@ def _quality_plot(plt, groups: list[dict], x, xlabel: str, title: str, path: Pat
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
     fig.suptitle(title)
     for metric, ax in zip(metrics, axes[0]):
-        for name, members in _series(groups).items():
+        lines = _series(groups)
+        for name, members in lines.items():
             members = sorted((g for g in members if g[metric] and x(g) is not None), key=x)
             if not members:
                 continue
-            color = _style(members[0])["color"]
-            ax.plot([x(g) for g in members], [_mean(g[metric]) for g in members], color=color, alpha=0.6, label=name)
+            color = "tab:red" if name == DIT_LEVELS else _style(members[0])["color"]
+            dashes = (4, 2) if name == DIT_LEVELS and len(lines) > 3 else ()  # beside the size lines, told apart
+            ax.plot([x(g) for g in members], [_mean(g[metric]) for g in members], color=color, alpha=0.6, label=name, dashes=dashes)
             for g in members:
                 vals = g[metric]
                 ax.errorbar(x(g), _mean(vals), yerr=[[_mean(vals) - min(vals)], [max(vals) - _mean(vals)]], color=color,
