@@ -2,7 +2,7 @@
 ditkit/assets/fmnist_classifier.safetensors: 10 epochs, test accuracy 0.9138 (a few minutes
 on an idle 2-core CPU, 25 on a busy one). With --data moving-fashion-mnist, the one that judges
 clips frame by frame, on 20 px items anywhere on the canvas, written to
-ditkit/assets/fmnist_video_classifier.safetensors (not shipped: `ditkit eval` looks for it there).
+ditkit/assets/fmnist_video_classifier.safetensors (shipped: 10 epochs, 0.865 on real test frames).
 
     python scripts/train_fmnist_classifier.py [--epochs 10] [--seed 0] [--out PATH] [--data moving-fashion-mnist]
 """

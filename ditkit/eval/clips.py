@@ -64,7 +64,7 @@ def evaluate_clips(cfg: EvalConfig, samples: ImageArray) -> dict:
     elif frame != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
         cannot(["accuracy", "consistency"], f"accuracy and consistency judge 32x32x1 moving-fashion-mnist frames (classes 0-9), the clips' frames are "
                                             f"{'x'.join(map(str, frame))} with class ids up to {samples.labels.max()}")  # fmt: skip
-    if not VIDEO_CLASSIFIER_PATH.is_file():  # not shipped: the script trains it
+    if not VIDEO_CLASSIFIER_PATH.is_file():  # shipped; a checkout without it: the script trains it
         cannot(["accuracy", "consistency"], f"accuracy and consistency need the classifier of moving items {VIDEO_CLASSIFIER_PATH}; "
                                             "train it with python scripts/train_fmnist_classifier.py --data moving-fashion-mnist")  # fmt: skip
     i3d = find_i3d_weights(cfg.i3d, cfg.cache_dir)
