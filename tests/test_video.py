@@ -284,8 +284,8 @@ def test_eval_of_clips_and_fvd_through_torchscript(tmp_path, capsys, monkeypatch
     (tmp_path / "bad.pt").write_bytes(b"not a network")
     with pytest.raises(ValueError, match="is not a TorchScript I3D"):
         load_i3d(tmp_path / "bad.pt")
-    # The command line: the classifier of moving items is not shipped (the script trains it), so
-    # without it accuracy and consistency end in one sentence; with one (untrained here) they run.
+    # The command line: without the classifier of moving items (a checkout that lacks the shipped
+    # file) accuracy and consistency end in one sentence; with one (untrained here) they run.
     missing = tmp_path / "fmnist_video_classifier.safetensors"
     monkeypatch.setattr(clips_module, "VIDEO_CLASSIFIER_PATH", missing)
     assert main(["eval", "--samples", str(tmp_path / "real.npz"), "--metrics", "accuracy", "consistency"]) == 2
