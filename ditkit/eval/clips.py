@@ -15,7 +15,7 @@ from ..utils.io import cache_dir
 from ..video.metrics import I3D_WEIGHTS, I3DFeatures, clip_accuracy, load_i3d, motion_stats, temporal_consistency
 from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, VIDEO_CLASSIFIER_PATH, classifier_predictions, load_classifier
 from .features import EffNetFeatures, extract, reference_features
-from .metrics import FeatureStats, frechet_distance
+from .metrics import FeatureStats, frechet_distance, metric_plan
 from .npz import FrameView, ImageArray, read_images, resolve_images
 
 CLIP_METRICS = ("FD-EffNet", "accuracy", *VIDEO_METRICS)
@@ -48,15 +48,7 @@ def evaluate_clips(cfg: EvalConfig, samples: ImageArray) -> dict:
     if image_only:
         raise ValueError(f"{', '.join(image_only)} {'is an image metric' if len(image_only) == 1 else 'are image metrics'}; "
                          f"for clips ditkit reports {', '.join(CLIP_METRICS)}.")  # fmt: skip
-    wanted, skipped = list(cfg.metrics or CLIP_METRICS), []
-
-    def cannot(names, reason: str) -> None:
-        names = [m for m in names if m in wanted]
-        if names and cfg.metrics:
-            raise ValueError(f"{reason}.")
-        if names:
-            skipped.append(reason)
-            wanted[:] = [m for m in wanted if m not in names]
+    wanted, skipped, cannot = metric_plan(cfg.metrics, CLIP_METRICS)
 
     frame = tuple(samples.shape[2:])
     if samples.labels is None:

@@ -42,7 +42,7 @@ from .features import (
     reference_features,
 )
 from .clips import evaluate_clips, format_clip_table
-from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, precision_recall
+from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, metric_plan, precision_recall
 from .npz import ImageArray, read_images, resolve_images
 
 METRIC_NOTES = {
@@ -127,17 +127,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     clip_only = [m for m in cfg.metrics if m in VIDEO_METRICS]
     if clip_only:
         raise ValueError(f"{_and(clip_only)} {'is' if len(clip_only) == 1 else 'are'} measured on clips; pass samples of N×T×H×W×C clips (a video model's sample-npz).")
-    wanted = list(cfg.metrics or METRICS)
-    skipped: list[str] = []
-
-    def cannot(names, reason: str) -> None:
-        """Metrics that cannot be computed here: an error when asked for by name, otherwise noted."""
-        names = [m for m in names if m in wanted]
-        if names and cfg.metrics:
-            raise ValueError(f"{reason}.")
-        if names:
-            skipped.append(reason)
-            wanted[:] = [m for m in wanted if m not in names]
+    wanted, skipped, cannot = metric_plan(cfg.metrics, METRICS)
 
     prompts = read_sample_prompts(samples)
     follow = prompts is not None and "accuracy" in wanted  # prompt following stands in for class accuracy

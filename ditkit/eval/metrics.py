@@ -1,7 +1,9 @@
-"""Fréchet distance, Inception Score, precision and recall, as ADM's evaluator defines them."""
+"""Fréchet distance, Inception Score, precision and recall, as ADM's evaluator defines them; which
+metrics an evaluation computes (`metric_plan`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,3 +90,20 @@ def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = PR_NEIGHBOUR
             ref_in[i : i + batch_size] |= (d <= radii_s[None, j : j + batch_size]).any(1)
             sample_in[j : j + batch_size] |= (d <= radii_r[i : i + batch_size, None]).any(0)
     return sample_in.double().mean().item(), ref_in.double().mean().item()
+
+
+def metric_plan(asked: tuple[str, ...], every) -> tuple[list[str], list[str], Callable[[list[str], str], None]]:
+    """What `ditkit eval` computes: (wanted, skipped, cannot). wanted is --metrics, or every metric when
+    none is named; cannot(names, reason) drops those of names that cannot be computed here: an error
+    when they were asked for by name, otherwise noted in skipped with the reason."""
+    wanted, skipped = list(asked or every), []
+
+    def cannot(names: list[str], reason: str) -> None:
+        names = [m for m in names if m in wanted]
+        if names and asked:
+            raise ValueError(f"{reason}.")
+        if names:
+            skipped.append(reason)
+            wanted[:] = [m for m in wanted if m not in names]
+
+    return wanted, skipped, cannot
