@@ -122,15 +122,24 @@ class Attention(nn.Module):
             self.q_norm = HeadNorm(dim // num_heads, eps=1e-6)
             self.k_norm = HeadNorm(dim // num_heads, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """How RoPE's angles turn q or k: by rows and columns (a video attention's: by three axes)."""
+        return apply_rope_2d(x, cos, sin)
+
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of the tokens (N, T, D), each (N, H, T, D/H), QK-normed and turned by RoPE where set."""
         N, T, D = x.shape
         qkv = self.qkv(x).reshape(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (N, H, T, D/H)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
-        x = attention(q, k, v)  # (N, H, T, D/H)
+            q, k = self.rotate(q, *rope), self.rotate(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        N, T, D = x.shape
+        x = attention(*self.heads(x, rope))  # (N, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))  # (N, T, D)
 
 

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import VIDEO_PRESETS, VideoDiTConfig
 from .dit import DiT, DiTBlock, FinalLayer
 from .layers import (
+    Attention,
     LabelEmbedder,
     TimestepEmbedder,
     TubeletEmbed,
@@ -54,20 +55,18 @@ def shifted_window_mask(frames: int, window: int, per_frame: int) -> torch.Tenso
     return (side[:, :, None] == side[:, None, :])[:, None]  # (windows, 1, L_w, L_w)
 
 
-class SpacetimeAttention(nn.Module):
+class SpacetimeAttention(Attention):
     """Multi-head self-attention over a clip's frame-major tokens (N, T' x S, D) within the groups of
-    `mode`; RoPE (on the whole grid) turns q and k before they are grouped. Its parameters are
-    `Attention`'s (qkv, proj, q_norm, k_norm), so LoRA targets and QK-norm read the same."""
+    `mode`; 3-D RoPE (on the whole grid) turns q and k before they are grouped. Its parameters,
+    projections and QK-norm are `Attention`'s, so LoRA targets and checkpoints read the same."""
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope_axes(x, cos, sin)
 
     def __init__(self, dim: int, num_heads: int, grid: tuple[int, int, int], mode: str, window: int, qk_norm: bool = False):
-        super().__init__()
-        self.num_heads, self.mode, self.window = num_heads, mode, window
+        super().__init__(dim, num_heads, qk_norm)
+        self.mode, self.window = mode, window
         self.frames, self.per_frame = grid[0], grid[1] * grid[2]
-        self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.proj = nn.Linear(dim, dim)
-        if qk_norm:
-            self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
-            self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6)
         if mode == "shifted":
             self.register_buffer("mask", shifted_window_mask(self.frames, window, self.per_frame), persistent=False)
 
@@ -104,12 +103,7 @@ class SpacetimeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         N, L, D = x.shape
-        qkv = self.qkv(x).reshape(N, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (N, H, L, D/H)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope_axes(q, *rope), apply_rope_axes(k, *rope)
+        q, k, v = self.heads(x, rope)  # each (N, H, L, D/H)
         mask = self.mask.repeat(N, 1, 1, 1) if self.mode == "shifted" else None  # (N windows, 1, L_w, L_w)
         out = self.ungroup(attention(self.group(q), self.group(k), self.group(v), mask), N)  # (N, H, L, D/H)
         return self.proj(out.transpose(1, 2).reshape(N, L, D))  # (N, L, D)
