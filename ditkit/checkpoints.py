@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import hub
-from .config import PRESET_SIZES, UVIT_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, RecordedSampling, TextEncoderRecord, UViTConfig, VideoDiTConfig, from_record
+from .config import PRESET_SIZES, UVIT_SIZES, DiTConfig, MMDiTConfig, ObjectiveConfig, RecordedSampling, TextEncoderRecord, UViTConfig, VideoDiTConfig, VideoMMDiTConfig, from_record
 from .models import dit, uvit
-from .models.mmdit import MMDiT
+from .models.mmdit import MMDiT, build_mmdit
 from .models.video import VideoDiT
 from .utils.devices import check_model_fits
 from .utils.io import atomic_write, read_json, read_pt, safetensors_save
@@ -124,11 +124,12 @@ def peek_config(path: Path) -> ModelConfig | None:
 
 def config_from_dict(d: dict, source: str = "the model config", prefix: str = "") -> ModelConfig:
     """The model config a config.json (or a checkpoint's model_config) records, checked as flags
-    are: an MMDiT's has a text width (context_dim), a U-ViT's the official U-ViT names (embed_dim),
+    are: an MMDiT's has a text width (context_dim) and a text-to-video MMDiT's frames too, a U-ViT's the official U-ViT names (embed_dim),
     a video DiT's its frames; other names the file records are skipped."""
     cls = DiTConfig  # what from_record names in its sentence when d is not a dict
     if isinstance(d, dict):
-        cls = MMDiTConfig if "context_dim" in d else UViTConfig if "embed_dim" in d else VideoDiTConfig if "frames" in d else DiTConfig
+        text = VideoMMDiTConfig if "frames" in d else MMDiTConfig
+        cls = text if "context_dim" in d else UViTConfig if "embed_dim" in d else VideoDiTConfig if "frames" in d else DiTConfig
     return from_record(cls, d, source, prefix, strict=False)
 
 
@@ -218,6 +219,9 @@ def describe(config: ModelConfig) -> str:
                     f"a custom U-ViT (depth {config.depth}, width {config.embed_dim}, patch {config.patch_size})")  # fmt: skip
         labels = (count(config.num_real_classes, "class") + (" + null" if config.null_class is not None else "")) if config.conditional else "unconditional"
         return f"{name} at {size}, {count(config.in_channels, 'channel')}, {labels}"
+    if isinstance(config, VideoMMDiTConfig):
+        return (f"a text-to-video MMDiT (depth {config.depth}, hidden {config.hidden_size}, tubelets {config.tubelet}x{config.patch_size}x{config.patch_size}) "
+                f"on {config.frames} frames of {config.input_size} px, {count(config.in_channels, 'channel')}, text {config.context_dim} wide")  # fmt: skip
     if isinstance(config, MMDiTConfig):
         return (f"an MMDiT (depth {config.depth}, hidden {config.hidden_size}, patch {config.patch_size}) at {config.input_size} px input, "
                 f"{count(config.in_channels, 'channel')}, text {config.context_dim} wide")  # fmt: skip
@@ -309,7 +313,7 @@ def load_model(path: str | Path | Checkpoint, config: ModelConfig | None = None)
         raise ValueError(f"{ck.path} is not a DiT checkpoint: no DiT parameters were found in it.")
     files = _ditkit_files(ck.path)
     check_model_fits(config, torch.device("cpu"), source=f"{files[1] if files else ck.path}: ")  # built on the CPU first
-    model = (MMDiT(config) if isinstance(config, MMDiTConfig) else UViT(config) if isinstance(config, UViTConfig)
+    model = (build_mmdit(config) if isinstance(config, MMDiTConfig) else UViT(config) if isinstance(config, UViTConfig)
              else VideoDiT(config) if isinstance(config, VideoDiTConfig) else DiT(config))  # fmt: skip
     load_state_strict(model, ck.state, source=f"checkpoint {ck.path}")
     return model.eval()

@@ -26,14 +26,16 @@ from .config import (
     MMDIT_PRESETS,
     SD_VAE_FACTOR,
     UVIT_PRESETS,
+    VIDEO_MMDIT_PRESETS,
     VIDEO_PRESETS,
     FlopsConfig,
     MMDiTConfig,
     UViTConfig,
     VideoDiTConfig,
+    VideoMMDiTConfig,
 )
 from .models import PRESETS, DiT, DiTConfig, UViT
-from .models.mmdit import MMDiT, TextCondition
+from .models.mmdit import TextCondition, build_mmdit
 from .models.video import VideoDiT
 from .utils.runs import find_checkpoint
 
@@ -122,6 +124,10 @@ def preset_name(config: DiTConfig | MMDiTConfig | UViTConfig) -> str:
         data = {f: getattr(config, f) for f in ("img_size", "in_chans", "num_classes", "class_dropout_prob", "conv", "mlp_time_embed", "qkv_bias")}
         same = (n for n in UVIT_PRESETS if n.endswith(f"/{config.patch_size}") and UViTConfig.from_preset(n, **data) == config)
         return next(same, "custom")
+    if isinstance(config, VideoMMDiTConfig):
+        data = {f: getattr(config, f) for f in ("input_size", "in_channels", "context_dim", "pooled_dim", "learn_sigma", "frames")}
+        same = (n for n in VIDEO_MMDIT_PRESETS if n.endswith(f"/{config.patch_size}x{config.tubelet}") and VideoMMDiTConfig.from_preset(n, **data) == config)
+        return next(same, "custom")
     if isinstance(config, MMDiTConfig):
         data = {f: getattr(config, f) for f in ("input_size", "in_channels", "context_dim", "pooled_dim", "learn_sigma")}
         same = (n for n in MMDIT_PRESETS if n.endswith(f"/{config.patch_size}") and MMDiTConfig.from_preset(n, **data) == config)
@@ -151,7 +157,7 @@ def measure(config: DiTConfig | MMDiTConfig | UViTConfig | VideoDiTConfig, name:
     text, uvit, video = isinstance(config, MMDiTConfig), isinstance(config, UViTConfig), isinstance(config, VideoDiTConfig)
     name = name or preset_name(config)
     with torch.device("meta"):
-        model = MMDiT(config) if text else UViT(config) if uvit else VideoDiT(config) if video else DiT(config)
+        model = build_mmdit(config) if text else UViT(config) if uvit else VideoDiT(config) if video else DiT(config)
     params = list(model.parameters())
     return Cost(
         model=name,
@@ -163,7 +169,7 @@ def measure(config: DiTConfig | MMDiTConfig | UViTConfig | VideoDiTConfig, name:
         hidden_size=config.hidden_size,
         num_heads=config.num_heads,
         tokens=(config.img_size // config.patch_size) ** 2 if uvit else model.num_patches,
-        frames=config.frames if video else 1,
+        frames=config.frames if video or isinstance(config, VideoMMDiTConfig) else 1,
         params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         macs=count_macs(model),
@@ -199,8 +205,8 @@ def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
         in_channels = cfg.in_channels or FLOPS_IN_CHANNELS
         input_size = cfg.input_size_for(in_channels) or (PAPER_INPUT_SIZE if in_channels not in (1, 3) else FLOPS_IMAGE_SIZE)
         bases = [preset_config(name) for name in cfg.model or PRESETS]
-    if (cfg.frames or cfg.attention) and not any(isinstance(b, VideoDiTConfig) for b in bases):
-        raise ValueError("--frames and --attention shape video models; count a VDiT-* --model (or a video checkpoint), or drop them.")
+    if (cfg.frames or cfg.attention) and not any(isinstance(b, (VideoDiTConfig, VideoMMDiTConfig)) for b in bases):
+        raise ValueError("--frames and --attention shape video models; count a VDiT-* or MMDiT-*x* --model (or a video checkpoint), or drop them.")
     configs = []
     for base in bases:
         if isinstance(base, VideoDiTConfig):
@@ -211,7 +217,8 @@ def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
             classes = sizes.get("num_classes", base.num_classes - 1) + 1  # the null class on top, as the ImageNet U-ViTs have it
             configs.append(replace(base, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3), num_classes=classes, **uvit_sizes))
         elif isinstance(base, MMDiTConfig):
-            configs.append(replace(base, input_size=input_size, in_channels=in_channels, **{k: v for k, v in sizes.items() if k != "num_classes"}))
+            frames = {"frames": cfg.frames} if cfg.frames and isinstance(base, VideoMMDiTConfig) else {}  # text-to-video: joint attention only
+            configs.append(replace(base, input_size=input_size, in_channels=in_channels, **frames, **{k: v for k, v in sizes.items() if k != "num_classes"}))
         else:
             base = replace(base, input_size=input_size, in_channels=in_channels, **sizes)
             configs += [replace(base, block=block) for block in cfg.block or (base.block,)]
@@ -222,6 +229,8 @@ def preset_config(name: str) -> DiTConfig | MMDiTConfig | UViTConfig | VideoDiTC
     """A preset at the paper's counting setting: 1 000 classes (+ the null class for a U-ViT)."""
     if name in MMDIT_PRESETS:
         return MMDiTConfig.from_preset(name)
+    if name in VIDEO_MMDIT_PRESETS:
+        return VideoMMDiTConfig.from_preset(name)
     if name in UVIT_PRESETS:
         return UViTConfig.from_preset(name, num_classes=FLOPS_NUM_CLASSES + 1, conv=False)
     return (VideoDiTConfig if name in VIDEO_PRESETS else DiTConfig).from_preset(name, num_classes=FLOPS_NUM_CLASSES)

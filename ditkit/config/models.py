@@ -20,6 +20,7 @@ from .base import (
     TEXT_MAX_LENGTH,
     UVIT_PRESETS,
     UVIT_SIZES,
+    VIDEO_MMDIT_PRESETS,
     VIDEO_PRESETS,
     Config,
     nonnegative,
@@ -250,6 +251,42 @@ class MMDiTConfig(TransformerConfig):
     def from_preset(name: str, **overrides) -> MMDiTConfig:
         """"MMDiT-S/2", ... (the DiT sizes) with any field overridden; None values are ignored."""
         return MMDiTConfig.from_size_preset(name, "MMDiT-", MMDIT_PRESETS, overrides, prefix_required=True)
+
+
+@dataclass(frozen=True)
+class VideoMMDiTConfig(MMDiTConfig):
+    """A text-to-video MMDiT: the MMDiT's two streams and joint attention, over the video DiT's
+    tubelets of `tubelet` frames x patch x patch and its 3-D sin-cos positions. Every block attends
+    over the prompt's tokens and all spacetime tokens together (the joint arrangement)."""
+
+    frames: int = field(default=16, metadata=positive("frames per clip"))
+    tubelet: int = field(default=1, metadata=positive("frames per token (the tubelet's depth)"))
+
+    SIZE_FIELDS = TransformerConfig.SIZE_FIELDS + ("frames",)
+    sample_shape = VideoDiTConfig.sample_shape
+    grid = VideoDiTConfig.grid
+
+    def footprint(self, **override) -> tuple[float, float]:
+        """A clip's: the MMDiT's parameters, and activations of every spacetime token attending to all."""
+        v = {**{f.name: getattr(self, f.name) for f in fields(self)}, **override}
+        params, _ = super().footprint(**override)
+        tokens = max(v["frames"] // v["tubelet"], 1) * (v["input_size"] // v["patch_size"]) ** 2
+        return params, float(tokens * (v["hidden_size"] * (6 + 2 * v["mlp_ratio"]) + v["num_heads"] * tokens))
+
+    def check(self) -> None:
+        TransformerConfig.check(self)
+        if self.frames % self.tubelet:
+            raise ValueError(f"{self.frames} frames do not split into tubelets of {self.tubelet}; use a frame count that is a multiple of {self.tubelet}.")
+        if self.hidden_size % 2 or min(axis_split(self.hidden_size)) <= 0:
+            raise ValueError(f"3-D sin-cos positions split the width over frames, rows and columns; hidden {self.hidden_size} must be even and at least 6.")
+
+    @staticmethod
+    def from_preset(name: str, **overrides) -> VideoMMDiTConfig:
+        """"MMDiT-S/4x2" (MMDiT-S/4 over 2-frame tubelets), ... with any field overridden; None values are ignored."""
+        if name not in VIDEO_MMDIT_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(VIDEO_MMDIT_PRESETS)}.")
+        size_patch, _, tubelet = name.rpartition("x")
+        return VideoMMDiTConfig.from_size_preset(size_patch, "MMDiT-", VIDEO_MMDIT_PRESETS, {**overrides, "tubelet": int(tubelet)}, prefix_required=True)
 
 
 @dataclass(frozen=True)

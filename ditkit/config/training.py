@@ -22,6 +22,7 @@ from .base import (
     TRAIN_PRECISIONS,
     UVIT_PRESETS,
     VAE_HELP,
+    VIDEO_MMDIT_PRESETS,
     VIDEO_PRESETS,
     Config,
     Grouped,
@@ -43,8 +44,9 @@ class NetOptions(Config):
     """Which network: a preset, resized if you like (its design is DiTDesign's)."""
 
     model: str = field(default="DiT-XL/2", metadata=option("preset: DiT-* (class-conditional), U-ViT-* (class-conditional, the official U-ViT), MMDiT-* "
-                                                           "(text-to-image, flow objective) or VDiT-*/PxT (video, P x P patches over T-frame tubelets)",
-                                                           choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS))
+                                                           "(text-to-image, flow objective), VDiT-*/PxT (video, P x P patches over T-frame tubelets) "
+                                                           "or MMDiT-*/PxT (text-to-video, flow objective)",
+                                                           choices=PRESETS + UVIT_PRESETS + MMDIT_PRESETS + VIDEO_PRESETS + VIDEO_MMDIT_PRESETS))
     depth: int | None = field(default=None, metadata=positive("override the preset's depth"))
     hidden_size: int | None = field(default=None, metadata=positive("override the preset's hidden size"))
     num_heads: int | None = field(default=None, metadata=positive("override the preset's head count"))
@@ -207,8 +209,9 @@ class TrainConfig(Grouped):
             self._check_video()
         elif self.data_path == "moving-fashion-mnist" or self.frames is not None or self.spacetime != VideoDesign():
             raise ValueError(f"moving-fashion-mnist, --frames, --attention and --window are for video models; pick a VDiT-* --model (e.g. {VIDEO_PRESETS[4]}).")
-        if not self.text and (self.data_path == "fashion-mnist-captions" or self.text_encoder != DEFAULT_TEXT_ENCODER):
-            raise ValueError(f"captions and --text-encoder are for text-to-image models; use --model {self.model.replace('DiT', 'MMDiT')} (or --data-path fashion-mnist for {self.model}).")
+        if not self.text and (self.data_path in ("fashion-mnist-captions", "moving-fashion-mnist-captions") or self.text_encoder != DEFAULT_TEXT_ENCODER):
+            text_model, plain = (self.model.replace("VDiT", "MMDiT"), "moving-fashion-mnist") if self.video else (self.model.replace("DiT", "MMDiT"), "fashion-mnist")
+            raise ValueError(f"captions and --text-encoder are for text-conditioned models; use --model {text_model} (or --data-path {plain} for {self.model}).")
         if self.uvit and self.design != DiTDesign():
             changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.design.__dict__.items() if v != field_default(DiTDesign, k))
             raise ValueError(f"{changed} shape a DiT's blocks; {self.model} is the official U-ViT (LayerNorm, GELU MLPs, learned positions), "
@@ -221,11 +224,15 @@ class TrainConfig(Grouped):
             raise ValueError(f"{self.model} is a video model and {self.data_path} holds images; pass --data-path moving-fashion-mnist or a folder of clips.")
         if self.objective == "meanflow":  # its second time input (r) is a DiT's, not yet the video DiT's
             raise ValueError(f"{self.model} is a video model, which trains with --objective flow or gaussian, not meanflow; pick one of those.")
+        if self.text and self.spacetime != VideoDesign():
+            raise ValueError(f"{self.model} attends over the prompt and all spacetime tokens together (joint attention); drop --attention and --window.")
+        if self.text and self.data_path == "moving-fashion-mnist":
+            raise ValueError(f"{self.model} is a text-to-video model and moving-fashion-mnist has no captions; pass --data-path moving-fashion-mnist-captions.")
 
     @property
     def text(self) -> bool:
-        """Whether this run trains a text-to-image model (MMDiT)."""
-        return self.model in MMDIT_PRESETS
+        """Whether this run trains a text-conditioned model (MMDiT; a text-to-video one is also `video`)."""
+        return self.model in MMDIT_PRESETS + VIDEO_MMDIT_PRESETS
 
     @property
     def uvit(self) -> bool:
@@ -234,8 +241,8 @@ class TrainConfig(Grouped):
 
     @property
     def video(self) -> bool:
-        """Whether this run trains a video model (VDiT)."""
-        return self.model in VIDEO_PRESETS
+        """Whether this run trains a video model (VDiT, or a text-to-video MMDiT)."""
+        return self.model in VIDEO_PRESETS + VIDEO_MMDIT_PRESETS
 
     def objective_config(self) -> ObjectiveConfig:
         return self.loss.settled()

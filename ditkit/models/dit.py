@@ -24,6 +24,7 @@ from .layers import (
     PatchEmbed,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
+    get_3d_sincos_pos_embed,
     make_mlp,
     make_norm,
     modulate,
@@ -97,9 +98,11 @@ def init_backbone(model: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
     model.apply(_basic_init)
-    if hasattr(model, "pos_embed"):
-        grid = int(model.num_patches**0.5)
-        model.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(model.config.hidden_size, grid)).float()[None])
+    if hasattr(model, "pos_embed"):  # over an image's patches, or a clip's tubelets (a text-to-video MMDiT)
+        c = model.config
+        video = len(c.sample_shape) == 4
+        table = get_3d_sincos_pos_embed(c.hidden_size, c.grid) if video else get_2d_sincos_pos_embed(c.hidden_size, int(model.num_patches**0.5))
+        model.pos_embed.data.copy_(torch.from_numpy(table).float()[None])
     w = model.x_embedder.proj.weight.data
     nn.init.xavier_uniform_(w.view(w.shape[0], -1))
     nn.init.zeros_(model.x_embedder.proj.bias)

@@ -6,6 +6,9 @@ keys (QK-norm) keeps the attention logits bounded in long or bf16 training. The 
 pooled text embedding make the vector c that modulates both streams (adaLN-Zero); the text stream
 of the last block only lends its keys and values, and the final layer decodes the image stream.
 
+`VideoMMDiT` is the same network over clips: the video DiT's tubelets and 3-D sin-cos positions
+in place of patches, so the text tokens and all spacetime tokens meet in every joint attention.
+
 `forward(x, t, cond)` takes a `TextCondition` where a DiT takes labels: rows slice, concatenate
 and have a null (the empty prompt) as a label tensor does, so the samplers and guidance need
 nothing else.
@@ -13,6 +16,7 @@ nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import MMDIT_PRESETS, MMDiTConfig
+from ..config import MMDIT_PRESETS, VIDEO_MMDIT_PRESETS, MMDiTConfig, VideoMMDiTConfig
 from .dit import DiT, FinalLayer, init_backbone
-from .layers import HeadNorm, Mlp, PatchEmbed, TimestepEmbedder, attention, make_norm, modulate
+from .layers import HeadNorm, Mlp, PatchEmbed, TimestepEmbedder, TubeletEmbed, attention, make_norm, modulate
+from .video import VideoDiT
 
-__all__ = ["MMDIT_PRESETS", "MMDiTConfig", "MMDiT", "TextCondition"]
+__all__ = ["MMDIT_PRESETS", "VIDEO_MMDIT_PRESETS", "MMDiTConfig", "VideoMMDiTConfig", "MMDiT", "VideoMMDiT", "TextCondition", "build_mmdit"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,14 +148,16 @@ class MMDiT(nn.Module):
         self.in_channels, self.out_channels, self.patch_size = c.in_channels, c.out_channels, c.patch_size
         self.grad_checkpointing = False  # recompute block activations in backward (set by the trainer)
 
-        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
+        video = isinstance(c, VideoMMDiTConfig)  # tubelets of a clip (VideoMMDiT) instead of an image's patches
+        self.x_embedder = TubeletEmbed(c.tubelet, c.patch_size, c.in_channels, c.hidden_size) if video else PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.context_embedder = nn.Linear(c.context_dim, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.pooled_embedder = nn.Sequential(nn.Linear(c.pooled_dim, c.hidden_size), nn.SiLU(), nn.Linear(c.hidden_size, c.hidden_size))
-        self.num_patches = (c.input_size // c.patch_size) ** 2
+        self.num_patches = math.prod(c.grid) if video else (c.input_size // c.patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, c.hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(JointBlock(c.hidden_size, c.num_heads, c.mlp_ratio, last=i == c.depth - 1) for i in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels, modulated=True)
+        # Each token decodes to its patch, or its tubelet: p x p positions of C_out x t values.
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels * (c.tubelet if video else 1), modulated=True)
         self.initialize_weights()
 
     @classmethod
@@ -170,7 +177,7 @@ class MMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """x: (N, C, H, W) noisy input; t: (N,) timesteps; cond: N encoded prompts."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D); a clip's T' x S tokens in frame-major order
         ctx = self.context_embedder(cond.tokens)  # (N, L, D)
         c = self.t_embedder(t) + self.pooled_embedder(cond.pooled)  # (N, D)
         keep = torch.cat([cond.mask.bool(), cond.mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (N, L + T)
@@ -181,4 +188,32 @@ class MMDiT(nn.Module):
             else:
                 x, ctx = blk(x, ctx, c, mask)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
-        return self.unpatchify(x)  # (N, C_out, H, W)
+        return self.unpatchify(x)  # (N, C_out, H, W), or a clip's (N, C_out, T, H, W)
+
+
+class VideoMMDiT(MMDiT):
+    """Text to video. `forward(x, t, cond)` -> (N, C or 2C, T, H, W) for noisy clips, timesteps and a TextCondition."""
+
+    unpatchify = VideoDiT.unpatchify  # tubelets back to frames
+
+    def __init__(self, config: VideoMMDiTConfig | None = None, **kwargs):
+        if config is None:
+            config = VideoMMDiTConfig(**kwargs)
+        elif kwargs:
+            config = replace(config, **kwargs)
+        super().__init__(config)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> VideoMMDiT:
+        return cls(VideoMMDiTConfig.from_preset(name, **overrides))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """x: (N, C, T, H, W) noisy clips; t: (N,) timesteps; cond: N encoded prompts."""
+        if tuple(x.shape[1:]) != self.config.sample_shape:
+            raise ValueError(f"this text-to-video MMDiT takes clips of shape {self.config.sample_shape} (C, T, H, W), got {tuple(x.shape[1:])}.")
+        return super().forward(x, t, cond)
+
+
+def build_mmdit(config: MMDiTConfig) -> MMDiT:
+    """The text-conditioned network a config describes: over clips for a VideoMMDiTConfig, else over images."""
+    return VideoMMDiT(config) if isinstance(config, VideoMMDiTConfig) else MMDiT(config)

@@ -55,13 +55,17 @@ class TextTask:
 
     def dataset(self, cfg: TrainConfig, channels: int | None, d):
         dataset = build_captioned_dataset(cfg.data_path, cfg.image_size, channels, flip=cfg.flip, on_bad_image=cfg.on_bad_image, seed=cfg.global_seed)
+        self.encode_captions(dataset, cfg, d)
+        return dataset
+
+    def encode_captions(self, dataset, cfg: TrainConfig, d) -> None:
+        """The table of the dataset's captions, on the device."""
         encode = lambda: caption_table(dataset.captions, cfg.text_encoder, cfg.text_max_length, device=d.device)  # noqa: E731
         if d.world > 1:  # rank 0 encodes into the cache, the others read it
             if d.main:
                 encode()
             dist.barrier()
         self.table = encode().to(d.device)
-        return dataset
 
     def model_config(self, cfg: TrainConfig, num_classes: int, input_size: int, in_channels: int, base) -> MMDiTConfig:
         widths = self.table.tokens.shape[-1], self.table.pooled.shape[-1]

@@ -38,7 +38,7 @@ from ..utils.images import save_grid, to_uint8
 from ..utils.io import NoSpaceError, atomic_write, remove_temporaries, torch_save
 from ..utils.runs import checkpoint_steps, lock_run, prune_checkpoints
 from ..utils.vae import load_vae
-from ..video.task import VideoTask
+from ..video.task import TextVideoTask, VideoTask
 from .builders import build_ema, build_loader, build_network, build_optimizer, build_run_dir, build_vae, check_network_size, data_shape, total_steps
 from .log import RunLog
 from .posthoc import save_snapshot, sigma_to_gamma
@@ -56,7 +56,7 @@ class Trainer:
         U-Net, ditkit distill its own."""
         cfg, self.resume_from, resume_state, note = resolve_resume(cfg)
         cfg, self.base, self.base_name = resolve_base(cfg)
-        self.cfg, self.task = cfg, task or (TextTask(cfg) if cfg.text else VideoTask() if cfg.video else ClassTask())
+        self.cfg, self.task = cfg, task or (TextVideoTask(cfg) if cfg.text and cfg.video else TextTask(cfg) if cfg.text else VideoTask() if cfg.video else ClassTask())
         self.d = d = setup_distributed(cfg.device)
         if cfg.global_batch_size % d.world:
             raise ValueError(f"global batch {cfg.global_batch_size} is not divisible by {d.world} processes; use a multiple of {d.world}.")

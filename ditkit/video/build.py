@@ -7,9 +7,11 @@ from pathlib import Path
 from ..config import BAD_IMAGE_ACTIONS
 from ..data import DitDataset
 from .folders import VideoFolderDataset
+from .captions import MovingFashionCaptions
 from .moving import CANVAS, MovingFashionMNIST
 
 VIDEO_NAMED = ("moving-fashion-mnist",)
+CAPTIONED_VIDEO_NAMED = ("moving-fashion-mnist-captions",)
 
 
 def build_video_dataset(data_path: str | Path, frames: int | None = None, image_size: int | None = None, channels: int | None = None,
@@ -34,3 +36,13 @@ def build_video_dataset(data_path: str | Path, frames: int | None = None, image_
         return MovingFashionMNIST(frames, channels or 1, split=split, flip=flip)
     raise FileNotFoundError(f"data path {data_path} does not exist and is not a named video dataset ({', '.join(VIDEO_NAMED)}); "
                             "pass a folder of clips or one of those names.")  # fmt: skip
+
+
+def build_captioned_video_dataset(data_path: str | Path, frames: int | None = None, image_size: int | None = None, channels: int | None = None,
+                                  split: str = "train", flip: bool = True, seed: int = 0) -> MovingFashionCaptions:  # fmt: skip
+    """Captioned clips for a text-to-video model: moving-fashion-mnist-captions."""
+    if str(data_path) not in CAPTIONED_VIDEO_NAMED:
+        raise ValueError(f"a text-to-video model trains on captioned clips, and ditkit has {', '.join(CAPTIONED_VIDEO_NAMED)}; pass --data-path with that.")
+    if image_size not in (None, CANVAS):
+        raise ValueError(f"moving-fashion-mnist clips are {CANVAS}x{CANVAS}; drop --image-size (or pass {CANVAS}).")
+    return MovingFashionCaptions(frames, channels or 1, split=split, flip=flip, seed=seed)
