@@ -1,7 +1,10 @@
 """`ditkit eval` on clips (arr_0 N×T×H×W×C): per-frame FD-EffNet against the reference clips' frames,
 per-clip class accuracy and temporal consistency under the classifier trained on moving items
 (32x32x1 moving-fashion-mnist frames), the item's motion against the reference clips', and FVD
-with the I3D weights where the user brings them (see ditkit.video.metrics)."""
+with the I3D weights where the user brings them (see ditkit.video.metrics). Clips made from prompts
+(a `prompts` array, as sample-npz writes for a text-to-video model) are scored for prompt following
+instead of labels: the direction and item each prompt names (ditkit.video.captions), beside real
+moving-fashion-mnist clips with their captions' directions."""
 
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ import numpy as np
 from ..config import VIDEO_METRICS, EvalConfig
 from ..utils.devices import resolve_device
 from ..utils.io import cache_dir
+from ..video.captions import format_motion_following, motion_following, real_motion_following
 from ..video.metrics import I3D_WEIGHTS, I3DFeatures, clip_accuracy, load_i3d, motion_stats, temporal_consistency
 from .classifier import CLASSIFIER_IMAGE, FMNIST_CLASSES, VIDEO_CLASSIFIER_PATH, classifier_predictions, load_classifier
 from .features import EffNetFeatures, extract, reference_features
 from .metrics import FeatureStats, frechet_distance, metric_plan
-from .npz import FrameView, ImageArray, read_images, resolve_images
+from .npz import FrameView, ImageArray, read_images, read_sample_prompts, resolve_images
 
 CLIP_METRICS = ("FD-EffNet", "accuracy", *VIDEO_METRICS)
 CLIP_NOTES = {
@@ -51,11 +55,13 @@ def evaluate_clips(cfg: EvalConfig, samples: ImageArray) -> dict:
     wanted, skipped, cannot = metric_plan(cfg.metrics, CLIP_METRICS)
 
     frame = tuple(samples.shape[2:])
-    if samples.labels is None:
-        cannot(["accuracy"], "accuracy needs the clips' labels (a labels array in the .npz)")
-    elif frame != CLASSIFIER_IMAGE or samples.labels.max() >= FMNIST_CLASSES:
+    prompts = read_sample_prompts(samples)
+    if samples.labels is None and prompts is None:
+        cannot(["accuracy"], "accuracy needs the clips' labels (a labels array in the .npz) or the prompts they were made from")
+    elif frame != CLASSIFIER_IMAGE or (samples.labels is not None and samples.labels.max() >= FMNIST_CLASSES):
+        top = f" with class ids up to {samples.labels.max()}" if samples.labels is not None else ""
         cannot(["accuracy", "consistency"], f"accuracy and consistency judge 32x32x1 moving-fashion-mnist frames (classes 0-9), the clips' frames are "
-                                            f"{'x'.join(map(str, frame))} with class ids up to {samples.labels.max()}")  # fmt: skip
+                                            f"{'x'.join(map(str, frame))}{top}")  # fmt: skip
     if not VIDEO_CLASSIFIER_PATH.is_file():  # shipped; a checkout without it: the script trains it
         cannot(["accuracy", "consistency"], f"accuracy and consistency need the classifier of moving items {VIDEO_CLASSIFIER_PATH}; "
                                             "train it with python scripts/train_fmnist_classifier.py --data moving-fashion-mnist")  # fmt: skip
@@ -94,9 +100,13 @@ def evaluate_clips(cfg: EvalConfig, samples: ImageArray) -> dict:
     clips = np.concatenate(list(samples.batches(1024))) if {"accuracy", "consistency", "motion"} & set(wanted) else None
     if "accuracy" in wanted or "consistency" in wanted:
         frames = clips.reshape(-1, *clips.shape[2:])
-        preds = classifier_predictions(load_classifier(VIDEO_CLASSIFIER_PATH)[0], frames, device=device).reshape(clips.shape[:2])
-        if "accuracy" in wanted:
+        classifier = load_classifier(VIDEO_CLASSIFIER_PATH)[0]
+        preds = classifier_predictions(classifier, frames, device=device).reshape(clips.shape[:2])
+        if "accuracy" in wanted and samples.labels is not None:
             metrics["accuracy"] = clip_accuracy(preds, samples.labels)
+        if "accuracy" in wanted and prompts is not None:  # the item and direction each prompt names, beside real clips'
+            following = motion_following(clips, prompts, preds)
+            following["real"] = real_motion_following(len(clips), clips.shape[1], lambda x: classifier_predictions(classifier, x, device=device))
         if "consistency" in wanted:
             metrics["consistency"] = temporal_consistency(preds)
     reference = {}
@@ -104,7 +114,8 @@ def evaluate_clips(cfg: EvalConfig, samples: ImageArray) -> dict:
         metrics.update(motion_stats(clips))
         reference = motion_stats(np.concatenate(list(ref.batches(1024))))
     return {"kind": "clips", "samples": str(samples.path), "ref": str(ref.path) if ref is not None else None, "num_samples": len(samples),
-            "num_ref": len(ref) if ref is not None else 0, "metrics": metrics, "reference": reference, "skipped": skipped}  # fmt: skip
+            "num_ref": len(ref) if ref is not None else 0, "metrics": metrics, "reference": reference, "skipped": skipped,
+            **({"prompt_following": following} if prompts is not None and "accuracy" in wanted else {})}  # fmt: skip
 
 
 def format_clip_table(result: dict) -> str:
@@ -114,5 +125,8 @@ def format_clip_table(result: dict) -> str:
         real = result["reference"].get(name)
         beside = f"   (reference {real:.4f})" if real is not None else ""
         lines.append(f"  {name:<12} {value:>10.4f}{beside}   {CLIP_NOTES.get(name, '')}")
+    if "prompt_following" in result:
+        following = dict(result["prompt_following"])
+        lines += format_motion_following(following, following.pop("real", None))
     lines += [f"  skipped {s}." for s in result["skipped"]]
     return "\n".join(lines)

@@ -43,7 +43,7 @@ from .features import (
 )
 from .clips import evaluate_clips, format_clip_table
 from .metrics import IS_SPLIT_SIZE, PR_NEIGHBOURS, FeatureStats, frechet_distance, inception_score, metric_plan, precision_recall
-from .npz import ImageArray, read_images, resolve_images
+from .npz import ImageArray, read_images, read_sample_prompts, resolve_images
 
 METRIC_NOTES = {
     "FD-EffNet": f"Fréchet distance, EfficientNet-Lite0 features at {EFFNET_SIZE} px (not FID)",
@@ -175,17 +175,6 @@ def evaluate(cfg: EvalConfig) -> dict:
         images = np.concatenate(list(samples.batches(1024)))
         result["prompt_following"] = prompt_following(images, prompts, classifier_predictions(classifier, images, device=device))
     return result
-
-
-def read_sample_prompts(samples: ImageArray) -> np.ndarray | None:
-    """The `prompts` array a text-to-image .npz carries (one string per image), or None."""
-    with np.load(samples.path) as data:
-        if "prompts" not in data.files:
-            return None
-        prompts = data["prompts"]
-    if prompts.shape != (len(samples),) or prompts.dtype.kind != "U":
-        raise ValueError(f"prompts in {samples.path} must be one string per image, got {prompts.dtype} of shape {prompts.shape}; store them as np.array(list_of_str).")
-    return prompts
 
 
 def format_table(result: dict) -> str:

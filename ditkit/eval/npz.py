@@ -195,3 +195,14 @@ def resolve_images(spec: str, what: str, cache: str | Path | None = None) -> Pat
                                 "(moving-fashion-mnist[-train][:N] for clips).")
     name, split, n = m.group(1), m.group(2) or "test", int(m.group(3)) if m.group(3) else None
     return dataset_npz(name, split, n, cache=cache)
+
+
+def read_sample_prompts(samples: ImageArray) -> np.ndarray | None:
+    """The `prompts` array a text-to-image (or text-to-video) .npz carries (one string per image or clip), or None."""
+    with np.load(samples.path) as data:
+        if "prompts" not in data.files:
+            return None
+        prompts = data["prompts"]
+    if prompts.shape != (len(samples),) or prompts.dtype.kind != "U":
+        raise ValueError(f"prompts in {samples.path} must be one string per image, got {prompts.dtype} of shape {prompts.shape}; store them as np.array(list_of_str).")
+    return prompts

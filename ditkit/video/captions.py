@@ -29,7 +29,11 @@ DIRECTIONS = (("left", "up"), ("right", "up"), ("left", "down"), ("right", "down
 SEEN_PHRASINGS = ("{a} moving {h} and {v}", "{a} moving {v} and {h}", "{a} heading {v} and to the {h}")
 UNSEEN_PHRASINGS = ("{a} going {h} and {v}", "{a} that drifts {v} and {h}")
 GROUPS = ("seen", "unseen")
-START = 4  # frames whose mean velocity is the "initial" direction of a clip (few bounces before it)
+# Frames over which a clip's mean centroid velocity is compared with the named direction: the item
+# bounces within a few frames (12 px of travel at 1-2 px per frame), so the first step is the
+# initial direction's best witness; real clips match it in 85 % (rounding, and bounces in step one),
+# over their first 4 frames in 64 %, over 8 frames in 29 % (chance: 25 %).
+WINDOWS = {"first step": 2, "first 4 frames": 4, "whole clip": None}
 
 
 def direction_of(velocity: np.ndarray) -> tuple[str, str]:
@@ -106,10 +110,10 @@ def direction_hits(clips: np.ndarray, directions: list[tuple[str, str]], frames:
 
 
 def motion_following(clips: np.ndarray, prompts: np.ndarray, predicted: np.ndarray) -> dict:
-    """{group: {"prompts", "direction", "direction_start", "class_accuracy"}} for clips (N, T, H, W, 1)
+    """{group: {"prompts", "direction": {window: share}, "class_accuracy"}} for clips (N, T, H, W, 1)
     made from `prompts`, with the classifier's per-frame classes (N, T): the share whose centroid's
-    mean velocity over the clip (over its first START frames) has the prompt's signs, and the share
-    whose majority class is the prompt's item. Prompts naming no class or direction go under "unscored"."""
+    mean velocity over each of WINDOWS has the prompt's signs, and the share whose majority class is
+    the prompt's item. Prompts naming no class or direction go under "unscored"."""
     parsed = [parse_motion_prompt(str(p)) for p in prompts]
     scored = np.array([cls is not None and d is not None for cls, d in parsed])
     seen = set(caption_vocabulary())
@@ -121,8 +125,7 @@ def motion_following(clips: np.ndarray, prompts: np.ndarray, predicted: np.ndarr
             directions = [parsed[i][1] for i in rows]
             result[group] = {
                 "prompts": int(len(rows)),
-                "direction": float(direction_hits(clips[rows], directions).mean()),
-                "direction_start": float(direction_hits(clips[rows], directions, START).mean()),
+                "direction": {name: float(direction_hits(clips[rows], directions, k).mean()) for name, k in WINDOWS.items()},
                 "class_accuracy": float((majority(predicted[rows]) == np.array([parsed[i][0] for i in rows])).mean()),
             }
     if (~scored).any():
@@ -136,18 +139,18 @@ def real_motion_following(n: int, frames: int, predict=None) -> dict:
     `predict`: frames (M, H, W, 1) -> classes (M,), for the class accuracy."""
     clips, labels = moving_clips("test", np.arange(n), frames)
     directions = [direction_of(trajectory(clip_rng(0, "test", i), 1)[1][0]) for i in range(n)]
-    real = {"clips": n, "direction": float(direction_hits(clips, directions).mean()), "direction_start": float(direction_hits(clips, directions, START).mean())}
+    real = {"clips": n, "direction": {name: float(direction_hits(clips, directions, k).mean()) for name, k in WINDOWS.items()}}
     if predict is not None:
         real["class_accuracy"] = float((majority(predict(clips.reshape(-1, *clips.shape[2:])).reshape(clips.shape[:2])) == labels).mean())
     return real
 
 
 def format_motion_following(result: dict, real: dict | None) -> list[str]:
-    lines = [f"  prompt following     prompts   direction   (first {START} frames)   class"]
+    lines = [f"  prompt following     prompts   direction: {'   '.join(WINDOWS)}   class"]
     rows = [(g, result[g]) for g in GROUPS if g in result] + ([(f"real ({real['clips']})", {**real, "prompts": "-"})] if real else [])
     for name, r in rows:
-        lines.append(f"    {name:<18} {r['prompts']:>7}   {r['direction']:.3f}       {r['direction_start']:.3f}              "
-                     f"{r.get('class_accuracy', float('nan')):.3f}")  # fmt: skip
+        shares = "".join(f"{r['direction'][w]:<{len(w) + 3}.3f}" for w in WINDOWS)
+        lines.append(f"    {name:<18} {r['prompts']:>7}   {'':<11}{shares}{r.get('class_accuracy', float('nan')):.3f}")
     if "unscored" in result:
         lines.append(f"    {result['unscored']['prompts']} prompts name no Fashion-MNIST class or no direction and are not scored")
     return lines
