@@ -108,3 +108,19 @@ def randomize_weights(model, seed: int = 0, std: float = 0.05):
             if name != "pos_embed":
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
+
+
+def assert_resume_exact(kw: dict, tmp_path) -> None:
+    """4 training steps straight equal 2 steps, a resume and 2 more: model and EMA weights, exactly."""
+    from ditkit.config import TrainConfig
+    from ditkit.train import Trainer
+    from ditkit.utils.io import read_pt
+
+    kw = dict(kw, ckpt_every=2)
+    straight = Trainer(TrainConfig(**kw, max_steps=4, results_dir=str(tmp_path / "a"))).run()
+    Trainer(TrainConfig(**kw, max_steps=2, results_dir=str(tmp_path / "b"))).run()
+    resumed = Trainer(TrainConfig(results_dir=str(tmp_path / "b"), resume="latest", max_steps=4)).run()
+    a, b = (read_pt(r / "checkpoints" / "0000004.pt") for r in (straight, resumed))
+    for key in ("model", "ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_resume_exact, randomize_weights
 from PIL import Image
 
-from conftest import randomize_weights
 from ditkit.checkpoints import load_model, save_pretrained
 from ditkit.cli import main
 from ditkit.config import TrainConfig, VideoMMDiTConfig
@@ -17,7 +17,6 @@ from ditkit.flops import measure, preset_config
 from ditkit.models.mmdit import TextCondition, VideoMMDiT
 from ditkit.models.video import VideoDiT
 from ditkit.train import Trainer
-from ditkit.utils.io import read_pt
 from ditkit.video import moving_clips, trajectory
 from ditkit.video.captions import (
     SEEN_PHRASINGS,
@@ -128,14 +127,7 @@ def test_a_few_steps_lower_the_loss(run):
 
 
 def test_resume_is_exact(tmp_path, text_encoder_dir):
-    kw = dict(TINY, text_encoder=str(text_encoder_dir), global_batch_size=4, ckpt_every=2)
-    straight = Trainer(TrainConfig(**kw, max_steps=4, results_dir=str(tmp_path / "a"))).run()
-    Trainer(TrainConfig(**kw, max_steps=2, results_dir=str(tmp_path / "b"))).run()
-    resumed = Trainer(TrainConfig(results_dir=str(tmp_path / "b"), resume="latest", max_steps=4)).run()
-    a, b = (read_pt(r / "checkpoints" / "0000004.pt") for r in (straight, resumed))
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert_resume_exact(dict(TINY, text_encoder=str(text_encoder_dir), global_batch_size=4), tmp_path)
 
 
 def test_sample_a_gif_and_an_npz_from_prompts(run, tmp_path, capsys):

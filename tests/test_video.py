@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageSequence
 from safetensors.torch import save_file
 
+from conftest import assert_resume_exact
 from ditkit.cli import main
 from ditkit.config import TrainConfig, VideoDiTConfig
 import ditkit.eval.clips as clips_module
@@ -21,7 +22,6 @@ from ditkit.flops import measure
 from ditkit.models.layers import apply_rope_axes, rope_3d
 from ditkit.models.video import SpacetimeAttention, VideoDiT
 from ditkit.train import Trainer
-from ditkit.utils.io import read_pt
 from ditkit.video import (
     ITEM,
     MovingFashionMNIST,
@@ -203,14 +203,7 @@ def test_a_few_steps_lower_the_loss(run):
 
 
 def test_resume_is_exact(tmp_path):
-    kw = dict(TINY, global_batch_size=4, ckpt_every=2)
-    straight = Trainer(TrainConfig(**kw, max_steps=4, results_dir=str(tmp_path / "a"))).run()
-    Trainer(TrainConfig(**kw, max_steps=2, results_dir=str(tmp_path / "b"))).run()
-    resumed = Trainer(TrainConfig(results_dir=str(tmp_path / "b"), resume="latest", max_steps=4)).run()
-    a, b = (read_pt(r / "checkpoints" / "0000004.pt") for r in (straight, resumed))
-    for key in ("model", "ema"):
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    assert_resume_exact(dict(TINY, global_batch_size=4), tmp_path)
 
 
 def test_sample_writes_animated_grids_and_sample_npz_writes_clips(run, tmp_path):

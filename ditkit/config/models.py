@@ -109,6 +109,14 @@ class TransformerConfig(Config):
         base = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
+    @classmethod
+    def from_tubelet_preset(cls, name: str, prefix: str, presets: tuple[str, ...], overrides: dict):
+        """`cls` at a size and patch over tubelets of some frames ("VDiT-S/4x2": DiT-S/4 over 2-frame tubelets)."""
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}.")
+        size_patch, _, tubelet = name.rpartition("x")
+        return cls.from_size_preset(size_patch, prefix, presets, {**overrides, "tubelet": int(tubelet)}, prefix_required=True)
+
 
 @dataclass(frozen=True)
 class DiTDesign(Config):
@@ -221,10 +229,7 @@ class VideoDiTConfig(VideoDesign, DiTConfig):
     @staticmethod
     def from_preset(name: str, **overrides) -> VideoDiTConfig:
         """"VDiT-S/4x2" (DiT-S/4 over 2-frame tubelets), ... with any field overridden; None values are ignored."""
-        if name not in VIDEO_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(VIDEO_PRESETS)}.")
-        size_patch, _, tubelet = name.rpartition("x")
-        return VideoDiTConfig.from_size_preset(size_patch, "VDiT-", VIDEO_PRESETS, {**overrides, "tubelet": int(tubelet)}, prefix_required=True)
+        return VideoDiTConfig.from_tubelet_preset(name, "VDiT-", VIDEO_PRESETS, overrides)
 
 
 @dataclass(frozen=True)
@@ -283,10 +288,7 @@ class VideoMMDiTConfig(MMDiTConfig):
     @staticmethod
     def from_preset(name: str, **overrides) -> VideoMMDiTConfig:
         """"MMDiT-S/4x2" (MMDiT-S/4 over 2-frame tubelets), ... with any field overridden; None values are ignored."""
-        if name not in VIDEO_MMDIT_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(VIDEO_MMDIT_PRESETS)}.")
-        size_patch, _, tubelet = name.rpartition("x")
-        return VideoMMDiTConfig.from_size_preset(size_patch, "MMDiT-", VIDEO_MMDIT_PRESETS, {**overrides, "tubelet": int(tubelet)}, prefix_required=True)
+        return VideoMMDiTConfig.from_tubelet_preset(name, "MMDiT-", VIDEO_MMDIT_PRESETS, overrides)
 
 
 @dataclass(frozen=True)

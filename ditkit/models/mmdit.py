@@ -26,10 +26,19 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import MMDIT_PRESETS, VIDEO_MMDIT_PRESETS, MMDiTConfig, VideoMMDiTConfig
 from .dit import DiT, FinalLayer, init_backbone
-from .layers import HeadNorm, Mlp, PatchEmbed, TimestepEmbedder, TubeletEmbed, attention, make_norm, modulate
+from .layers import (
+    HeadNorm,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    TubeletEmbed,
+    attention,
+    make_norm,
+    modulate,
+)
 from .video import VideoDiT
 
-__all__ = ["MMDIT_PRESETS", "VIDEO_MMDIT_PRESETS", "MMDiTConfig", "VideoMMDiTConfig", "MMDiT", "VideoMMDiT", "TextCondition", "build_mmdit"]
+__all__ = ["MMDIT_PRESETS", "VIDEO_MMDIT_PRESETS", "MMDiT", "MMDiTConfig", "TextCondition", "VideoMMDiT", "VideoMMDiTConfig", "build_mmdit"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,14 @@ import re
 import numpy as np
 
 from ..config import SPLITS
-from ..text.captions import ATTRIBUTES, NOUNS, WORD_DROPOUT, caption, measure_attributes, parse_prompt
+from ..text.captions import (
+    ATTRIBUTES,
+    NOUNS,
+    WORD_DROPOUT,
+    caption,
+    measure_attributes,
+    parse_prompt,
+)
 from .metrics import centroids, majority
 from .moving import MovingFashionMNIST, clip_rng, moving_clips, trajectory
 
@@ -124,7 +131,7 @@ def motion_following(clips: np.ndarray, prompts: np.ndarray, predicted: np.ndarr
         if len(rows):
             directions = [parsed[i][1] for i in rows]
             result[group] = {
-                "prompts": int(len(rows)),
+                "prompts": len(rows),
                 "direction": {name: float(direction_hits(clips[rows], directions, k).mean()) for name, k in WINDOWS.items()},
                 "class_accuracy": float((majority(predicted[rows]) == np.array([parsed[i][0] for i in rows])).mean()),
             }
