@@ -145,6 +145,20 @@ def test_sample_a_gif_and_an_npz_from_prompts(run, tmp_path, capsys):
     assert "prompt following" in out and "seen " in out and "unseen " in out and "real (4)" in out
 
 
+def test_serve_answers_animated_gifs_to_prompts(run):
+    from test_serve import post, serving
+
+    from ditkit.config import SamplingOptions
+    from ditkit.pipeline import load_pipeline
+
+    pipe = load_pipeline(SamplingOptions(ckpt=str(run / "model"), device="cpu"))
+    with serving(pipe) as client:
+        response = post(client, {"prompts": ["a bag moving left and up"], "num_samples": 2, "seed": 5, "num_sampling_steps": 2})
+    assert response.status_code == 200, response.text
+    urls = response.json()["images"]
+    assert len(urls) == 2 and all(u.startswith("data:image/gif;base64,") for u in urls)
+
+
 def test_bad_input_ends_in_one_sentence(run, tmp_path, capsys):
     net = VideoDiT(input_size=16, in_channels=1, frames=8, depth=1, hidden_size=24, num_heads=2, num_classes=10, learn_sigma=False)
     video = save_pretrained(net, net.config, tmp_path / "v", extra={"objective": {"objective": "flow"}})
