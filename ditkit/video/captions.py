@@ -106,6 +106,9 @@ class MovingFashionCaptions(MovingFashionMNIST):
         x, _ = super()._item(index, rand)
         return x, self._ids[self.caption_of(index, self._flipped(rand))]
 
+    def __repr__(self) -> str:
+        return f"MovingFashionCaptions({self.source}: {len(self)} clips, {len(self.captions) - 1} captions, {self.channels}x{self.frames}x32x32)"
+
 
 def direction_hits(clips: np.ndarray, directions: list[tuple[str, str]], frames: int | None = None) -> np.ndarray:
     """(N,) bool: whether the signs of each clip's mean centroid velocity (over its first `frames`
