@@ -217,6 +217,8 @@ def model_configs(cfg: FlopsConfig) -> list[DiTConfig | MMDiTConfig]:
             classes = sizes.get("num_classes", base.num_classes - 1) + 1  # the null class on top, as the ImageNet U-ViTs have it
             configs.append(replace(base, img_size=input_size, in_chans=in_channels, conv=in_channels in (1, 3), num_classes=classes, **uvit_sizes))
         elif isinstance(base, MMDiTConfig):
+            if cfg.attention and isinstance(base, VideoMMDiTConfig) and set(cfg.attention) != {"joint"}:
+                raise ValueError("a text-to-video model (MMDiT-*x*) attends jointly over text and spacetime tokens; drop --attention, or count a VDiT-* --model for the factorized and windowed arrangements.")
             frames = {"frames": cfg.frames} if cfg.frames and isinstance(base, VideoMMDiTConfig) else {}  # text-to-video: joint attention only
             configs.append(replace(base, input_size=input_size, in_channels=in_channels, **frames, **{k: v for k, v in sizes.items() if k != "num_classes"}))
         else:

@@ -168,6 +168,7 @@ def test_bad_input_ends_in_one_sentence(run, tmp_path, capsys):
         (["train", "--model", "MMDiT-S/4x2", "--data-path", "moving-fashion-mnist", "--objective", "flow"], "moving-fashion-mnist has no captions"),
         (["train", "--model", "MMDiT-S/4x2", "--data-path", "moving-fashion-mnist-captions", "--objective", "flow", "--attention", "factorized"],
          "attends over the prompt and all spacetime tokens together"),
+        (["flops", "--model", "MMDiT-S/4x2", "--attention", "factorized"], "a text-to-video model (MMDiT-*x*) attends jointly"),
         (["train", "--model", "VDiT-S/4x2", "--data-path", "moving-fashion-mnist-captions"], "use --model MMDiT-S/4x2 (or --data-path moving-fashion-mnist"),
         (["train", "--model", "MMDiT-S/4x2", "--data-path", "moving-fashion-mnist-captions"], "add --objective flow"),
     ]
