@@ -82,7 +82,7 @@ def images_per_s(pipe, n: int, batch: int, seed: int) -> float:
 
 def second_judge(points: dict, out: Path, seed: int) -> None:
     """The pixel MLP's accuracy on each point's samples that has none yet (one training per call)."""
-    todo = [r for r in points.values() if "judge2" not in r and Path(r.get("npz", "")).exists()]
+    todo = [r for r in points.values() if "judge2" not in r and "npz" in r and Path(r["npz"]).exists()]  # carried points have none
     if not todo:
         return
     model, test = train_mlp(8, seed)
@@ -99,10 +99,11 @@ def plot(points: dict, ref: dict, out: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = sorted({r["model"] for r in points.values() if r["model"] != "guidance"}, key=lambda n: (n != "teacher", n))
-    for name in names:
+    palette = [c for c in plt.get_cmap("tab20").colors[::2] + plt.get_cmap("tab20").colors[1::2] if c != plt.get_cmap("tab20").colors[14]]  # no gray: the teacher's
+    for i, name in enumerate(names):
         pts = sorted((r["steps"], r["fd"], r["accuracy"], r.get("judge2", float("nan"))) for r in points.values() if r["model"] == name)
         steps, fd, acc, judge2 = zip(*pts)
-        style = dict(ls="--", color="gray") if name == "teacher" else {}
+        style = dict(ls="--", color="gray") if name == "teacher" else dict(color=palette[i % len(palette)])
         label = f"{name} (Euler)" if name == "teacher" else name
         for ax, values in zip(axes, (fd, acc, judge2)):
             ax.plot(steps, values, marker="o", label=label, **style)
