@@ -36,12 +36,11 @@ def conditioner(pipe: Pipeline, cfg: SampleConfig | SampleNpzConfig) -> tuple[li
     """(what is sampled: prompts or class ids, a function from a list of them to the model's condition)."""
     if pipe.text_encoder is None:
         return [], lambda ids: torch.tensor(ids)
-    kind = "text-to-video" if len(pipe.config.sample_shape) == 4 else "text-to-image"
     if getattr(cfg, "classes", ()):
-        raise ValueError(f"this is a {kind} model: it takes prompts (--prompt), not class ids; drop --classes.")
+        raise ValueError(f"this is a {pipe.config.kind} model: it takes prompts (--prompt), not class ids; drop --classes.")
     prompts = prompt_list(cfg)
     if not prompts:
-        raise ValueError(f"this is a {kind} model; pass --prompt TEXT (repeat it for more) or --prompts FILE.")
+        raise ValueError(f"this is a {pipe.config.kind} model; pass --prompt TEXT (repeat it for more) or --prompts FILE.")
     return prompts, pipe.condition
 
 

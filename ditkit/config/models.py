@@ -246,6 +246,7 @@ class MMDiTConfig(TransformerConfig):
     prompt_dropout_prob: float = field(default=0.1, metadata=option("share of training prompts replaced by the empty prompt (the null condition)", ge=0, lt=1))
 
     conditioning = "text"
+    kind = "text-to-image"  # what the model is called in messages
     sample_shape = DataShape.sample_shape
 
     @property
@@ -268,6 +269,7 @@ class VideoMMDiTConfig(MMDiTConfig):
     tubelet: int = field(default=1, metadata=positive("frames per token (the tubelet's depth)"))
 
     SIZE_FIELDS = TransformerConfig.SIZE_FIELDS + ("frames",)
+    kind = "text-to-video"
     sample_shape = VideoDiTConfig.sample_shape
     grid = VideoDiTConfig.grid
 

@@ -50,7 +50,7 @@ def check_condition(y, config) -> None:
     """Class ids for a class-conditional network, prompts for a text-to-image one (config.conditioning)."""
     if getattr(config, "conditioning", "class") == "text":
         if isinstance(y, torch.Tensor):
-            raise ValueError(f"this is a text-to-{'video' if getattr(config, 'frames', 0) else 'image'} model: it takes prompts (--prompt), not class ids.")
+            raise ValueError(f"this is a {config.kind} model: it takes prompts (--prompt), not class ids.")
     elif not isinstance(y, torch.Tensor):
         raise ValueError("this is a class-conditional model: it takes class ids (--classes), not prompts.")
     else:

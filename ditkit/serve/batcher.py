@@ -227,7 +227,7 @@ class Batcher:
         """The request's class ids or prompts, checked against the model."""
         if self.text:
             if req.classes:
-                raise ValueError(f'this is a text-to-{"video" if getattr(self.pipe.config, "frames", 0) else "image"} model: it takes prompts, not class ids; send {{"prompts": ["a dark ankle boot"]}}.')
+                raise ValueError(f'this is a {self.pipe.config.kind} model: it takes prompts, not class ids; send {{"prompts": ["a dark ankle boot"]}}.')
             if not req.prompts:
                 raise ValueError('prompts is required: a list of texts such as {"prompts": ["a dark ankle boot"]}.')
             return list(req.prompts)
