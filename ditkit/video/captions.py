@@ -43,9 +43,10 @@ GROUPS = ("seen", "unseen")
 WINDOWS = {"first step": 2, "first 4 frames": 4, "whole clip": None}
 
 
-def direction_of(velocity: np.ndarray) -> tuple[str, str]:
-    """(horizontal, vertical) words of a velocity (x, y)."""
-    return ("left" if velocity[0] < 0 else "right", "up" if velocity[1] < 0 else "down")
+def initial_direction(seed: int, split: str, index: int, flipped: bool = False) -> tuple[str, str]:
+    """(horizontal, vertical) words of the clip's first-frame velocity (x, y); mirrored if `flipped`."""
+    vx, vy = trajectory(clip_rng(seed, split, index), 1)[1][0]
+    return ("left" if (vx < 0) != flipped else "right", "up" if vy < 0 else "down")
 
 
 def motion_caption(cls: int, brightness: str | None, direction: tuple[str, str], phrasing: str) -> str:
@@ -94,13 +95,10 @@ class MovingFashionCaptions(MovingFashionMNIST):
         self.demo_prompts = tuple(motion_caption(c, None, d, SEEN_PHRASINGS[0]) for c in (7, 1) for d in DIRECTIONS)
 
     def caption_of(self, index: int, flipped: bool = False) -> str:
-        velocity = trajectory(clip_rng(self.motion_seed, self.split, index), 1)[1][0]  # the first frame's (x, y)
-        if flipped:
-            velocity = velocity * np.array([-1.0, 1.0])
         rng = np.random.default_rng([self.motion_seed, SPLITS.index(self.split), index, 1])  # the wording's own stream
         phrasing = SEEN_PHRASINGS[rng.integers(len(SEEN_PHRASINGS))]
         brightness = self.brightness[index] if rng.random() >= WORD_DROPOUT else None
-        return motion_caption(int(self.classes[index]), brightness, direction_of(velocity), phrasing)
+        return motion_caption(int(self.classes[index]), brightness, initial_direction(self.motion_seed, self.split, index, flipped), phrasing)
 
     def _item(self, index: int, rand: int):
         x, _ = super()._item(index, rand)
@@ -148,7 +146,7 @@ def real_motion_following(n: int, frames: int, predict=None) -> dict:
     directions: what a model that follows its prompts perfectly would score (bounces included).
     `predict`: frames (M, H, W, 1) -> classes (M,), for the class accuracy."""
     clips, labels = moving_clips("test", np.arange(n), frames)
-    directions = [direction_of(trajectory(clip_rng(0, "test", i), 1)[1][0]) for i in range(n)]
+    directions = [initial_direction(0, "test", i) for i in range(n)]
     real = {"clips": n, "direction": {name: float(direction_hits(clips, directions, k).mean()) for name, k in WINDOWS.items()}}
     if predict is not None:
         real["class_accuracy"] = float((majority(predict(clips.reshape(-1, *clips.shape[2:])).reshape(clips.shape[:2])) == labels).mean())
