@@ -131,6 +131,19 @@ def test_study_config_rejects_bad_settings(tmp_path):
         StudyConfig(seeds=())
     with pytest.raises(ValueError, match="--images 100 is not a multiple of the recipe's batch 32; use --images 96"):
         runner.Study(StudyConfig(images=100))
+    with pytest.raises(ValueError, match="--family-lr 'vit=1e-2' is not FAMILY=LR with FAMILY one of dit, uvit, unet"):
+        StudyConfig(family_lr=("vit=1e-2",))
+    with pytest.raises(ValueError, match="--family-lr 'uvit=0' is not FAMILY=LR"):
+        StudyConfig(family_lr=("uvit=0",))
+
+
+def test_family_learning_rates_reach_their_runs(tmp_path):
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    cfg = StudyConfig(**{**TINY, "out": str(tmp_path / "study"), "recipe": str(tmp_path / "recipe.toml")}, family_lr=("uvit=1e-2", "UNet=3e-4"))
+    runs = runner.Study(cfg).plan()
+    lrs = {r.name: r.train.lr for r in runs}
+    assert {lrs["uvit-L1-s0"], lrs["uvit-L2-s0"]} == {1e-2} and {lrs["unet-L1-s0"], lrs["unet-L2-s0"]} == {3e-4}
+    assert lrs["dit-XS-4-adaln-s0"] == lrs["dit-XS-8-adaln_zero-s0"] == 1e-3  # no dit= given: the recipe's
 
 
 def test_unet_baseline_interface():

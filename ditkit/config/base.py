@@ -84,6 +84,7 @@ FLOPS_IMAGE_SIZE, FLOPS_IN_CHANNELS, FLOPS_NUM_CLASSES = 256, 4, 1000  # the set
 STUDY_SIZES = {"XS": (32, 2, 2), "S": (64, 4, 4), "B": (128, 6, 4), "L": (192, 6, 6)}
 STUDY_MODELS = tuple(f"{size}/{p}" for size in STUDY_SIZES for p in (1, 2, 4, 8))
 STUDY_GRIDS = ("sizes", "blocks", "backbones")
+STUDY_FAMILIES = ("dit", "uvit", "unet")  # --family-lr keys: DiT, U-ViT, U-Net
 
 # Help texts shared by several commands' flags.
 CKPT_HELP = "checkpoint: an official .pt (DiT or SiT), a ditkit model folder, a run folder (RESULTS/NNN-MODEL: its model/) or training checkpoint (default: 'bundled', the bundled model)"

@@ -19,6 +19,7 @@ from .base import (
     SD_VAE_FACTOR,
     SPLITS,
     STORE_DTYPES,
+    STUDY_FAMILIES,
     STUDY_GRIDS,
     STUDY_MODELS,
     STUDY_SIZES,
@@ -153,6 +154,7 @@ class StudyConfig(Config):
     block_model: str = field(default="S/4", metadata=option("the DiT the four conditioning blocks are compared at", choices=STUDY_MODELS))
     blocks: tuple[str, ...] = field(default=BLOCKS, metadata=option(f"block designs compared at --block-model (Figure 5): {', '.join(BLOCKS)}", choices=BLOCKS + tuple(BLOCK_ALIASES)))
     levels: tuple[str, ...] = field(default=("B/8", "L/8", "B/4"), metadata=option("the DiTs whose Gflops set the backbones' compute levels; a U-ViT and a U-Net are sized to each", choices=STUDY_MODELS))
+    family_lr: tuple[str, ...] = field(default=(), metadata=option(f"learning rate of one family's runs over the recipe's, as FAMILY=LR ({', '.join(STUDY_FAMILIES)}), e.g. uvit=1e-2: families learn best at different rates, and a fair comparison tunes each"))
     num_eval_samples: int = field(default=2000, metadata=option("samples scored per run; FD-EffNet's covariance is full rank above 1280 (fewer: biased up, comparable only at equal N)", ge=2))
     sampler: str | None = field(default=None, metadata=option("sampler of the evaluation samples (default: the recipe's)", choices=SAMPLERS))
     num_sampling_steps: int | None = field(default=None, metadata=positive("sampling steps of the evaluation samples (default: the recipe's)"))
@@ -169,6 +171,22 @@ class StudyConfig(Config):
             raise ValueError("--seeds is empty; give at least one seed (two show the spread of a rerun).")
         if not any({"sizes": self.models, "blocks": self.blocks, "backbones": self.levels}[g] for g in self.grids):
             raise ValueError("the study has no runs; give --grids with --models, --blocks or --levels to fill them.")
+        self.lr_of("dit")  # a malformed --family-lr fails here, in one sentence
+
+    def lr_of(self, family: str) -> float | None:
+        """The --family-lr learning rate of `family` (one of STUDY_FAMILIES), None for the recipe's."""
+        rates = {}
+        for item in self.family_lr:
+            key, _, value = item.partition("=")
+            try:
+                rate = float(value)
+            except ValueError:
+                rate = -1.0
+            if key.lower() not in STUDY_FAMILIES or not rate > 0:
+                raise ValueError(f"--family-lr {item!r} is not FAMILY=LR with FAMILY one of {', '.join(STUDY_FAMILIES)} and LR > 0; "
+                                 "write e.g. --family-lr uvit=1e-2 dit=3e-3.")  # fmt: skip
+            rates[key.lower()] = rate
+        return rates.get(family)
 
 
 EXPORT_FORMATS = ("diffusers", "ditkit")

@@ -97,9 +97,15 @@ def steps(cfg: StudyConfig) -> int:
     return cfg.images // TrainConfig(**recipe_settings(cfg)).global_batch_size
 
 
-def _train(cfg: StudyConfig, base: dict, name: str, seed: int, model: str, sizes: tuple[int, int, int, int], block: str = "adaln_zero") -> TrainConfig:
+FAMILY_KEYS = {DIT: "dit", UVIT: "uvit", UNET: "unet"}  # a family's --family-lr key
+
+
+def _train(cfg: StudyConfig, base: dict, name: str, seed: int, model: str, sizes: tuple[int, int, int, int], block: str = "adaln_zero",
+           family: str = DIT) -> TrainConfig:  # fmt: skip
     width, depth, heads, patch = sizes
     n = steps(cfg)
+    lr = cfg.lr_of(FAMILY_KEYS[family])
+    base = base if lr is None else {**base, "lr": lr}
     return TrainConfig(**base, model=model, hidden_size=width, depth=depth, num_heads=heads, patch_size=patch, block=block,
                        global_seed=seed, max_steps=n, epochs=10**6, results_dir=str(Path(cfg.out) / "runs" / name),
                        ckpt_every=max(1, n // 4), keep_last=1, log_every=min(cfg.log_every, n), num_workers=cfg.num_workers, device=cfg.device)  # fmt: skip
@@ -199,14 +205,14 @@ def plan_runs(cfg: StudyConfig, info: DataInfo, saved: dict[str, dict]) -> list[
             uvit = uvit or sized["uvit", level]
             w, d, h = uvit
             add(Run(name, UVIT, f"U-ViT {w}x{d}/{patch}", model, None, patch, seed, ("backbones",),
-                    _train(cfg, base, name, seed, "U-ViT-S/2", (w, d, h, patch)), level=level))  # fmt: skip
+                    _train(cfg, base, name, seed, "U-ViT-S/2", (w, d, h, patch), family=UVIT), level=level))  # fmt: skip
             name = f"unet-L{level}-s{seed}"
             unet = saved.get(name, {}).get("unet")
             if unet is None and ("unet", level) not in sized:
                 sized["unet", level] = size_unet(target, dit.model_config(info.num_classes, info.input_size, info.in_channels))
             unet = UNetConfig(**unet) if unet else sized["unet", level]
             add(Run(name, UNET, f"U-Net {unet.base_channels}x{unet.layers_per_block}", model, None, None, seed, ("backbones",),
-                    _train(cfg, base, name, seed, "DiT-S/2", (width, depth, heads, patch)), unet=unet, level=level))  # fmt: skip
+                    _train(cfg, base, name, seed, "DiT-S/2", (width, depth, heads, patch), family=UNET), unet=unet, level=level))  # fmt: skip
     return list(runs.values())
 
 
