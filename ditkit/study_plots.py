@@ -126,7 +126,7 @@ def plot_results(rows: list[dict], cfg: StudyConfig, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups = group(rows)
-    where = f"{cfg.images:,} training images per run, recipe {cfg.recipe}"
+    where = f"{cfg.images:,} training images per run, recipe {cfg.recipe}" + (f" (lr {', '.join(cfg.family_lr)})" if cfg.family_lr else "")
     written = [_quality_plot(plt, groups, lambda g: g["gflops"], "Gflops (G multiply-adds per image)", f"Quality against Gflops ({where})",
                              out / "fd_vs_gflops.png")]  # fmt: skip
     if any(g["images_per_s"] for g in groups):
