@@ -135,6 +135,8 @@ def test_study_config_rejects_bad_settings(tmp_path):
         StudyConfig(family_lr=("vit=1e-2",))
     with pytest.raises(ValueError, match="--family-lr 'uvit=0' is not FAMILY=LR"):
         StudyConfig(family_lr=("uvit=0",))
+    with pytest.raises(ValueError, match="--family-lr 'dit=inf' is not FAMILY=LR"):
+        StudyConfig(family_lr=("dit=inf",))
 
 
 def test_family_learning_rates_reach_their_runs(tmp_path):

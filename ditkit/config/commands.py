@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .base import (
@@ -10,8 +11,8 @@ from .base import (
     BLOCK_ALIASES,
     BLOCKS,
     DEVICE_HELP,
-    FLOPS_IN_CHANNELS,
     FLOPS_IMAGE_SIZE,
+    FLOPS_IN_CHANNELS,
     METRICS,
     MMDIT_PRESETS,
     PRESETS,
@@ -181,8 +182,8 @@ class StudyConfig(Config):
             try:
                 rate = float(value)
             except ValueError:
-                rate = -1.0
-            if key.lower() not in STUDY_FAMILIES or not rate > 0:
+                rate = math.nan
+            if key.lower() not in STUDY_FAMILIES or not (math.isfinite(rate) and rate > 0):  # NaN and inf fail too
                 raise ValueError(f"--family-lr {item!r} is not FAMILY=LR with FAMILY one of {', '.join(STUDY_FAMILIES)} and LR > 0; "
                                  "write e.g. --family-lr uvit=1e-2 dit=3e-3.")  # fmt: skip
             rates[key.lower()] = rate
