@@ -250,3 +250,27 @@ def test_auto_precision_is_bf16_only_where_its_matmuls_are_fast(monkeypatch, tmp
     x = torch.zeros(2, 1, 8, 8)
     with trainer.autocast():
         assert trainer.model(x, torch.zeros(2), torch.zeros(2, dtype=torch.long)).dtype == torch.bfloat16
+
+
+def test_fit_to_minutes_anneals_a_run_the_clock_ends(tmp_path):
+    """--fit-to-minutes ends the cosine where the clock stops the run: with a --max-steps far past
+    what the time holds, the last step's learning rate is near --min-lr with it and near --lr
+    without it. It is refused without a time budget or a decaying schedule."""
+    import csv
+
+    from ditkit.train.schedule import fitted_total
+
+    assert fitted_total(100, 20.0, (50, 10.0), 1.0, 10_000) == 100 + 5 * 40  # 5 steps/s for the 40 s left
+    assert fitted_total(100, 20.0, (50, 10.0), 1.0, 150) == 150 and fitted_total(100, 70.0, (50, 10.0), 1.0, 1e9) == 101
+    lrs = {}
+    for fit in (False, True):
+        cfg = TrainConfig(model="DiT-S/2", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0, results_dir=str(tmp_path / str(fit)),
+                          global_batch_size=8, max_steps=10**6, max_minutes=0.1, fit_to_minutes=fit, lr=1e-3, min_lr=0.0, warmup_steps=0,
+                          lr_schedule="cosine", log_every=5, ckpt_every=10**6, objective="flow")  # fmt: skip
+        exp = Trainer(cfg).run()
+        rows = list(csv.reader((exp / "log.csv").open()))
+        lrs[fit] = float(rows[-1][3])
+    assert lrs[False] > 0.99e-3 and lrs[True] < 0.1e-3, lrs
+    for bad in (dict(max_minutes=None), dict(lr_schedule="constant")):
+        with pytest.raises(ValueError, match="--fit-to-minutes fits a decaying learning rate"):
+            TrainConfig(**{"max_minutes": 5.0, "lr_schedule": "cosine", "fit_to_minutes": True, **bad})

@@ -111,6 +111,9 @@ class RunOptions(Config):
     epochs: int = field(default=1400, metadata=positive("number of epochs"))
     max_steps: int | None = field(default=None, metadata=positive("stop after this many steps"))
     max_minutes: float | None = field(default=None, metadata=positive("also stop (with a checkpoint) after this many minutes of training"))
+    fit_to_minutes: bool = field(default=False, metadata=option("with --max-minutes and a cosine or linear --lr-schedule: end the decay where the clock will stop the run, not at --max-steps "
+                                                                "(re-estimated at each log step from the speed so far), so that a slower machine still anneals to --min-lr; "
+                                                                "the schedule then depends on the machine's speed"))
     global_seed: int = field(default=0, metadata=option("seed of the whole run", ge=0))
     log_every: int = field(default=100, metadata=positive("log the all-reduced loss every N steps"))
     ckpt_every: int = field(default=50_000, metadata=positive("checkpoint every N steps (and always at the last step)"))
@@ -118,7 +121,7 @@ class RunOptions(Config):
     keep_every: int | None = field(default=None, metadata=positive("also keep every checkpoint whose step is a multiple of M"))
     sample_every: int | None = field(default=None, metadata=positive("write an EMA sample grid every N steps"))
     resume: str | None = field(default=None, metadata=option("continue a run: 'latest' in RESULTS_DIR, a run folder, or a checkpoint; with the run's own settings, of which only "
-                                                             "--max-steps, --max-minutes, --epochs, the log/checkpoint/sample cadence, the recorded sampling defaults, --num-workers, --precision, --compile may change (a flag at its default counts as not given)"))
+                                                             "--max-steps, --max-minutes, --fit-to-minutes, --epochs, the log/checkpoint/sample cadence, the recorded sampling defaults, --num-workers, --precision, --compile may change (a flag at its default counts as not given)"))
     init_from: str | None = field(default=None, metadata=option("start from this model's weights, its architecture and objective (a model folder, run folder, checkpoint or 'bundled'): fine-tuning; the frozen base of --lora-rank"))
 
 
@@ -189,6 +192,8 @@ class TrainConfig(Grouped):
             raise ValueError("--lora-rank trains an adapter on an existing model; pass --init-from with it (a model folder, a run folder or bundled).")
         if (self.lora_alpha is not None or self.lora_targets) and not self.lora_rank:
             raise ValueError("--lora-alpha and --lora-targets shape a LoRA adapter; add --lora-rank R (or drop them).")
+        if self.fit_to_minutes and (self.max_minutes is None or self.lr_schedule == "constant"):
+            raise ValueError("--fit-to-minutes fits a decaying learning rate to a time budget; give it --max-minutes and --lr-schedule cosine or linear (or drop it).")
         if self.ema_profiles and (self.lora_rank or self.parallel == "fsdp"):
             raise ValueError("--ema-profiles keeps whole copies of the weights: it runs with full training under --parallel ddp; drop it for LoRA or FSDP runs.")
         if self.lora_rank and self.parallel == "fsdp":

@@ -13,7 +13,7 @@ from ..utils.runs import BUNDLED_NAME, find_checkpoint, resume_checkpoint
 
 # Settings a resumed run may change: when it stops, how often it logs and saves, how it runs on
 # this machine. Every other setting shapes the numbers and must stay the run's own.
-RESUME_FREE = ("max_steps", "max_minutes", "epochs", "log_every", "ckpt_every", "sample_every", "keep_last", "keep_every",
+RESUME_FREE = ("max_steps", "max_minutes", "fit_to_minutes", "epochs", "log_every", "ckpt_every", "sample_every", "keep_last", "keep_every",
                "default_sampler", "default_steps", "default_cfg_scale", "default_cfg_interval",
                "num_workers", "on_bad_image", "precision", "compile", "grad_checkpointing", "parallel")  # fmt: skip
 # Where this command runs and what it resumes: never taken from the checkpoint.

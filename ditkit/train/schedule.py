@@ -60,6 +60,14 @@ def learning_rate(cfg: OptimOptions, step: int, total: float) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * shape
 
 
+def fitted_total(step: int, elapsed: float, anchor: tuple[int, float], minutes: float, cap: float) -> float:
+    """The step at which --max-minutes will stop the run, for --fit-to-minutes: `step` after `elapsed`
+    seconds, at the speed since `anchor` (step, seconds: the first log step, so that compilation and
+    warm-up of the first steps do not count), never past `cap` (--max-steps) nor before the next step."""
+    rate = (step - anchor[0]) / max(elapsed - anchor[1], 1e-9)
+    return min(cap, max(step + 1.0, step + rate * (60 * minutes - elapsed)))
+
+
 def ema_decay(cfg: EMAOptions, step: int) -> float:
     """The EMA decay after 1-based optimizer step `step`."""
     if cfg.ema_schedule == "warmup":

@@ -43,7 +43,7 @@ from .builders import build_ema, build_loader, build_network, build_optimizer, b
 from .log import RunLog
 from .posthoc import save_snapshot, sigma_to_gamma
 from .resume import resolve_base, resolve_resume
-from .schedule import ema_decay, learning_rate, power_decay, step_randomness, update_ema
+from .schedule import ema_decay, fitted_total, learning_rate, power_decay, step_randomness, update_ema
 from .tasks import ClassTask
 
 
@@ -265,6 +265,7 @@ class Trainer:
             running = torch.zeros((), device=d.device)
             n_running = 0
             start = time.perf_counter()
+            anchor = None  # (step, seconds) of the first log step, from which --fit-to-minutes measures the speed
             while self.step < total and self.epoch < cfg.epochs:
                 sampler.set_epoch(self.epoch, self.batch_in_epoch)
                 self.dataset.set_epoch(self.epoch)
@@ -280,6 +281,8 @@ class Trainer:
                     if self._out_of_time(start):
                         total = self.step  # ends both loops, with the checkpoint of the last step
                     last = self.step >= total
+                    if cfg.fit_to_minutes and self.step % cfg.log_every == 0 and not last:
+                        anchor = self._fit_schedule(start, anchor, total)
                     if self.step % cfg.log_every == 0 or last or self.step % cfg.ckpt_every == 0:
                         avg = self._reduce(running / n_running)
                         if not math.isfinite(avg):
@@ -328,6 +331,16 @@ class Trainer:
         newest = self.exp_dir / "checkpoints" / f"{steps[-1]:07d}.pt"
         return (f"the loss became {loss} by step {self.step}; the newest checkpoint, {newest} (step {steps[-1]}), is intact: "
                 f"continue from it with --resume {self.exp_dir}{fp32}, or start again with a lower --lr.")  # fmt: skip
+
+    def _fit_schedule(self, start: float, anchor: tuple[int, float] | None, total: float) -> tuple[int, float]:
+        """--fit-to-minutes: move the lr schedule's end to the step the clock will stop at (rank 0's
+        clock, so that every rank takes the same learning rate); returns the anchor of the speed."""
+        elapsed = time.perf_counter() - start
+        if anchor is None:
+            return (self.step, elapsed)
+        fitted = fitted_total(self.step, elapsed, anchor, self.cfg.max_minutes, total)
+        self.total_steps = broadcast_object(fitted, self.d)
+        return anchor
 
     def _out_of_time(self, start: float) -> bool:
         """--max-minutes is up: every step in one process; under torchrun rank 0's clock decides at
