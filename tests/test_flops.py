@@ -183,7 +183,7 @@ def test_cli_counts_a_checkpoint(tmp_path, capsys):
     flags on top of it)."""
     assert main(["flops", "--json", "--ckpt", "bundled"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    assert row["params"] == sum(t.numel() for t in load_file(str(BUNDLED / "model.safetensors")).values()) == 3_841_072
+    assert row["params"] == sum(t.numel() for t in load_file(str(BUNDLED / "model.safetensors")).values()) == 1_877_900
     old = ASSETS / "fashion-mnist-diffusion"  # the paper's blocks, which expected_macs counts
     config = DiTConfig(**{k: v for k, v in json.loads((old / "config.json").read_text()).items() if k in DiTConfig.__dataclass_fields__})
     assert main(["flops", "--json", "--ckpt", "fashion-mnist-diffusion"]) == 0

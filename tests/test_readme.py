@@ -66,7 +66,7 @@ def grid_images(path: Path, n: int, size: int = 32, ncol: int = 10) -> np.ndarra
 def bundled_grid(out: str, err: str) -> None:
     """The default job: every class of the bundled model, 4 rows, and the shipped classifier
     recognises most of what it draws (0.96 on 10 000 samples; README)."""
-    assert "from " in out and "heun, 4 steps, cfg 2.5 on t in [0.1, 1]" in out  # the settings it used
+    assert "from " in out and "heun, 5 steps, cfg 1.75 on t in [0.1, 1]" in out  # the settings it used
     grid = np.array(Image.open("samples/grid.png"))
     assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)
     images = np.stack([np.array(Image.open(f"samples/{i:06d}.png")) for i in range(40)])[..., None]
@@ -183,7 +183,7 @@ def flops_uvit(out: str, err: str) -> None:
 
 def flops_bundled(out: str, err: str) -> None:
     row = out.splitlines()[1].split()
-    assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "8", "160", "4", "64"] and row[8] == "3.84"
+    assert row[:8] == ["custom", "adaln_zero", "32x32x1", "4", "6", "128", "4", "64"] and row[8] == "1.88"
 
 
 # How the suite checks each README command:
@@ -226,14 +226,18 @@ CHECKS = {
     "ditkit train --config fmnist-cpu --max-steps 1500": ("parsed",),
     "ditkit train --config fmnist-cpu --resume latest --max-steps 6300 --precision bf16 --compile": ("parsed",),
     "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0006300.pt": ("not run", "needs the bundled model's 6 300-step checkpoint"),
-    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun --steps 4 --cfg-scale 2.5 --cfg-interval 0.1 1":
-        ("not run", "needs the bundled model's 5 500-step checkpoint"),
-    "ditkit distill --teacher bundled --method guidance --max-steps 2000 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
-    "ditkit distill --teacher bundled --method progressive --start-steps 4 --student-steps 1 --max-steps 1800 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
-    "ditkit distill --teacher bundled --method reflow --reflow-pairs 2048 --student-steps 2 --max-steps 600 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
+    "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun --steps 4 --cfg-scale 2.5 --cfg-interval 0.1 1 "
+    "--out ditkit/assets/fashion-mnist-v1": ("not run", "needs the first bundled model's 5 500-step checkpoint"),
+    "ditkit train --config fmnist-bundled-v1": ("parsed",),
+    "ditkit ema --run results/000-DiT-S-4 --length 0.05": ("not run", "needs the bundled model's 52 000-step run (2 hours)"),
+    "python scripts/bundle_model.py results/000-DiT-S-4/ema-0.050 --sampler heun --steps 5 --cfg-scale 1.75 --cfg-interval 0.1 1":
+        ("not run", "needs the bundled model's 52 000-step run"),
+    "ditkit distill --teacher fashion-mnist-v1 --method guidance --max-steps 2000 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
+    "ditkit distill --teacher fashion-mnist-v1 --method progressive --start-steps 4 --student-steps 1 --max-steps 1800 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
+    "ditkit distill --teacher fashion-mnist-v1 --method reflow --reflow-pairs 2048 --student-steps 2 --max-steps 600 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit sample --ckpt fashion-mnist-turbo --out turbo.png": ("run", turbo_grid),
     "ditkit distill --resume latest": ("parsed", DistillConfig),
-    "ditkit distill --teacher bundled --method ladd --student-steps 1 --student-init fashion-mnist-turbo --max-steps 500 --lr 3e-5 "
+    "ditkit distill --teacher fashion-mnist-v1 --method ladd --student-steps 1 --student-init fashion-mnist-turbo --max-steps 500 --lr 3e-5 "
     "--disc-lr 1e-4 --disc-warmup 100 --adv-t-mean -1.5 --precision auto": ("parsed", DistillConfig),
     "ditkit train --data-path fashion-mnist --model DiT-S/4 --hidden-size 128 --depth 6 --num-heads 4 --no-learn-sigma --objective meanflow "
     "--t-sampling logit-normal --t-mean -0.4 --mf-share 0.25 --mf-kappa 0.5 --mlp swiglu --norm rmsnorm --qk-norm --pos-embed sincos+rope "
