@@ -229,7 +229,7 @@ CHECKS = {
     "python scripts/bundle_model.py results/000-DiT-S-4/checkpoints/0005500.pt --sampler heun --steps 4 --cfg-scale 2.5 --cfg-interval 0.1 1 "
     "--out ditkit/assets/fashion-mnist-v1": ("not run", "needs the first bundled model's 5 500-step checkpoint"),
     "ditkit train --config fmnist-bundled-v1": ("parsed",),
-    "ditkit ema --run results/000-DiT-S-4 --length 0.05": ("not run", "needs the bundled model's 52 000-step run (2 hours)"),
+    "ditkit ema --run results/000-DiT-S-4 --length 0.05": ("fails", "--ema-profiles"),  # no such run, or one without EMA snapshots: both say to train with --ema-profiles
     "python scripts/bundle_model.py results/000-DiT-S-4/ema-0.050 --sampler heun --steps 5 --cfg-scale 1.75 --cfg-interval 0.1 1":
         ("not run", "needs the bundled model's 52 000-step run"),
     "ditkit distill --teacher fashion-mnist-v1 --method guidance --max-steps 2000 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
