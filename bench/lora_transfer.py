@@ -35,8 +35,8 @@ from ditkit.data import build_dataset  # noqa: E402
 from ditkit.eval.evaluate import evaluate  # noqa: E402
 from ditkit.eval.npz import save_npz  # noqa: E402
 from ditkit.pipeline import load_pipeline, to_uint8  # noqa: E402
-from ditkit.utils.runs import ASSETS  # noqa: E402
 from ditkit.train import Trainer  # noqa: E402
+from ditkit.utils.runs import find_checkpoint  # noqa: E402
 
 COMMON = dict(data_path="mnist", global_batch_size=64, lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr=1e-5, adam_beta2=0.95,
               grad_clip=1.0, ema_schedule="power", flip=False, num_workers=0, log_every=50, sample_every=None, precision="auto")  # fmt: skip
@@ -94,7 +94,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     file = out / "results.json"
     results = json.loads(file.read_text()) if file.exists() else {}
-    base = json.loads((ASSETS / BASE / "config.json").read_text())["sampling"]
+    base = json.loads((find_checkpoint(BASE) / "config.json").read_text())["sampling"]  # the folder --init-from resolves
     sampling = dict(default_sampler=base["sampler"], default_steps=base["num_sampling_steps"], default_cfg_scale=base["cfg_scale"],
                     default_cfg_interval=tuple(base.get("cfg_interval", ())))  # fmt: skip
     images, labels = digits("train")
