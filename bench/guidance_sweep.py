@@ -8,9 +8,16 @@ models of the same data, at one sampler and step count; a table and a plot.
         --intervals none --guide small-1k=RUN/checkpoints/0001000.pt --out docs/guidance/auto
 
 Each point samples N images with uniform seeded labels (the same labels and noise for every point)
-and scores them against the Fashion-MNIST test set. `evals` counts network evaluations per sample
-(a classifier-free guided evaluation runs cond and null as one batch and counts once, two rows;
-autoguidance runs the model and the guide: two evaluations, one row each), `rows` network rows
+and scores them against the Fashion-MNIST test set. A text-to-image model samples the prompts of
+--prompts instead (default: the fashion-mnist-captions suites, sample i takes prompt i mod P, as
+in sample-npz); its accuracy is the class accuracy over every prompt, and the table adds each
+group's (seen, unseen and held-out phrasings):
+
+    python bench/guidance_sweep.py --ckpt fashion-mnist-text --sampler heun --steps 5 \\
+        --scales 1 2 3 4 --intervals none 0.1,1 --num-samples 1500 --out docs/guidance/text
+
+`evals` counts network evaluations per sample (a classifier-free guided evaluation runs cond and
+null as one batch and counts once, two rows; autoguidance runs the model and the guide: two evaluations, one row each), `rows` network rows
 per sample. Resumable: finished points are kept in OUT/guidance.json. `--guide none` (the default)
 is classifier-free guidance.
 """
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.nfe_study import run_point  # noqa: E402
 from ditkit.config import SampleNpzConfig  # noqa: E402
 from ditkit.pipeline import load_pipeline  # noqa: E402
+from ditkit.text.prompts import GROUPS, read_prompts  # noqa: E402
 
 
 def parse_interval(text: str):
@@ -79,6 +87,7 @@ def main() -> None:
     p.add_argument("--guide", action="append", default=[], metavar="NAME=CKPT",
                    help="autoguidance by this weaker model (repeat for more; 'none': classifier-free guidance, the default)")
     p.add_argument("--apg-eta", type=float, help="APG: keep this fraction of the update parallel to the predicted image (default: plain guidance)")
+    p.add_argument("--prompts", default="fashion-mnist-captions", help="a text-to-image model's prompts: a suite or a file (sample i takes prompt i mod P)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=64)
@@ -91,6 +100,8 @@ def main() -> None:
     file = out / "guidance.json"
     saved = json.loads(file.read_text()) if file.exists() else {}
     points, guides = saved.get("points", {}), saved.get("guides", {})
+    text = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu")).text_encoder is not None
+    prompts = read_prompts(args.prompts) if text else None
     for spec in args.guide or ["none"]:
         name, _, path = spec.partition("=")
         if name != "none":
@@ -101,10 +112,11 @@ def main() -> None:
         for interval_text in args.intervals:
             for scale in args.scales:
                 key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}") + ("" if args.apg_eta is None else f"|apg{args.apg_eta:g}")
-                if key in points or (scale == 1.0 and (interval_text != "none" or name != "none")):
+                unguided_done = any(q["scale"] == 1.0 and (q["sampler"], q["steps"]) == (sampler, steps) for q in points.values())
+                if key in points or (scale == 1.0 and unguided_done):  # scale 1 is the same unguided point on every curve: drawn once
                     continue
                 variant.sampling = replace(variant.sampling, cfg_scale=scale)
-                r = run_point(variant, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz")
+                r = run_point(variant, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz", prompts=prompts)
                 points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, "apg_eta": args.apg_eta, **r}
                 file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "guides": guides, "points": points}, indent=2))
                 print(key, json.dumps(points[key]), flush=True)
@@ -115,13 +127,15 @@ def main() -> None:
             key = f"{sampler}|{steps}|1|{interval_text}" + ("" if guide == "none" else f"|{guide}") + ("" if apg is None else f"|apg{apg:g}")
             points.setdefault(key, {**p_, "interval": interval_text, "guide": guide, "apg_eta": apg})
     plot(points, out, args.real_fd, f"{sampler}, {steps} steps, {args.num_samples} samples")
-    lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |", "|---|---|---|---|---|---|---|"]
+    groups = sorted({g for p_ in points.values() for g in p_.get("groups", {})}, key=GROUPS.index)  # a text model's prompt groups
+    lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |" + "".join(f" {g} |" for g in groups),
+             "|---|---|---|---|---|---|---|" + "---|" * len(groups)]  # fmt: skip
     for p_ in sorted(points.values(), key=lambda p_: (str(curve(p_)), p_["scale"])):
         guide, _, apg = curve(p_)
         what = "none" if p_["scale"] == 1 else curve_name(guide, "none", apg).removesuffix(" on all steps")
         evals, rows = p_["nfe"] + p_.get("guide_nfe", 0), p_["forwards"] + p_.get("guide_forwards", 0)
         lines.append(f"| {what} | {p_['scale']:g} | {'all' if p_['interval'] == 'none' else '[' + p_['interval'].replace(',', ', ') + ']'} | "
-                     f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |")  # fmt: skip
+                     f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |" + "".join(f" {p_['groups'][g]:.3f} |" for g in groups))  # fmt: skip
     if guides:
         lines += ["", "Guides: " + "; ".join(f"{k} = `{v}`" for k, v in sorted(guides.items()))]
     (out / "guidance.md").write_text("\n".join(lines) + "\n")

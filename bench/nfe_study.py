@@ -48,7 +48,10 @@ def steps_for(sampler: str, nfe: int) -> int:
 
 
 @torch.no_grad()
-def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch: int, tmp: Path, **options) -> dict:
+def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch: int, tmp: Path, prompts: list[str] | None = None, **options) -> dict:
+    """One point: n samples, their evaluations and seconds, FD-EffNet and accuracy. A text model
+    takes `prompts` (sample i gets prompt i mod P, as in sample-npz); its accuracy is the class
+    accuracy over all scored prompts, with each group's in "groups"."""
     pipe.sampling = replace(pipe.sampling, sampler=sampler, steps=steps, cfg_interval=interval)
     calls, rows = [0], [0]
 
@@ -65,12 +68,17 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         guide_rows[0] += len(args[0])
 
     guide_hook = guide.register_forward_pre_hook(count_guide) if guide is not None else None
-    labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
+    if pipe.text_encoder is not None:
+        if not prompts:
+            raise ValueError("this is a text-to-image model; pass the prompts to sample (e.g. --prompts fashion-mnist-captions).")
+        labels = np.array([prompts[i % len(prompts)] for i in range(n)])
+    else:
+        labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
     torch.manual_seed(seed)
     start = time.perf_counter()
     images = []
     for i in range(0, n, batch):
-        y = torch.from_numpy(labels[i : i + batch])
+        y = pipe.condition(labels[i : i + batch].tolist()) if prompts else torch.from_numpy(labels[i : i + batch])
         if options:  # solver tolerances: straight to the sampler
             s = pipe.sampling
             z = sample(pipe.network, pipe.objective, pipe.noise(len(y)), y, sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg_scale,
@@ -83,10 +91,17 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
     if guide_hook is not None:
         guide_hook.remove()
     batches = -(-n // batch)
-    path = save_npz(tmp, arr_0=np.concatenate(images), labels=labels)
-    metrics = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))["metrics"]
+    path = save_npz(tmp, arr_0=np.concatenate(images), **({"prompts": labels} if prompts else {"labels": labels}))
+    result = evaluate(EvalConfig(samples=str(path), ref="fashion-mnist", device="cpu", batch_size=256))
+    metrics, follow = result["metrics"], result.get("prompt_following")
     guided = {"guide_nfe": guide_calls[0] / batches, "guide_forwards": guide_rows[0] / n} if guide is not None else {}
-    return {"nfe": calls[0] / batches, "forwards": rows[0] / n, **guided, "seconds": seconds, "fd": metrics["FD-EffNet"], "accuracy": metrics["accuracy"]}
+    if follow:  # text: class accuracy over every scored prompt, and per group (seen, unseen, held-out)
+        groups = {g: r for g, r in follow.items() if "class_accuracy" in r}
+        accuracy = sum(r["class_accuracy"] * r["prompts"] for r in groups.values()) / sum(r["prompts"] for r in groups.values())
+        guided["groups"] = {g: r["class_accuracy"] for g, r in groups.items()}
+    else:
+        accuracy = metrics["accuracy"]
+    return {"nfe": calls[0] / batches, "forwards": rows[0] / n, **guided, "seconds": seconds, "fd": metrics["FD-EffNet"], "accuracy": accuracy}
 
 
 def plot(results: dict, out: Path, reference: dict) -> None:

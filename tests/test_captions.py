@@ -140,3 +140,25 @@ def test_captioned_folder(tmp_path):
         build_captioned_dataset(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a folder of captioned images nor fashion-mnist-captions"):
         build_captioned_dataset("fashion-mnist")
+
+
+def test_prompt_matched_real_images_fit_their_prompts():
+    """bench/prompt_matched_real.py's floor: each real image has the class and the measured
+    attributes its prompt names, prompts cycle as in sample-npz, and no image is drawn twice."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("prompt_matched_real", Path(__file__).parents[1] / "bench" / "prompt_matched_real.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prompts = ["a small dark coat", "a large light sneaker", "a light pair of trousers"]
+    images, used = bench.matched_images(prompts, 9, seed=0)
+    assert list(used) == prompts * 3
+    assert len({im.tobytes() for im in images}) == 9
+    classes = np.array([parse_prompt(p)[0] for p in used])
+    measured = measure_attributes(images, classes)
+    for i, p in enumerate(used):
+        for name, word in parse_prompt(p)[1].items():
+            assert measured[name][i] == ATTRIBUTES[name].index(word), (p, name)
+    with pytest.raises(ValueError, match="names no Fashion-MNIST class"):
+        bench.matched_images(["a photo of a cat"], 1, seed=0)
