@@ -11,7 +11,7 @@ Each point samples N images with uniform seeded labels (the same labels and nois
 and scores them against the Fashion-MNIST test set. A text-to-image model samples the prompts of
 --prompts instead (default: the fashion-mnist-captions suites, sample i takes prompt i mod P, as
 in sample-npz); its accuracy is the class accuracy over every prompt, and the table adds each
-group's (seen, unseen and held-out phrasings):
+group's (seen and unseen phrasings, held-out pairs), then each group's attribute accuracy:
 
     python bench/guidance_sweep.py --ckpt fashion-mnist-text --sampler heun --steps 5 \\
         --scales 1 2 3 4 --intervals none 0.1,1 --num-samples 1500 --out docs/guidance/text
@@ -128,14 +128,16 @@ def main() -> None:
             points.setdefault(key, {**p_, "interval": interval_text, "guide": guide, "apg_eta": apg})
     plot(points, out, args.real_fd, f"{sampler}, {steps} steps, {args.num_samples} samples")
     groups = sorted({g for p_ in points.values() for g in p_.get("groups", {})}, key=GROUPS.index)  # a text model's prompt groups
-    lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |" + "".join(f" {g} |" for g in groups),
-             "|---|---|---|---|---|---|---|" + "---|" * len(groups)]  # fmt: skip
+    attributes = [g for g in groups if any(g in p_.get("attributes", {}) for p_ in points.values())]
+    lines = ["| guidance | scale | t in | evals/sample | rows/sample | FD-EffNet | accuracy |" + "".join(f" {g} |" for g in groups)
+             + "".join(f" attributes, {g} |" for g in attributes), "|---|---|---|---|---|---|---|" + "---|" * (len(groups) + len(attributes))]  # fmt: skip
     for p_ in sorted(points.values(), key=lambda p_: (str(curve(p_)), p_["scale"])):
         guide, _, apg = curve(p_)
         what = "none" if p_["scale"] == 1 else curve_name(guide, "none", apg).removesuffix(" on all steps")
         evals, rows = p_["nfe"] + p_.get("guide_nfe", 0), p_["forwards"] + p_.get("guide_forwards", 0)
         lines.append(f"| {what} | {p_['scale']:g} | {'all' if p_['interval'] == 'none' else '[' + p_['interval'].replace(',', ', ') + ']'} | "
-                     f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |" + "".join(f" {p_['groups'][g]:.3f} |" for g in groups))  # fmt: skip
+                     f"{evals:.0f} | {rows:.0f} | {p_['fd']:.1f} | {p_['accuracy']:.3f} |" + "".join(f" {p_['groups'][g]:.3f} |" for g in groups)
+                     + "".join(f" {p_['attributes'][g]:.3f} |" if g in p_.get("attributes", {}) else " |" for g in attributes))  # fmt: skip
     if guides:
         lines += ["", "Guides: " + "; ".join(f"{k} = `{v}`" for k, v in sorted(guides.items()))]
     (out / "guidance.md").write_text("\n".join(lines) + "\n")

@@ -51,7 +51,8 @@ def steps_for(sampler: str, nfe: int) -> int:
 def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch: int, tmp: Path, prompts: list[str] | None = None, **options) -> dict:
     """One point: n samples, their evaluations and seconds, FD-EffNet and accuracy. A text model
     takes `prompts` (sample i gets prompt i mod P, as in sample-npz); its accuracy is the class
-    accuracy over all scored prompts, with each group's in "groups"."""
+    accuracy over all scored prompts, with each group's in "groups" and its attribute accuracy
+    (brightness and size as measured) in "attributes"."""
     pipe.sampling = replace(pipe.sampling, sampler=sampler, steps=steps, cfg_interval=interval)
     calls, rows = [0], [0]
 
@@ -99,6 +100,7 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
         groups = {g: r for g, r in follow.items() if "class_accuracy" in r}
         accuracy = sum(r["class_accuracy"] * r["prompts"] for r in groups.values()) / sum(r["prompts"] for r in groups.values())
         guided["groups"] = {g: r["class_accuracy"] for g, r in groups.items()}
+        guided["attributes"] = {g: r["attribute_accuracy"] for g, r in groups.items()}
     else:
         accuracy = metrics["accuracy"]
     return {"nfe": calls[0] / batches, "forwards": rows[0] / n, **guided, "seconds": seconds, "fd": metrics["FD-EffNet"], "accuracy": accuracy}

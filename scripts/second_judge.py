@@ -11,6 +11,9 @@ real frames.
 
     python scripts/second_judge.py results/bundle/s10k.npz [more.npz ...] [--epochs 8] [--seed 0]
 
+A text-to-image model's samples (a `prompts` array, as sample-npz writes it) are judged against
+the class each prompt names, overall and per prompt group (seen, unseen, held-out).
+
 Prints the MLP's test accuracy and, for each file, its accuracy and the ratio to the test
 accuracy (about 40 s on 2 idle cores).
 """
@@ -22,7 +25,9 @@ import torch
 from torch import nn
 
 from ditkit.eval.classifier import moving_frames
-from ditkit.eval.npz import fashion_mnist, read_images
+from ditkit.eval.npz import fashion_mnist, read_images, read_sample_prompts
+from ditkit.text.captions import parse_prompt
+from ditkit.text.prompts import GROUPS, prompt_group
 from ditkit.video.metrics import centroids, clip_accuracy, temporal_consistency
 from ditkit.video.moving import ITEM
 
@@ -85,14 +90,21 @@ if __name__ == "__main__":
     judges = {}  # side -> (model, test accuracy), trained when first needed
     for path in args.samples:
         samples = read_images(path)
-        if samples.labels is None:
+        prompts, labels, groups = read_sample_prompts(samples), samples.labels, None
+        if prompts is not None:  # a text model's samples: judged against the class each prompt names
+            parsed = [parse_prompt(str(q)) for q in prompts]
+            if any(cls is None for cls, _ in parsed):
+                raise SystemExit(f"{path} has prompts that name no Fashion-MNIST class; the judge can only score prompts that name one.")
+            labels = np.array([cls for cls, _ in parsed])
+            groups = np.array([prompt_group(str(q), cls, words) for q, (cls, words) in zip(prompts, parsed)])
+        if labels is None:
             raise SystemExit(f"{path} has no labels; sample it with ditkit sample-npz, which stores them.")
         side = ITEM if samples.clips else 32
         if side not in judges:
             judges[side] = train_mlp(args.epochs, args.seed, side)
             print(f"second judge (pixel MLP{' on 20x20 crops around the centroid' if samples.clips else ''}): test accuracy {judges[side][1]:.3f}")
         model, test_acc = judges[side]
-        images, labels = np.concatenate(list(samples.batches(4096))), samples.labels
+        images = np.concatenate(list(samples.batches(4096)))
         if samples.clips:
             n, t = images.shape[:2]
             preds = predictions(model, crops(images.reshape(n * t, *images.shape[2:]))).reshape(n, t)
@@ -100,5 +112,8 @@ if __name__ == "__main__":
             print(f"{path}: per-clip accuracy {acc:.3f} ({acc / test_acc:.2f} of its test accuracy), "
                   f"temporal consistency {temporal_consistency(preds):.3f}, {n} clips")
         else:
-            acc = accuracy(model, images, labels)
-            print(f"{path}: accuracy {acc:.3f} ({acc / test_acc:.2f} of its test accuracy), {len(labels)} samples")
+            preds = predictions(model, images)
+            acc = float((preds == labels).mean())
+            by_group = "" if groups is None else "; by prompt group: " + ", ".join(
+                f"{g} {(preds[groups == g] == labels[groups == g]).mean():.3f}" for g in GROUPS if (groups == g).any())
+            print(f"{path}: accuracy {acc:.3f} ({acc / test_acc:.2f} of its test accuracy), {len(labels)} samples{by_group}")

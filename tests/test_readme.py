@@ -252,6 +252,7 @@ CHECKS = {
     "ditkit sample --prompt a dark ankle boot --prompt a light sneaker": ("run", text_samples),
     "ditkit sample --ckpt results/001-MMDiT-S-4/model --prompts prompts.txt": ("fails", "checkpoint results/001-MMDiT-S-4/model does not exist"),
     "ditkit train --config fmnist-text-cpu": ("parsed",),
+    "ditkit train --config fmnist-text-bundled": ("parsed",),
     "ditkit train --model MMDiT-B/2 --objective flow --t-sampling logit-normal --time-scale 1000 --data-path ./captioned "
     "--text-encoder ./t5-v1_1-base --vae ema --image-size 256": ("parsed",),
     "ditkit sample-npz --prompts fashion-mnist-captions --num-samples 1500 --out p.npz": ("scaled", ["--num-samples", "20"], prompt_npz),
