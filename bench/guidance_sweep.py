@@ -17,8 +17,8 @@ group's (seen and unseen phrasings, held-out pairs), then each group's attribute
         --scales 1 2 3 4 --intervals none 0.1,1 --num-samples 1500 --out docs/guidance/text
 
 `evals` counts network evaluations per sample (a classifier-free guided evaluation runs cond and
-null as one batch and counts once, two rows; autoguidance runs the model and the guide: two evaluations, one row each), `rows` network rows
-per sample. Resumable: finished points are kept in OUT/guidance.json. `--guide none` (the default)
+null as one batch and counts once, two rows; autoguidance runs the model and the guide: two
+evaluations, one row each), `rows` network rows per sample. Resumable: finished points are kept in OUT/guidance.json. `--guide none` (the default)
 is classifier-free guidance.
 """
 
@@ -100,8 +100,6 @@ def main() -> None:
     file = out / "guidance.json"
     saved = json.loads(file.read_text()) if file.exists() else {}
     points, guides = saved.get("points", {}), saved.get("guides", {})
-    text = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu")).text_encoder is not None
-    prompts = read_prompts(args.prompts) if text else None
     for spec in args.guide or ["none"]:
         name, _, path = spec.partition("=")
         if name != "none":
@@ -109,6 +107,7 @@ def main() -> None:
         variant = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
                                                 guide_ckpt=path or "none", apg_eta=args.apg_eta, compile=args.compile))  # checks the guide against the model
         sampler, steps = variant.sampling.sampler, variant.sampling.steps
+        prompts = read_prompts(args.prompts) if variant.text_encoder is not None else None  # a text-to-image model's
         for interval_text in args.intervals:
             for scale in args.scales:
                 key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}") + ("" if args.apg_eta is None else f"|apg{args.apg_eta:g}")

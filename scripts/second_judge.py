@@ -27,7 +27,7 @@ from torch import nn
 from ditkit.eval.classifier import moving_frames
 from ditkit.eval.npz import fashion_mnist, read_images, read_sample_prompts
 from ditkit.text.captions import parse_prompt
-from ditkit.text.prompts import GROUPS, prompt_group
+from ditkit.text.prompts import GROUPS, prompt_following
 from ditkit.video.metrics import centroids, clip_accuracy, temporal_consistency
 from ditkit.video.moving import ITEM
 
@@ -90,13 +90,12 @@ if __name__ == "__main__":
     judges = {}  # side -> (model, test accuracy), trained when first needed
     for path in args.samples:
         samples = read_images(path)
-        prompts, labels, groups = read_sample_prompts(samples), samples.labels, None
+        prompts, labels = read_sample_prompts(samples), samples.labels
         if prompts is not None:  # a text model's samples: judged against the class each prompt names
-            parsed = [parse_prompt(str(q)) for q in prompts]
-            if any(cls is None for cls, _ in parsed):
+            classes = [parse_prompt(str(q))[0] for q in prompts]
+            if None in classes:
                 raise SystemExit(f"{path} has prompts that name no Fashion-MNIST class; the judge can only score prompts that name one.")
-            labels = np.array([cls for cls, _ in parsed])
-            groups = np.array([prompt_group(str(q), cls, words) for q, (cls, words) in zip(prompts, parsed)])
+            labels = np.array(classes)
         if labels is None:
             raise SystemExit(f"{path} has no labels; sample it with ditkit sample-npz, which stores them.")
         side = ITEM if samples.clips else 32
@@ -114,6 +113,6 @@ if __name__ == "__main__":
         else:
             preds = predictions(model, images)
             acc = float((preds == labels).mean())
-            by_group = "" if groups is None else "; by prompt group: " + ", ".join(
-                f"{g} {(preds[groups == g] == labels[groups == g]).mean():.3f}" for g in GROUPS if (groups == g).any())
+            follow = prompt_following(images, prompts, preds) if prompts is not None else {}  # ditkit eval's groups, this judge's classes
+            by_group = "; by prompt group: " + ", ".join(f"{g} {follow[g]['class_accuracy']:.3f}" for g in GROUPS if g in follow) if follow else ""
             print(f"{path}: accuracy {acc:.3f} ({acc / test_acc:.2f} of its test accuracy), {len(labels)} samples{by_group}")
