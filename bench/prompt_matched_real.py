@@ -51,6 +51,8 @@ def matched_images(prompts: list[str], n: int, seed: int) -> tuple[np.ndarray, n
             for name, word in words.items():
                 fits &= measured[name] == ATTRIBUTES[name].index(word)
             pools[key] = list(rng.permutation(np.flatnonzero(fits)))
+            if not pools[key]:
+                raise ValueError(f"no training image fits prompt {prompt!r}; pass prompts that name a class and attributes it has.")
         chosen.append(pools[key].pop())
         used_prompts.append(prompt)
     return images[np.array(chosen)], np.array(used_prompts)
@@ -62,6 +64,8 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.num_samples < 1281:
+        p.error(f"--num-samples {args.num_samples}: FD-EffNet needs at least 1281 samples (1280-d features); pass 1281 or more.")
     prompts = read_prompts(args.prompts)
     images, used = matched_images(prompts, args.num_samples, args.seed)
     random = evaluate(EvalConfig(samples=f"fashion-mnist-train:{args.num_samples}", ref="fashion-mnist", device="cpu", batch_size=256))
