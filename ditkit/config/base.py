@@ -56,7 +56,7 @@ DISTILL_METHODS = ("guidance", "progressive", "reflow", "add", "ladd")
 # sampler -> the objective it integrates; samplers/ registers exactly these names.
 SAMPLER_OBJECTIVE = {
     "ddpm": "gaussian", "ddim": "gaussian", "dpm++2m": "gaussian", "unipc": "gaussian",
-    "euler": "flow", "heun": "flow", "heun2": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
+    "euler": "flow", "heun": "flow", "heun2": "flow", "dpm++2m-flow": "flow", "dopri5": "flow", "sde-euler": "flow", "sde-heun": "flow",
     "dpm-solver++": "gaussian", "dpm-solver": "vp", "euler-maruyama": "vp", "euler-maruyama-ode": "vp",
     "meanflow": "meanflow",
 }  # fmt: skip

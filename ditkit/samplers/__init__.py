@@ -21,7 +21,7 @@ import torch
 
 from ..config import SAMPLER_OBJECTIVE, Sampling, check_sampler
 from ..objectives import objective_name
-from .flow import dopri5, euler, heun, heun2, sde_euler, sde_heun
+from .flow import dopri5, dpmpp_2m_flow, euler, heun, heun2, sde_euler, sde_heun
 from .gaussian import ddim, ddpm, dpmpp_2m, unipc
 from .guidance import autocast_model, autoguided_model, cfg_model, embedded_cfg_model, null_condition
 from .meanflow import meanflow
@@ -29,7 +29,7 @@ from .vp import dpm_solver, dpm_solver_pp, euler_maruyama, euler_maruyama_ode
 
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm, "ddim": ddim, "dpm++2m": dpmpp_2m, "unipc": unipc,
-    "euler": euler, "heun": heun, "heun2": heun2, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
+    "euler": euler, "heun": heun, "heun2": heun2, "dpm++2m-flow": dpmpp_2m_flow, "dopri5": dopri5, "sde-euler": sde_euler, "sde-heun": sde_heun,
     "dpm-solver++": dpm_solver_pp, "dpm-solver": dpm_solver, "euler-maruyama": euler_maruyama, "euler-maruyama-ode": euler_maruyama_ode,
     "meanflow": meanflow,
 }  # fmt: skip

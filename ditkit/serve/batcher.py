@@ -28,7 +28,7 @@ from ..video.io import gif_bytes
 from .guard import clip
 
 # Samplers whose per-sample result does not depend on the rest of the batch (see the module docstring).
-BATCH_INVARIANT = frozenset({"ddim", "dpm++2m", "unipc", "euler", "heun", "heun2"})
+BATCH_INVARIANT = frozenset({"ddim", "dpm++2m", "unipc", "euler", "heun", "heun2", "dpm++2m-flow"})
 log = logging.getLogger("uvicorn.error")  # the server's log, which uvicorn prints
 
 
