@@ -66,7 +66,7 @@ def grid_images(path: Path, n: int, size: int = 32, ncol: int = 10) -> np.ndarra
 def bundled_grid(out: str, err: str) -> None:
     """The default job: every class of the bundled model, 4 rows, and the shipped classifier
     recognises most of what it draws (0.96 on 10 000 samples; README)."""
-    assert "from " in out and "heun, 5 steps, cfg 1.75 on t in [0.1, 1]" in out  # the settings it used
+    assert "from " in out and "dpm++2m-flow, 10 steps, cfg 2 on t in [0.3, 1]" in out  # the settings it used
     grid = np.array(Image.open("samples/grid.png"))
     assert grid.shape == (4 * 34 + 2, 10 * 34 + 2)
     images = np.stack([np.array(Image.open(f"samples/{i:06d}.png")) for i in range(40)])[..., None]
@@ -230,7 +230,7 @@ CHECKS = {
     "--out ditkit/assets/fashion-mnist-v1": ("not run", "needs the first bundled model's 5 500-step checkpoint"),
     "ditkit train --config fmnist-bundled-v1": ("parsed",),
     "ditkit ema --run results/000-DiT-S-4 --length 0.05": ("fails", "--ema-profiles"),  # no such run, or one without EMA snapshots: both say to train with --ema-profiles
-    "python scripts/bundle_model.py results/000-DiT-S-4/ema-0.050 --sampler heun --steps 5 --cfg-scale 1.75 --cfg-interval 0.1 1":
+    "python scripts/bundle_model.py results/000-DiT-S-4/ema-0.050 --sampler dpm++2m-flow --steps 10 --cfg-scale 2 --cfg-interval 0.3 1":
         ("not run", "needs the bundled model's 52 000-step run"),
     "ditkit distill --teacher fashion-mnist-v1 --method guidance --max-steps 2000 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit distill --teacher fashion-mnist-v1 --method progressive --start-steps 4 --student-steps 1 --max-steps 1800 --lr 2e-4 --precision auto": ("parsed", DistillConfig),

@@ -256,7 +256,7 @@ def test_page_offers_a_prompt_box_for_a_text_model(text_http, tmp_path):
 def test_the_text_model_serves_prompts(text_http):
     client, text_pipe = text_http
     info = client.get("/api/info").json()
-    assert info["conditioning"] == "text" and "num_classes" not in info and info["defaults"]["sampler"] == "heun"
+    assert info["conditioning"] == "text" and "num_classes" not in info and info["defaults"]["sampler"] == "dpm++2m-flow"
     r = post(client, {"prompts": ["a dark ankle boot"], "num_samples": 2, "seed": 3})
     assert r.status_code == 200, r.text
     assert r.json()["prompts"] == ["a dark ankle boot"] * 2 and "labels" not in r.json()
