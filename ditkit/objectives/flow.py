@@ -94,8 +94,13 @@ class FlowMatching:
         out = out[:, : x.shape[1]]
         if self.prediction == "data":
             return out
-        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(self.unit_time(t_net), x))
-        return (d_sigma * x - sigma * out) / (d_sigma * alpha - sigma * d_alpha)
+        return self.velocity_to_data(out, x, self.unit_time(t_net))
+
+    def velocity_to_data(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The clean image a velocity v at (x, t) implies (t in [0, 1]): what `data_prediction`
+        returns for a velocity network, and what the multistep flow sampler extrapolates."""
+        alpha, sigma, d_alpha, d_sigma = self.alpha_sigma(expand_to(t, x))
+        return (d_sigma * x - sigma * v) / (d_sigma * alpha - sigma * d_alpha)
 
     def velocity(self, model_fn, x: torch.Tensor, t: torch.Tensor, **model_kwargs) -> torch.Tensor:
         """The network's velocity at (x, t), with t on the network's scale."""

@@ -86,9 +86,9 @@ def dpmpp_2m_flow(model_fn, flow: FlowMatching, x, steps, extra_args=None, callb
     ts = flow.time_grid(steps, shift=time_shift, device=x.device)
     before = None  # the last step's data prediction and log-SNR increment, once that is finite
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
-        a0, s0, da0, ds0 = flow.alpha_sigma(ts[i])
+        a0, s0, _, _ = flow.alpha_sigma(ts[i])
         a1, s1, _, _ = flow.alpha_sigma(ts[i + 1])
-        data = (ds0 * x - s0 * v(x, ts[i])) / (ds0 * a0 - s0 * da0)
+        data = flow.velocity_to_data(v(x, ts[i]), x, ts[i])
         if s1 <= 0:  # onto the data
             x = data
         elif a0 <= 0:  # from pure noise: e^-h = 0
