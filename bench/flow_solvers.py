@@ -27,9 +27,13 @@ from ditkit.pipeline import load_pipeline  # noqa: E402
 
 def parse_point(text: str) -> tuple[str, int, float | None]:
     parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise SystemExit(f"--points takes SAMPLER:STEPS[:SHIFT], e.g. heun:5 or heun:5:0.5, got {text!r}.")
-    return parts[0], int(parts[1]), float(parts[2]) if len(parts) == 3 else None
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError
+        steps, shift = int(parts[1]), float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise SystemExit(f"--points takes SAMPLER:STEPS[:SHIFT], e.g. heun:5 or heun:5:0.5, got {text!r}.") from None
+    return parts[0], steps, shift
 
 
 def main() -> None:

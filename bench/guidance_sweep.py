@@ -87,7 +87,6 @@ def main() -> None:
     p.add_argument("--guide", action="append", default=[], metavar="NAME=CKPT",
                    help="autoguidance by this weaker model (repeat for more; 'none': classifier-free guidance, the default)")
     p.add_argument("--apg-eta", type=float, help="APG: keep this fraction of the update parallel to the predicted image (default: plain guidance)")
-    p.add_argument("--time-shift", type=float, help="flow samplers: SD3 shift of the time grid (below 1: more steps near the data)")
     p.add_argument("--prompts", default="fashion-mnist-captions", help="a text-to-image model's prompts: a suite or a file (sample i takes prompt i mod P)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=1)
@@ -106,21 +105,18 @@ def main() -> None:
         if name != "none":
             guides[name] = path
         variant = load_pipeline(SampleNpzConfig(ckpt=args.ckpt, device="cpu", sampler=args.sampler, num_sampling_steps=args.steps,
-                                                guide_ckpt=path or "none", apg_eta=args.apg_eta, time_shift=args.time_shift,
-                                                compile=args.compile))  # checks the guide against the model
+                                                guide_ckpt=path or "none", apg_eta=args.apg_eta, compile=args.compile))  # checks the guide against the model
         sampler, steps = variant.sampling.sampler, variant.sampling.steps
         prompts = read_prompts(args.prompts) if variant.text_encoder is not None else None  # a text-to-image model's
         for interval_text in args.intervals:
             for scale in args.scales:
                 key = f"{sampler}|{steps}|{scale:g}|{interval_text}" + ("" if name == "none" else f"|{name}") + ("" if args.apg_eta is None else f"|apg{args.apg_eta:g}")
-                key += "" if args.time_shift is None else f"|shift{args.time_shift:g}"
-                unguided_done = any(q["scale"] == 1.0 and (q["sampler"], q["steps"], q.get("time_shift")) == (sampler, steps, args.time_shift) for q in points.values())
+                unguided_done = any(q["scale"] == 1.0 and (q["sampler"], q["steps"]) == (sampler, steps) for q in points.values())
                 if key in points or (scale == 1.0 and unguided_done):  # scale 1 is the same unguided point on every curve: drawn once
                     continue
                 variant.sampling = replace(variant.sampling, cfg_scale=scale)
                 r = run_point(variant, sampler, steps, parse_interval(interval_text), args.num_samples, args.seed, args.batch, out / "tmp.npz", prompts=prompts)
-                points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, "apg_eta": args.apg_eta,
-                               **({} if args.time_shift is None else {"time_shift": args.time_shift}), **r}
+                points[key] = {"sampler": sampler, "steps": steps, "scale": scale, "interval": interval_text, "guide": name, "apg_eta": args.apg_eta, **r}
                 file.write_text(json.dumps({"ckpt": args.ckpt, "num_samples": args.num_samples, "guides": guides, "points": points}, indent=2))
                 print(key, json.dumps(points[key]), flush=True)
     (out / "tmp.npz").unlink(missing_ok=True)
