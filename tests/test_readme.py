@@ -232,6 +232,10 @@ CHECKS = {
     "ditkit ema --run results/000-DiT-S-4 --length 0.05": ("fails", "--ema-profiles"),  # no such run, or one without EMA snapshots: both say to train with --ema-profiles
     "python scripts/bundle_model.py results/000-DiT-S-4/ema-0.050 --sampler dpm++2m-flow --steps 10 --cfg-scale 2 --cfg-interval 0.3 1":
         ("not run", "needs the bundled model's 52 000-step run"),
+    "ditkit train --config fmnist-bundled --init-from fashion-mnist-v2 --lr 1e-3 --warmup-steps 1000 --max-steps 40000 --max-minutes 100": ("parsed",),
+    "ditkit ema --run results/001-finetune --length 0.03": ("fails", "--ema-profiles"),
+    "python scripts/bundle_model.py results/001-finetune/ema-0.030 --sampler dpm++2m-flow --steps 10 --cfg-scale 2 --cfg-interval 0.3 1":
+        ("not run", "needs the bundled model's second run"),
     "ditkit distill --teacher fashion-mnist-v1 --method guidance --max-steps 2000 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit distill --teacher fashion-mnist-v1 --method progressive --start-steps 4 --student-steps 1 --max-steps 1800 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
     "ditkit distill --teacher fashion-mnist-v1 --method reflow --reflow-pairs 2048 --student-steps 2 --max-steps 600 --lr 2e-4 --precision auto": ("parsed", DistillConfig),
