@@ -118,7 +118,7 @@ def sample_and_score(model_dir: Path, out: Path, n: int, seed: int, batch: int, 
     for network in (pipe.network, pipe.guide_network):
         if network is not None:
             network.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + len(args[0])))
-    labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
+    labels = np.random.default_rng(seed).integers(0, pipe.config.num_real_classes, size=n)  # U-ViT counts its null class in num_classes
     torch.manual_seed(seed)
     start = time.perf_counter()
     images = np.concatenate([to_uint8(pipe.images(torch.from_numpy(labels[i : i + batch]))) for i in range(0, n, batch)])
