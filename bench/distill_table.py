@@ -71,7 +71,7 @@ def goal(name: str, r: dict, ref: dict) -> str:
 
 def images_per_s(pipe, n: int, batch: int, seed: int) -> float:
     """Sampling throughput alone: n images in batches, no evaluation (after one warm-up batch)."""
-    labels = torch.from_numpy(np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n))
+    labels = torch.from_numpy(np.random.default_rng(seed).integers(0, pipe.config.num_real_classes, size=n))
     torch.manual_seed(seed)
     pipe.images(labels[:batch])
     start = time.perf_counter()

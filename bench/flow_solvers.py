@@ -1,7 +1,7 @@
 """Flow ODE solvers on one trained model at one guidance setting: FD-EffNet and class accuracy
 against network evaluations, with the time grid's shift as a further choice; a table.
 
-    python bench/flow_solvers.py --ckpt fashion-mnist --cfg-scale 1.75 --interval 0.1 1 \\
+    python bench/flow_solvers.py --ckpt fashion-mnist-v2 --cfg-scale 1.75 --interval 0.1 1 \\
         --points heun:5 heun:5:0.5 dpm++2m-flow:10 heun:16 --compile --out docs/samplers/bundled
 
 A point is SAMPLER:STEPS[:SHIFT] (SHIFT: the SD3 shift of the time grid; below 1 puts more steps

@@ -74,7 +74,7 @@ def run_point(pipe, sampler: str, steps: int, interval, n: int, seed: int, batch
             raise ValueError("this is a text-to-image model; pass the prompts to sample (e.g. --prompts fashion-mnist-captions).")
         labels = np.array([prompts[i % len(prompts)] for i in range(n)])
     else:
-        labels = np.random.default_rng(seed).integers(0, pipe.config.num_classes, size=n)
+        labels = np.random.default_rng(seed).integers(0, pipe.config.num_real_classes, size=n)  # U-ViT counts its null class in num_classes
     torch.manual_seed(seed)
     start = time.perf_counter()
     images = []
