@@ -45,7 +45,7 @@ DIFFUSERS_NULL_LABEL = 1000  # DiTPipeline's null class, hard-coded there
 DIFFUSERS_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # DiTConfig fields whose paper values (their defaults) DiTTransformer2DModel has built in.
-PAPER_DESIGN = ("block", "mlp_ratio", "mlp", "norm", "qk_norm", "pos_embed")
+PAPER_DESIGN = ("block", "mlp_ratio", "mlp", "norm", "qk_norm", "pos_embed", "mlp_conv")
 DIT_LAYERNORM_EPS = 1e-6  # the official DiT's LayerNorms (diffusers' default norm_eps is 1e-5)
 # What DiT.from_pretrained fetches of a Hub repository: a ditkit folder, or a diffusers one's transformer.
 HUB_FILES = ["config.json", "model.safetensors", "model_index.json", "ditkit.json", "scheduler/scheduler_config.json",

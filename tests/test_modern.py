@@ -36,7 +36,7 @@ def randomised(model, seed=1):
 
 def test_defaults_are_the_paper():
     c = ditkit.DiTConfig()
-    assert (c.mlp, c.norm, c.qk_norm, c.pos_embed) == ("gelu", "layernorm", False, "sincos")
+    assert (c.mlp, c.norm, c.qk_norm, c.pos_embed, c.mlp_conv) == ("gelu", "layernorm", False, "sincos", False)
 
 
 def test_swiglu_forward_and_size():
@@ -102,6 +102,35 @@ def test_rope_models(pos_embed):
         ditkit.DiT(**SMALL, pos_embed="rope", block="in_context")
     with pytest.raises(ValueError, match="divisible by 4"):
         ditkit.DiTConfig(**{**SMALL, "hidden_size": 24, "num_heads": 4}, pos_embed="rope")
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_mlp_conv_starts_as_the_plain_block_and_mixes_only_grid_neighbours(mlp):
+    plain = randomised(ditkit.DiT(**SMALL, mlp=mlp))
+    conv = ditkit.DiT(**SMALL, mlp=mlp, mlp_conv=True).eval()
+    missing = conv.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".mlp.conv." in k for k in missing)  # plain weights load; the convs keep their zero init
+    x, t, y = inputs()
+    torch.testing.assert_close(conv(x, t, y), plain(x, t, y))  # zero-initialised: the plain model exactly
+    loss = conv(x, t, y).square().mean()
+    loss.backward()
+    assert conv.blocks[0].mlp.conv.conv.weight.grad.abs().sum() > 0  # and it learns from the first step
+
+    # Trained, a token's MLP output depends on its 3x3 neighbourhood of the 4x4 token grid only.
+    mlp_module = randomised(conv).blocks[0].mlp
+    h = torch.randn(1, 16, 64)
+    bumped = h.clone()
+    bumped[0, 5] += 1.0  # row 1, column 1
+    changed = (mlp_module(bumped) - mlp_module(h)).abs().sum(-1)[0] > 1e-6  # (16,)
+    rows, cols = torch.arange(16) // 4, torch.arange(16) % 4
+    assert torch.equal(changed, ((rows - 1).abs() <= 1) & ((cols - 1).abs() <= 1))
+
+    with pytest.raises(ValueError, match="in_context"):
+        ditkit.DiT(**SMALL, mlp_conv=True, block="in_context")
+    with pytest.raises(ValueError, match="clip"):
+        ditkit.VideoDiTConfig.from_preset("VDiT-S/4x2", mlp_conv=True)
+    with pytest.raises(ValueError, match="MMDiT"):
+        TrainConfig(model="MMDiT-S/4", data_path="fashion-mnist-captions", objective="flow", mlp_conv=True)
 
 
 def test_cosine_loss_term():

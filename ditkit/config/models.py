@@ -129,6 +129,7 @@ class DiTDesign(Config):
     norm: str = field(default="layernorm", metadata=option("block norm: layernorm (the paper) or rmsnorm", choices=NORMS))
     qk_norm: bool = field(default=False, metadata=option("RMSNorm on each head's queries and keys (SD3)"))
     pos_embed: str = field(default="sincos", metadata=option("positions: the sin-cos table (the paper), 2-D rope, or both", choices=POS_EMBEDS))
+    mlp_conv: bool = field(default=False, metadata=option("a depthwise 3x3 convolution over the token grid inside each block's MLP, zero-initialised beside the identity (PVTv2's, U-DiT's locality)"))
 
     def __post_init__(self):
         object.__setattr__(self, "block", BLOCK_ALIASES.get(self.block, self.block))  # the paper's spellings too
@@ -156,6 +157,8 @@ class DiTConfig(DiTDesign, TransformerConfig, DataShape):
             raise ValueError("2-D RoPE rotates a grid of image tokens; in_context blocks prepend other tokens, so use --pos-embed sincos with them.")
         if "rope" in self.pos_embed and (self.hidden_size // max(self.num_heads, 1)) % 4:
             raise ValueError(f"2-D RoPE needs a head width divisible by 4; hidden {self.hidden_size} over {self.num_heads} heads is not.")
+        if self.mlp_conv and self.block == "in_context":
+            raise ValueError("--mlp-conv convolves a grid of image tokens; in_context blocks prepend other tokens, so use another --block with it.")
 
     @staticmethod
     def from_preset(name: str, **overrides) -> DiTConfig:
@@ -209,6 +212,8 @@ class VideoDiTConfig(VideoDesign, DiTConfig):
             raise ValueError(f"{self.frames} frames do not split into tubelets of {self.tubelet}; use a frame count that is a multiple of {self.tubelet}.")
         if self.block == "in_context" or self.cfg_embed or self.cfg_range or self.time_inputs != 1:
             raise ValueError("video DiTs take the paper's adaLN-Zero, adaLN or cross-attention blocks with one time input and without cfg_embed; pick one of those.")
+        if self.mlp_conv:
+            raise ValueError("--mlp-conv convolves an image's token grid, not a clip's; drop it for video models.")
         if self.hidden_size % 2 or (self.hidden_size // self.num_heads) % 2 or min(axis_split(self.hidden_size // self.num_heads)) <= 0:
             raise ValueError(f"3-D positions split the width and each head over frames, rows and columns; hidden {self.hidden_size} over "
                              f"{self.num_heads} heads must give an even head width of at least 6.")  # fmt: skip

@@ -217,6 +217,8 @@ class TrainConfig(Grouped):
         if not self.text and (self.data_path in ("fashion-mnist-captions", "moving-fashion-mnist-captions") or self.text_encoder != DEFAULT_TEXT_ENCODER):
             text_model, plain = (self.model.replace("VDiT", "MMDiT"), "moving-fashion-mnist") if self.video else (self.model.replace("DiT", "MMDiT"), "fashion-mnist")
             raise ValueError(f"captions and --text-encoder are for text-conditioned models; use --model {text_model} (or --data-path {plain} for {self.model}).")
+        if self.text and self.design.mlp_conv:
+            raise ValueError(f"--mlp-conv is a DiT's block option; {self.model} (an MMDiT) has no such block, so drop it.")
         if self.uvit and self.design != DiTDesign():
             changed = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in self.design.__dict__.items() if v != field_default(DiTDesign, k))
             raise ValueError(f"{changed} shape a DiT's blocks; {self.model} is the official U-ViT (LayerNorm, GELU MLPs, learned positions), "

@@ -66,7 +66,7 @@ class Distillation:
         return TrainConfig(
             data_path=data, results_dir=cfg.results_dir, model=f"DiT-S/{p if p in (2, 4, 8) else 2}", depth=c.depth,
             hidden_size=c.hidden_size, num_heads=c.num_heads, patch_size=p, learn_sigma=c.learn_sigma, class_dropout_prob=0.0,
-            mlp=c.mlp, norm=c.norm, qk_norm=c.qk_norm, pos_embed=c.pos_embed, block=c.block, **t.objective.config.to_dict(),
+            mlp=c.mlp, norm=c.norm, qk_norm=c.qk_norm, pos_embed=c.pos_embed, mlp_conv=c.mlp_conv, block=c.block, **t.objective.config.to_dict(),
             image_size=c.input_size if pixel else None, channels=c.in_channels if pixel else None, num_classes=c.num_classes,
             max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, global_batch_size=cfg.global_batch_size, global_seed=cfg.global_seed,
             lr=cfg.lr, ema_decay=cfg.ema_decay, ema_schedule=cfg.ema_schedule, num_workers=cfg.num_workers, log_every=cfg.log_every,

@@ -46,7 +46,7 @@ class DiTBlock(nn.Module):
         self.norm1 = make_norm(c.norm, hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm=c.qk_norm)
         self.norm2 = make_norm(c.norm, hidden_size)
-        self.mlp = make_mlp(c.mlp, hidden_size, c.mlp_ratio)
+        self.mlp = make_mlp(c.mlp, hidden_size, c.mlp_ratio, c.mlp_conv)
         if block == "cross_attn":
             self.norm_cross = make_norm(c.norm, hidden_size)
             self.cross_attn = CrossAttention(hidden_size, num_heads)
