@@ -115,6 +115,7 @@ def test_mlp_conv_starts_as_the_plain_block_and_mixes_only_grid_neighbours(mlp):
     loss = conv(x, t, y).square().mean()
     loss.backward()
     assert conv.blocks[0].mlp.conv.conv.weight.grad.abs().sum() > 0  # and it learns from the first step
+    assert 1 < measure(conv.config).macs / measure(plain.config).macs < 1.1  # ditkit flops counts it: 9 multiply-adds a channel
 
     # Trained, a token's MLP output depends on its 3x3 neighbourhood of the 4x4 token grid only.
     mlp_module = randomised(conv).blocks[0].mlp
@@ -266,11 +267,12 @@ def test_auto_precision_is_bf16_only_where_its_matmuls_are_fast(monkeypatch, tmp
 
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: fp32, the safe side
+    for amx, avx512_bf16, expected in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert resolve_precision("auto", cpu) == expected
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probes: fp32, the safe side
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     trainer = Trainer(TrainConfig(model="DiT-S/4", depth=1, hidden_size=32, num_heads=2, data_path="digits", num_workers=0,

@@ -140,7 +140,7 @@ class SystemOptions(Config):
     """How the run uses this machine: precision, compilation, memory, processes."""
 
     precision: str = field(default="fp32", metadata=option("fp32 (TF32 matmuls on GPU, as official), bf16 autocast, or auto: bf16 where its matmuls are fast "
-                                                           "(a GPU that has them, a CPU with AMX), else fp32", choices=TRAIN_PRECISIONS))
+                                                           "(a GPU that has them, a CPU with AMX or AVX512-BF16), else fp32", choices=TRAIN_PRECISIONS))
     compile: bool = field(default=False, metadata=option("torch.compile the model"))
     grad_checkpointing: bool = field(default=False, metadata=option("recompute block activations in backward"))
     parallel: str = field(default="ddp", metadata=option("ddp, or fsdp (FSDP2) for models that do not fit one GPU", choices=("ddp", "fsdp")))
