@@ -64,6 +64,7 @@ ABLATIONS = {
     "- guidance interval": dict(default_cfg_interval=()),
     "- bf16 + compile (fp32, eager)": dict(precision="fp32", compile=False),
     "+ x-prediction (JiT: predict the image, velocity loss)": dict(prediction="data"),
+    "+ depthwise convolution in the MLP (--mlp-conv)": dict(mlp_conv=True),
     "+ post-hoc EMA length 0.05": dict(posthoc_length=0.05),
     "+ post-hoc EMA length 0.15": dict(posthoc_length=0.15),
     "+ post-hoc EMA length 0.20": dict(posthoc_length=0.20),

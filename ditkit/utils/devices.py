@@ -31,7 +31,7 @@ def resolve_device(name: str) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """fp32 or bf16; "auto" takes bf16 autocast where bf16 matmuls are fast: a CUDA GPU that supports
     them, or a CPU with AMX tiles or AVX512-BF16 (with AMX bf16 trains about twice as fast; with
-    AVX512-BF16 alone, on a 2-core AMD EPYC, 1.55x; without either it runs several times slower than fp32)."""
+    AVX512-BF16 alone, on a 2-core AMD EPYC, 1.7x; without either it runs several times slower than fp32)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
