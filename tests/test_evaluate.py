@@ -489,3 +489,31 @@ def test_eval_cli_end_to_end(tmp_path, capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "FD-EffNet" in table and f"{metrics['accuracy']:.4f}" in table and "skipped FID, sFID, IS" in table
     assert tiny.seen == 300 + 200 + 300  # the second run read the reference statistics from the cache
+
+
+def test_fd_parts_splits_the_distance_and_reads_the_pixels():
+    """bench/fd_parts.py: its mean and covariance terms add up to the Frechet distance, and its
+    pixel columns and floored distance describe the images it was given."""
+    import importlib.util
+    from pathlib import Path
+
+    from ditkit.eval.metrics import FeatureStats, frechet_distance
+
+    spec = importlib.util.spec_from_file_location("fd_parts", Path(__file__).parents[1] / "bench" / "fd_parts.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    net = lambda x: {"pool": x.reshape(len(x), -1)[:, 100:108].astype(np.float64)}  # noqa: E731  (8 pixels as features)
+    rng = np.random.default_rng(0)
+    real_images = rng.integers(0, 256, (300, 32, 32, 1), dtype=np.uint8)
+    real = FeatureStats.fit(net(real_images)["pool"])
+    images = np.zeros((200, 32, 32, 1), np.uint8)
+    images[:100, :, :, 0] = 255  # half all white: every pixel 255; half black with a faint 3 at one feature pixel
+    images[100:, 3, 4, 0] = 3
+    name, n, fd, mean, cov, zeros, low, bright, floored = bench.row("x", images, net, real, floor=8)
+    s = FeatureStats.fit(net(images)["pool"])
+    assert (name, n) == ("x", "200") and float(fd) == pytest.approx(frechet_distance(real, s), abs=0.06)
+    assert float(mean) + float(cov) == pytest.approx(float(fd), abs=0.11)
+    assert float(mean) == pytest.approx(float(((s.mu - real.mu) ** 2).sum()), abs=0.06)
+    assert (zeros, low, bright) == (f"{(100 * 1024 - 100) / 204800:.3f}", "0.500", "0.500")
+    no_floor = bench.row("x", images, net, real, floor=0)[-1]
+    assert no_floor == fd and floored != fd  # the floor only moves the last column, and only where faint values are features
