@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ditkit.eval.features import EffNetFeatures  # noqa: E402
+from ditkit.eval.features import EffNetFeatures, reference_features  # noqa: E402
 from ditkit.eval.metrics import FeatureStats, frechet_distance  # noqa: E402
-from ditkit.eval.npz import fashion_mnist, read_images  # noqa: E402
+from ditkit.eval.npz import fashion_mnist, read_images, resolve_images  # noqa: E402
 
 HEADER = ("images", "n", "FD-EffNet", "mean term", "covariance term", "pixels = 0", "pixels <= 3", "images reaching 250",
           "FD-EffNet, values < floor set to 0")  # fmt: skip
@@ -48,11 +48,12 @@ def main() -> None:
     args = ap.parse_args()
     net = EffNetFeatures()
     test = fashion_mnist("test")[0]
-    real = stats(net, test)
+    real = reference_features(net, read_images(resolve_images("fashion-mnist", "reference"), "reference"))[0]["pool"]  # ditkit eval's cache
     rows = [row(f"{args.real} training images", fashion_mnist("train")[0][: args.real], net, real, args.floor)]
     for path in args.samples:
-        if read_images(path).shape[1:] != test.shape[1:]:
-            sys.exit(f"{path} holds images of shape {read_images(path).shape[1:]}; this diagnosis is for 32x32 grey Fashion-MNIST samples.")
+        shape = read_images(path).shape[1:]
+        if shape != test.shape[1:]:
+            sys.exit(f"{path} holds images of shape {shape}; this diagnosis is for 32x32 grey Fashion-MNIST samples.")
         images = np.load(path)["arr_0"]
         rows.append(row(path, images, net, real, args.floor))
     print(f"against the {len(test)} test images; test images: pixels = 0 {(test == 0).mean():.3f}, <= 3 {(test <= 3).mean():.3f}, "
