@@ -165,7 +165,7 @@ class CrossAttention(nn.Module):
 class TokenConv(nn.Module):
     """h + depthwise3x3(h) over the square grid of a row-major token sequence (N, T, C): the locality
     PVTv2's and U-DiT's MLPs add to a ViT. Zero-initialised, so a block starts as it would without it
-    (and weights trained without it load into it unchanged)."""
+    (and weights trained without it load into it with load_state_dict(strict=False), its zeros kept)."""
 
     def __init__(self, channels: int):
         super().__init__()
